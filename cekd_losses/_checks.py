@@ -1,0 +1,128 @@
+"""Argument and tensor validation with messages that name the argument, the expected and the received value.
+
+Shape and dtype checks always run. Checks of tensor *values* (class ids in range, boxes inside the
+image) run only for CPU tensors: on an accelerator they would need a host sync every step, and
+out-of-range ids there still fail loudly inside ``one_hot``/indexing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    return f"{value!r} ({type(value).__name__})"
+
+
+def check_tensor(name: str, value: object) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor, got {_describe(value)}")
+    return value
+
+
+def check_shape(name: str, value: object, expected: Sequence[int | str]) -> Tensor:
+    """Check ``value`` has ``len(expected)`` dims; int entries must match exactly, str entries are labels."""
+    tensor = check_tensor(name, value)
+    wanted = "(" + ", ".join(str(e) for e in expected) + ("," if len(expected) == 1 else "") + ")"
+    if tensor.ndim != len(expected) or any(
+        isinstance(e, int) and s != e for s, e in zip(tensor.shape, expected)
+    ):
+        raise ValueError(f"`{name}` must have shape {wanted}, got shape {tuple(tensor.shape)}")
+    return tensor
+
+
+def check_floating(name: str, value: Tensor) -> Tensor:
+    if not value.is_floating_point():
+        raise TypeError(f"`{name}` must be a floating point tensor, got dtype {value.dtype}")
+    return value
+
+
+def check_integer(name: str, value: Tensor) -> Tensor:
+    if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+        raise TypeError(f"`{name}` must be an integer tensor, got dtype {value.dtype}")
+    return value
+
+
+def check_images(name: str, value: object) -> Tensor:
+    images = check_shape(name, value, ("B", "C", "H", "W"))
+    check_floating(name, images)
+    if images.shape[0] == 0:
+        raise ValueError(f"`{name}` must hold at least one image, got shape {tuple(images.shape)}")
+    return images
+
+
+def check_class_ids(name: str, value: Tensor, num_classes: int, *, what: str = "class ids") -> Tensor:
+    check_integer(name, value)
+    if value.device.type == "cpu" and value.numel() > 0:
+        low, high = int(value.min()), int(value.max())
+        if low < 0 or high >= num_classes:
+            raise ValueError(f"`{name}` must hold {what} in [0, {num_classes}), got values in [{low}, {high}]")
+    return value
+
+
+def check_positive(name: str, value: object) -> float:
+    number = check_real(name, value)
+    if not number > 0:
+        raise ValueError(f"`{name}` must be > 0, got {value!r}")
+    return number
+
+
+def check_in_range(name: str, value: object, low: float, high: float, *, high_open: bool = False) -> float:
+    number = check_real(name, value)
+    inside = low <= number < high if high_open else low <= number <= high
+    if not inside:
+        bracket = ")" if high_open else "]"
+        raise ValueError(f"`{name}` must be in [{low}, {high}{bracket}, got {value!r}")
+    return number
+
+
+def check_real(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"`{name}` must be a real number, got {_describe(value)}")
+    number = float(value)
+    if number != number or number in (float("inf"), float("-inf")):
+        raise ValueError(f"`{name}` must be finite, got {value!r}")
+    return number
+
+
+def check_positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"`{name}` must be an int, got {_describe(value)}")
+    if value < 1:
+        raise ValueError(f"`{name}` must be >= 1, got {value!r}")
+    return value
+
+
+def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ValueError(f"`{name}` must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return str(value)
+
+
+def check_same_device(name: str, value: Tensor, reference_name: str, reference: Tensor) -> Tensor:
+    if value.device != reference.device:
+        raise ValueError(
+            f"`{name}` must be on the same device as `{reference_name}` ({reference.device}), got {value.device}"
+        )
+    return value
+
+
+def check_boxes(name: str, value: object, batch: int, height: int, width: int) -> Tensor:
+    """Boxes (B, 4) integer as (x1, y1, x2, y2), x2/y2 exclusive, 0 <= x1 <= x2 <= W (value check on CPU only)."""
+    boxes = check_shape(name, value, (batch, 4))
+    check_integer(name, boxes)
+    if boxes.device.type == "cpu" and boxes.numel() > 0:
+        x1, y1, x2, y2 = boxes.unbind(1)
+        inside = (x1 >= 0) & (x1 <= x2) & (x2 <= width) & (y1 >= 0) & (y1 <= y2) & (y2 <= height)
+        if not bool(inside.all()):
+            bad = int((~inside).nonzero()[0, 0])
+            raise ValueError(
+                f"`{name}` must hold boxes (x1, y1, x2, y2) with 0 <= x1 <= x2 <= {width} and "
+                f"0 <= y1 <= y2 <= {height}, got {boxes[bad].tolist()} at row {bad}"
+            )
+    return boxes

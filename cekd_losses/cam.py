@@ -1,0 +1,235 @@
+"""Class activation maps (CAMs) and a feature tap that reads them from a model's normal forward.
+
+A CAM (Zhou et al., 2016) is the classifier's score for one class evaluated at every position of
+the last feature map: ``cam[b, y, x] = w[label_b] . F[b, :, y, x] + bias[label_b]``. For a model
+that ends in global average pooling and a linear layer, its spatial mean is the class logit.
+SnapMix uses CAMs normalised per image to a spatial distribution (minimum subtracted, then divided
+by the sum) to measure how much of a class's evidence a box holds.
+"""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import _checks
+
+__all__ = ["FeatureTap", "class_activation_maps", "normalize_cams"]
+
+
+def normalize_cams(cams: Tensor, size: tuple[int, int] | None = None) -> Tensor:
+    """Normalise CAMs per image as SnapMix does: subtract the minimum, divide by the sum.
+
+    Args:
+        cams: (B, h, w) floating maps.
+        size: optional (H, W) to resize to first (bilinear, ``align_corners=False``, as SnapMix).
+
+    Returns:
+        (B, H, W) float32 maps that are >= 0 and sum to 1 per image. A map with no finite positive
+        mass after the minimum is subtracted (constant, or holding NaN/inf) has no evidence to
+        distribute: it is returned as all zeros.
+
+    Example:
+        >>> normalize_cams(torch.tensor([[[1.0, 2.0], [3.0, 1.0]]]))
+        tensor([[[0.0000, 0.3333],
+                 [0.6667, 0.0000]]])
+    """
+    _checks.check_shape("cams", cams, ("B", "h", "w"))
+    _checks.check_floating("cams", cams)
+    maps = cams.float()
+    if size is not None and tuple(size) != tuple(maps.shape[-2:]):
+        maps = F.interpolate(maps[:, None], size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
+    shifted = maps - maps.amin(dim=(1, 2), keepdim=True)
+    total = shifted.sum(dim=(1, 2), keepdim=True)
+    valid = torch.isfinite(total) & (total > 0)
+    return torch.where(valid, shifted / torch.where(valid, total, torch.ones_like(total)), 0.0)
+
+
+def class_activation_maps(
+    feature_maps: Tensor,
+    classifier_weight: Tensor,
+    labels: Tensor,
+    classifier_bias: Tensor | None = None,
+    size: tuple[int, int] | None = None,
+) -> Tensor:
+    """The CAM of each image for its own label, SnapMix-normalised (see :func:`normalize_cams`).
+
+    Computed without gradient and in float32, whatever the input dtype.
+
+    Args:
+        feature_maps: (B, D, h, w) last feature map, the one the model pools before its linear head.
+        classifier_weight: (K, D) weight of the linear head.
+        labels: (B,) class id of each image.
+        classifier_bias: optional (K,) bias of the head. It adds a constant per map, which the
+            normalisation removes; accepted so raw and normalised CAMs come from one formula.
+        size: optional (H, W), usually the image size, to upsample the maps to.
+
+    Returns:
+        (B, H, W) float32 maps, >= 0, each summing to 1 (all zeros where a map is flat).
+
+    Example:
+        >>> feats = torch.rand(2, 8, 7, 7)
+        >>> head = torch.nn.Linear(8, 5)
+        >>> cams = class_activation_maps(feats, head.weight, torch.tensor([0, 3]), head.bias, size=(32, 32))
+        >>> cams.shape, cams.sum(dim=(1, 2)).round(decimals=4)
+        (torch.Size([2, 32, 32]), tensor([1., 1.]))
+    """
+    _checks.check_shape("feature_maps", feature_maps, ("B", "D", "h", "w"))
+    _checks.check_floating("feature_maps", feature_maps)
+    batch, depth = feature_maps.shape[:2]
+    _checks.check_shape("classifier_weight", classifier_weight, ("K", depth))
+    num_classes = classifier_weight.shape[0]
+    _checks.check_shape("labels", labels, (batch,))
+    _checks.check_class_ids("labels", labels, num_classes)
+    if classifier_bias is not None:
+        _checks.check_shape("classifier_bias", classifier_bias, (num_classes,))
+    with torch.no_grad():
+        weights = classifier_weight.detach()[labels].float()
+        maps = torch.einsum("bd,bdhw->bhw", weights, feature_maps.detach().float())
+        if classifier_bias is not None:
+            maps = maps + classifier_bias.detach()[labels].float()[:, None, None]
+        return normalize_cams(maps, size)
+
+
+def _find_pooling(model: nn.Module) -> nn.Module | None:
+    """The global pooling module of a torchvision ResNet-style model or a timm model, if any."""
+    for path in ("global_pool", "head.global_pool", "avgpool"):
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            continue
+        return module
+    return None
+
+
+def _find_classifier(model: nn.Module) -> nn.Module | None:
+    get_classifier = getattr(model, "get_classifier", None)  # timm models
+    if callable(get_classifier):
+        head = get_classifier()
+        if isinstance(head, nn.Module):
+            return head
+    return getattr(model, "fc", None)  # torchvision ResNet, RegNet, ShuffleNet, GoogLeNet, Inception
+
+
+class FeatureTap:
+    """Capture a model's last feature map and pooled features during its normal forward.
+
+    Forward hooks record, on every forward of ``model``, the (B, D, h, w) feature map the model
+    pools and the (B, D) pooled features its linear classifier receives: no second forward is run.
+
+    Found automatically for torchvision ResNets (input of ``avgpool``, classifier ``fc``) and timm
+    CNNs (input of ``global_pool`` or ``head.global_pool``, classifier ``get_classifier()``). For
+    any other model, name ``feature_module`` (its *output* is the feature map) and ``classifier``
+    (an ``nn.Linear``).
+
+    The captured tensors keep their autograd graph (so pooled features can feed a trainable
+    combiner); :meth:`class_activation_maps` detaches. Call :meth:`remove` (or use the tap as a
+    context manager) to unhook.
+
+    Example:
+        >>> import torchvision
+        >>> model = torchvision.models.resnet18(num_classes=10)
+        >>> tap = FeatureTap(model)
+        >>> images, labels = torch.rand(4, 3, 64, 64), torch.tensor([0, 1, 2, 3])
+        >>> with torch.no_grad():
+        ...     logits = model(images)
+        >>> tap.features.shape, tap.pooled.shape
+        (torch.Size([4, 512, 2, 2]), torch.Size([4, 512]))
+        >>> tap.class_activation_maps(labels, size=(64, 64)).shape
+        torch.Size([4, 64, 64])
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        feature_module: nn.Module | None = None,
+        classifier: nn.Module | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+        head = classifier if classifier is not None else _find_classifier(model)
+        if head is None:
+            raise ValueError(
+                f"could not find the linear classifier of {type(model).__name__} (looked for timm's "
+                "`get_classifier()` and `fc`); pass classifier=<the nn.Linear that produces the logits>"
+            )
+        if not isinstance(head, nn.Linear):
+            raise TypeError(
+                "`classifier` must be the model's linear head (torch.nn.Linear), got "
+                f"{type(head).__name__}; pass classifier=<the nn.Linear that produces the logits>"
+            )
+        self.classifier: nn.Linear = head
+        self._features: Tensor | None = None
+        self._pooled: Tensor | None = None
+        if feature_module is not None:
+            if not isinstance(feature_module, nn.Module):
+                raise TypeError(
+                    f"`feature_module` must be a torch.nn.Module, got {type(feature_module).__name__}"
+                )
+            feature_hook = feature_module.register_forward_hook(self._save_output)
+        else:
+            pooling = _find_pooling(model)
+            if pooling is None:
+                raise ValueError(
+                    f"could not find the global pooling layer of {type(model).__name__} (looked for "
+                    "`global_pool`, `head.global_pool`, `avgpool`); pass feature_module=<the module "
+                    "whose output is the last (B, D, h, w) feature map>"
+                )
+            feature_hook = pooling.register_forward_pre_hook(self._save_pool_input)
+        self._handles = [feature_hook, head.register_forward_pre_hook(self._save_classifier_input)]
+
+    def _save_output(self, module: nn.Module, inputs: Any, output: Tensor) -> None:
+        self._features = output
+
+    def _save_pool_input(self, module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+        self._features = inputs[0]
+
+    def _save_classifier_input(self, module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+        self._pooled = inputs[0]
+
+    @property
+    def features(self) -> Tensor:
+        """(B, D, h, w) feature map of the last forward."""
+        if self._features is None:
+            raise RuntimeError("FeatureTap has captured nothing yet: run a forward of the model first")
+        return self._features
+
+    @property
+    def pooled(self) -> Tensor:
+        """(B, D) features the linear classifier received in the last forward."""
+        if self._pooled is None:
+            raise RuntimeError("FeatureTap has captured nothing yet: run a forward of the model first")
+        return self._pooled
+
+    def class_activation_maps(self, labels: Tensor, size: tuple[int, int] | None = None) -> Tensor:
+        """(B, H, W) normalised CAMs of the last forward for ``labels`` (B,); see :func:`class_activation_maps`."""
+        features = self.features
+        if features.ndim != 4:
+            raise ValueError(
+                f"the tapped feature map must have shape (B, D, h, w), got shape {tuple(features.shape)}; "
+                "pass feature_module=<a module whose output is a spatial feature map>"
+            )
+        return class_activation_maps(features, self.classifier.weight, labels, self.classifier.bias, size)
+
+    def remove(self) -> None:
+        """Unhook from the model and drop the captured tensors."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._features = self._pooled = None
+
+    def __enter__(self) -> FeatureTap:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.remove()

@@ -1,0 +1,167 @@
+"""Specifications of class activation maps and the feature tap."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+import torchvision
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+from cekd_losses import FeatureTap, MixingAugmenter, class_activation_maps, normalize_cams
+
+
+def slow_cams(features, weight, bias, labels, size):
+    """CAMs with explicit loops over images, channels and pixels' maps, then SnapMix normalisation."""
+    maps = []
+    for b in range(features.shape[0]):
+        raw = torch.zeros(features.shape[2:], dtype=torch.float64)
+        for d in range(features.shape[1]):
+            raw += weight[labels[b], d].double() * features[b, d].double()
+        raw += bias[labels[b]].double()
+        raw = F.interpolate(raw[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
+        raw = raw - raw.min()
+        maps.append(raw / raw.sum())
+    return torch.stack(maps)
+
+
+def test_normalize_cams_exact():
+    cams = torch.tensor([[[1.0, 2.0], [3.0, 1.0]], [[5.0, 5.0], [5.0, 5.0]], [[0.0, float("nan")], [1.0, 2.0]]])
+    out = normalize_cams(cams)
+    assert torch.allclose(out[0], torch.tensor([[0.0, 1 / 3], [2 / 3, 0.0]]))
+    assert torch.equal(out[1], torch.zeros(2, 2))  # flat: no evidence
+    assert torch.equal(out[2], torch.zeros(2, 2))  # NaN: no finite mass
+
+
+def test_class_activation_maps_exact():
+    features = torch.tensor([[[[1.0, 2.0]], [[3.0, 0.0]]]])  # (1, 2, 1, 2)
+    weight = torch.tensor([[1.0, 1.0], [2.0, -1.0]])
+    bias = torch.tensor([0.0, 10.0])
+    # label 1: 2*[1, 2] - [3, 0] + 10 = [9, 14] -> minus min [0, 5] -> normalised [0, 1]
+    cams = class_activation_maps(features, weight, torch.tensor([1]), bias)
+    assert torch.equal(cams, torch.tensor([[[0.0, 1.0]]]))
+    # label 0: [4, 2] -> [2, 0] -> [1, 0]
+    assert torch.equal(class_activation_maps(features, weight, torch.tensor([0])), torch.tensor([[[1.0, 0.0]]]))
+
+
+@given(seed=st.integers(0, 2**31 - 1), batch=st.integers(1, 4), depth=st.integers(1, 6),
+       side=st.integers(1, 5), size=st.integers(4, 12))
+def test_class_activation_maps_match_slow_loops(seed, batch, depth, side, size):
+    g = torch.Generator().manual_seed(seed)
+    features = torch.rand(batch, depth, side, side + 1, generator=g)
+    weight, bias = torch.randn(5, depth, generator=g), torch.randn(5, generator=g)
+    labels = torch.randint(0, 5, (batch,), generator=g)
+    cams = class_activation_maps(features, weight, labels, bias, size=(size, size))
+    reference = slow_cams(features, weight, bias, labels, (size, size))
+    flat = reference.flatten(1).amax(1) == 0  # a constant raw map has no mass
+    assert torch.allclose(cams[~flat].double(), reference[~flat], atol=1e-5)
+    assert (cams >= 0).all()
+
+
+def hand_torchvision_features(model, images):
+    x = model.maxpool(model.relu(model.bn1(model.conv1(images))))
+    return model.layer4(model.layer3(model.layer2(model.layer1(x))))
+
+
+@pytest.mark.parametrize("source", ["torchvision", "timm"])
+def test_tap_on_resnet18_matches_hand_computation(source, device):
+    torch.manual_seed(0)
+    if source == "torchvision":
+        model = torchvision.models.resnet18(num_classes=6)
+    else:
+        model = timm.create_model("resnet18", pretrained=False, num_classes=6)
+    model = model.to(device).eval()
+    images = torch.rand(3, 3, 64, 64, device=device)
+    labels = torch.tensor([0, 5, 2], device=device)
+    tap = FeatureTap(model)
+    with torch.no_grad():
+        logits = model(images)
+        hand = hand_torchvision_features(model, images) if source == "torchvision" else model.forward_features(images)
+    assert torch.allclose(tap.features, hand, atol=1e-5)
+    assert torch.allclose(tap.pooled, hand.mean(dim=(2, 3)), atol=1e-5)
+    assert torch.allclose(model.fc(tap.pooled), logits, atol=1e-4)
+    cams = tap.class_activation_maps(labels, size=(64, 64))
+    reference = slow_cams(hand.cpu(), model.fc.weight.cpu(), model.fc.bias.cpu(), labels.cpu(), (64, 64))
+    assert cams.shape == (3, 64, 64)
+    assert torch.allclose(cams.cpu().double(), reference, atol=1e-5)
+
+
+def test_tap_keeps_graph_for_pooled_features_and_detaches_cams():
+    model = torchvision.models.resnet18(num_classes=4)
+    tap = FeatureTap(model)
+    model(torch.rand(2, 3, 32, 32))
+    assert tap.pooled.requires_grad
+    assert not tap.class_activation_maps(torch.tensor([0, 1])).requires_grad
+
+
+class TinyNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.body(x).amax(dim=(2, 3)))
+
+
+def test_tap_on_any_model_with_named_modules():
+    model = TinyNet()
+    images = torch.rand(2, 3, 8, 8)
+    with FeatureTap(model, feature_module=model.body, classifier=model.head) as tap:
+        model(images)
+        features = model.body(images)
+        assert torch.equal(tap.features, features)
+        assert torch.equal(tap.pooled, features.amax(dim=(2, 3)))
+        cams = tap.class_activation_maps(torch.tensor([2, 1]))
+        reference = slow_cams(features, model.head.weight, model.head.bias, torch.tensor([2, 1]), (8, 8))
+        assert torch.allclose(cams.double(), reference, atol=1e-5)
+    with pytest.raises(RuntimeError, match="captured nothing"):
+        tap.features  # noqa: B018  (removed: the captured tensors are gone)
+    model(images)
+    with pytest.raises(RuntimeError, match="captured nothing"):
+        tap.pooled  # noqa: B018  (and no new forward is captured)
+
+
+def test_tap_errors():
+    with pytest.raises(ValueError, match="could not find the linear classifier of TinyNet.*classifier="):
+        FeatureTap(TinyNet())
+    with pytest.raises(ValueError, match="could not find the global pooling layer of TinyNet.*feature_module="):
+        FeatureTap(TinyNet(), classifier=nn.Linear(4, 3))
+    mobilenet = torchvision.models.mobilenet_v3_small(num_classes=3)
+    with pytest.raises(ValueError, match="could not find the linear classifier of MobileNetV3"):
+        FeatureTap(mobilenet)
+    with pytest.raises(TypeError, match="`classifier` must be the model's linear head.*got Sequential"):
+        FeatureTap(mobilenet, classifier=mobilenet.classifier)
+    with pytest.raises(TypeError, match="`model` must be a torch.nn.Module, got str"):
+        FeatureTap("resnet18")
+    tap = FeatureTap(torchvision.models.resnet18(num_classes=3))
+    with pytest.raises(RuntimeError, match="run a forward of the model first"):
+        tap.class_activation_maps(torch.tensor([0]))
+
+
+def test_cam_argument_errors():
+    features = torch.rand(2, 4, 3, 3)
+    with pytest.raises(ValueError, match=r"`classifier_weight` must have shape \(K, 4\), got shape \(5, 3\)"):
+        class_activation_maps(features, torch.rand(5, 3), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"`labels` must hold class ids in \[0, 5\), got values in \[0, 7\]"):
+        class_activation_maps(features, torch.rand(5, 4), torch.tensor([0, 7]))
+    with pytest.raises(ValueError, match=r"`feature_maps` must have shape \(B, D, h, w\), got shape \(2, 4\)"):
+        class_activation_maps(torch.rand(2, 4), torch.rand(5, 4), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"`classifier_bias` must have shape \(5,\), got shape \(4,\)"):
+        class_activation_maps(features, torch.rand(5, 4), torch.tensor([0, 1]), torch.rand(4))
+
+
+def test_snapmix_with_cams_from_the_tap():
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", pretrained=False, num_classes=4).eval()
+    tap = FeatureTap(model)
+    images, labels = torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    with torch.no_grad():
+        model(images)
+    cams = tap.class_activation_maps(labels)  # feature resolution; the mixer resizes
+    out = MixingAugmenter("snapmix", 4, generator=torch.Generator().manual_seed(1))(images, labels, cams)
+    assert out.applied.any()
+    assert ((out.lam_a >= 0) & (out.lam_a <= 1) & (out.lam_b >= 0) & (out.lam_b <= 1)).all()

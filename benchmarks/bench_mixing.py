@@ -1,0 +1,159 @@
+"""Time this library's mixing against its peers on one batch, in one run, and print ratios.
+
+Peers: timm's Mixup (``elem`` = per-sample parameters through a Python loop over the batch,
+``batch`` = one draw for the whole batch), Kornia's RandomMixUpV2 / RandomCutMixV2, and a
+loop-based SnapMix reference that follows the SnapMix authors' algorithm (one box pair and lambda
+per batch, per-image CAM normalisation loops). All candidates run interleaved, round after round,
+and each one's median milliseconds per call is reported.
+
+    python benchmarks/bench_mixing.py [--batch 32] [--size 224] [--rounds 30] [--device cpu|cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cekd_losses import MixingAugmenter
+
+
+def reference_snapmix(images, labels, raw_cams, alpha):
+    """SnapMix as in the authors' code: one lambda pair and box pair for the batch, loops per image."""
+    batch, _, height, width = images.shape
+    maps = F.interpolate(raw_cams[:, None], size=(height, width), mode="bilinear", align_corners=False)[:, 0]
+    for i in range(batch):
+        maps[i] -= maps[i].min()
+        maps[i] /= maps[i].sum()
+    lam_a = torch.ones(batch, device=images.device)
+    lam_b = 1 - lam_a
+    index = torch.randperm(batch, device=images.device)
+    labels_b = labels[index]
+    maps_b = maps[index]
+    same_label = labels == labels_b
+
+    def rand_bbox(lam):
+        cut = np.sqrt(1.0 - lam)
+        cut_h, cut_w = int(height * cut), int(width * cut)
+        cy, cx = np.random.randint(height), np.random.randint(width)
+        y1, y2 = np.clip(cy - cut_h // 2, 0, height), np.clip(cy + cut_h // 2, 0, height)
+        x1, x2 = np.clip(cx - cut_w // 2, 0, width), np.clip(cx + cut_w // 2, 0, width)
+        return y1, y2, x1, x2
+
+    y1, y2, x1, x2 = rand_bbox(np.random.beta(alpha, alpha))
+    sy1, sy2, sx1, sx2 = rand_bbox(np.random.beta(alpha, alpha))
+    area, source_area = (y2 - y1) * (x2 - x1), (sy2 - sy1) * (sx2 - sx1)
+    if area > 0 and source_area > 0:
+        patch = images[index, :, sy1:sy2, sx1:sx2].clone()
+        patch = F.interpolate(patch, size=(y2 - y1, x2 - x1), mode="bilinear", align_corners=True)
+        images[:, :, y1:y2, x1:x2] = patch
+        lam_a = 1 - maps[:, y1:y2, x1:x2].sum(2).sum(1) / (maps.sum(2).sum(1) + 1e-8)
+        lam_b = maps_b[:, sy1:sy2, sx1:sx2].sum(2).sum(1) / (maps_b.sum(2).sum(1) + 1e-8)
+        own = lam_a.clone()
+        lam_a[same_label] += lam_b[same_label]
+        lam_b[same_label] += own[same_label]
+        fraction = area / (height * width)
+        lam_a[torch.isnan(lam_a)] = 1 - fraction
+        lam_b[torch.isnan(lam_b)] = fraction
+    return images, labels, labels_b, lam_a, lam_b
+
+
+def time_interleaved(candidates: dict[str, Callable[[], object]], rounds: int, device: torch.device) -> dict[str, float]:
+    """Median ms per call of every candidate, timed one call each per round, rounds interleaved."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for fn in candidates.values():  # warm-up
+        for _ in range(3):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(rounds):
+        for name, fn in candidates.items():
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            samples[name].append(1000 * (time.perf_counter() - start))
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--classes", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+
+    import kornia.augmentation as KA
+    from timm.data import Mixup
+
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    np.random.seed(0)
+    images = torch.rand(args.batch, 3, args.size, args.size, device=device)
+    labels = torch.randint(0, args.classes, (args.batch,), device=device)
+    raw_cams = torch.randn(args.batch, args.size // 32, args.size // 32, device=device)  # ResNet-level CAMs
+    k = args.classes
+
+    def ours(method: str, same_on_batch: bool = False) -> Callable[[], object]:
+        mixer = MixingAugmenter(method, k, same_on_batch=same_on_batch)
+        cams = raw_cams if method == "snapmix" else None
+        return lambda: mixer(images, labels, cams)
+
+    def timm_mixup(mode: str, cutmix: bool) -> Callable[[], object]:
+        mixer = Mixup(mixup_alpha=0.0 if cutmix else 1.0, cutmix_alpha=1.0 if cutmix else 0.0,
+                      mode=mode, label_smoothing=0.0, num_classes=k)
+        scratch = images.clone()  # timm mixes in place
+        return lambda: mixer(scratch, labels)
+
+    kornia_mixup = KA.RandomMixUpV2(data_keys=["input", "class"])
+    kornia_cutmix = KA.RandomCutMixV2(data_keys=["input", "class"], use_correct_lambda=True)
+    scratch_ref = images.clone()
+
+    candidates = {
+        "ours mixup (per-sample)": ours("mixup"),
+        "ours mixup (same_on_batch)": ours("mixup", True),
+        "timm mixup elem": timm_mixup("elem", False),
+        "timm mixup batch": timm_mixup("batch", False),
+        "kornia RandomMixUpV2": lambda: kornia_mixup(images, labels),
+        "ours cutmix (per-sample)": ours("cutmix"),
+        "ours cutmix (same_on_batch)": ours("cutmix", True),
+        "timm cutmix elem": timm_mixup("elem", True),
+        "timm cutmix batch": timm_mixup("batch", True),
+        "kornia RandomCutMixV2": lambda: kornia_cutmix(images, labels),
+        "ours snapmix (per-sample)": ours("snapmix"),
+        "ours snapmix (same_on_batch)": ours("snapmix", True),
+        "snapmix reference (loops)": lambda: reference_snapmix(scratch_ref, labels, raw_cams.clone(), 1.0),
+    }
+    medians = time_interleaved(candidates, args.rounds, device)
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+    print(f"batch {args.batch}x3x{args.size}x{args.size} float32 on {device} ({name}); torch {torch.__version__}; "
+          f"median of {args.rounds} rounds")
+    print(f"{'candidate':32} {'ms/call':>9}")
+    for candidate, ms in medians.items():
+        print(f"{candidate:32} {ms:9.2f}")
+    print("\nratios (ours / peer; < 1 means ours is faster)")
+    ratios = [
+        ("mixup per-sample / timm elem", "ours mixup (per-sample)", "timm mixup elem"),
+        ("mixup same_on_batch / timm batch", "ours mixup (same_on_batch)", "timm mixup batch"),
+        ("mixup per-sample / kornia", "ours mixup (per-sample)", "kornia RandomMixUpV2"),
+        ("cutmix per-sample / timm elem", "ours cutmix (per-sample)", "timm cutmix elem"),
+        ("cutmix same_on_batch / timm batch", "ours cutmix (same_on_batch)", "timm cutmix batch"),
+        ("cutmix per-sample / kornia", "ours cutmix (per-sample)", "kornia RandomCutMixV2"),
+        ("snapmix per-sample / reference", "ours snapmix (per-sample)", "snapmix reference (loops)"),
+        ("snapmix same_on_batch / reference", "ours snapmix (same_on_batch)", "snapmix reference (loops)"),
+    ]
+    for label, a, b in ratios:
+        print(f"{label:36} {medians[a] / medians[b]:6.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,18 @@
+"""Every example in the public docstrings runs and prints what it shows."""
+
+from __future__ import annotations
+
+import doctest
+
+import pytest
+import torch
+
+import cekd_losses.cam
+import cekd_losses.mixing
+
+
+@pytest.mark.parametrize("module", [cekd_losses.mixing, cekd_losses.cam], ids=lambda m: m.__name__)
+def test_docstring_examples(module):
+    result = doctest.testmod(module, extraglobs={"torch": torch}, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0
+    assert result.failed == 0

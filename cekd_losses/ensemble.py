@@ -1,0 +1,139 @@
+"""CollaborativeEnsemble: N >= 2 user models trained together, with their ensemble.
+
+The ensemble's logits combine the members' logits (``"mean"``), or are weighted by a learned
+per-sample gate over members (``"gate"``, as in ONE, Lan et al. 2018), or come from a fusion
+classifier on the members' concatenated pooled features (``"fusion"``, as in FFL, Kim et al. 2019).
+Gate and fusion read the pooled features through :class:`~cekd_losses.cam.FeatureTap` hooks during
+the members' own forward: no second forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from . import _checks
+from .cam import FeatureTap, _find_classifier
+
+__all__ = ["CollaborativeEnsemble", "Combine", "EnsembleOutput"]
+
+Combine = Literal["mean", "gate", "fusion"]
+_COMBINES = ("mean", "gate", "fusion")
+
+
+class EnsembleOutput(NamedTuple):
+    """What :class:`CollaborativeEnsemble` returns.
+
+    Attributes:
+        member_logits: (N, B, K) logits of every member.
+        ensemble_logits: (B, K) logits of the ensemble.
+    """
+
+    member_logits: Tensor
+    ensemble_logits: Tensor
+
+
+def _num_classes(model: nn.Module) -> int | None:
+    head = _find_classifier(model)
+    if head is None:  # e.g. torchvision MobileNet/EfficientNet: last layer of `classifier`
+        classifier = getattr(model, "classifier", None)
+        head = classifier[-1] if isinstance(classifier, nn.Sequential) and len(classifier) else classifier
+    return head.out_features if isinstance(head, nn.Linear) else None
+
+
+class CollaborativeEnsemble(nn.Module):
+    """Wrap N >= 2 classifiers (any ``nn.Module`` mapping images to (B, K) logits) as one ensemble.
+
+    Architectures may differ (e.g. a timm resnet18 with a torchvision mobilenet_v3_small) as long
+    as they predict the same K classes.
+
+    Args:
+        members: the N models.
+        combine: ``"mean"`` of member logits; ``"gate"``: ``sum_i g_i(x) z_i`` with
+            ``g = softmax(Linear(concat pooled features))``; ``"fusion"``: ``Linear(concat pooled
+            features)``. Gate and fusion need members whose pooled features a
+            :class:`~cekd_losses.cam.FeatureTap` finds (torchvision ResNets, timm CNNs).
+
+    Call: ``ensemble(x)`` feeds the same (B, C, H, W) input to every member, ``ensemble([x_1, ...,
+    x_N])`` one view per member; returns :class:`EnsembleOutput`.
+
+    Example:
+        >>> import torchvision
+        >>> ensemble = CollaborativeEnsemble([torchvision.models.resnet18(num_classes=5) for _ in range(2)])
+        >>> out = ensemble(torch.rand(4, 3, 32, 32))
+        >>> out.member_logits.shape, out.ensemble_logits.shape
+        (torch.Size([2, 4, 5]), torch.Size([4, 5]))
+    """
+
+    def __init__(self, members: Sequence[nn.Module], combine: Combine = "mean") -> None:
+        super().__init__()
+        if not isinstance(members, (list, tuple, nn.ModuleList)):
+            raise TypeError(f"`members` must be a list of nn.Module, got {type(members).__name__}")
+        for i, member in enumerate(members):
+            if not isinstance(member, nn.Module):
+                raise TypeError(f"`members[{i}]` must be a torch.nn.Module, got {type(member).__name__}")
+        if len(members) < 2:
+            raise ValueError(f"`members` must hold N >= 2 models, got N = {len(members)}")
+        self.combine = _checks.check_choice("combine", combine, _COMBINES)
+        self.members = nn.ModuleList(members)
+        classes = [_num_classes(member) for member in members]
+        known = {k for k in classes if k is not None}
+        if len(known) > 1:
+            raise ValueError(f"every member must predict the same number of classes K, got K = {classes} per member")
+        self.num_classes = known.pop() if known else None
+
+        self._taps: list[FeatureTap] = []
+        if combine != "mean":
+            self._taps = [FeatureTap(member) for member in members]
+            depth = sum(tap.classifier.in_features for tap in self._taps)
+            out = len(members) if combine == "gate" else self._taps[0].classifier.out_features
+            self.head = nn.Linear(depth, out)
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def extra_repr(self) -> str:
+        return f"combine={self.combine!r}"
+
+    def member(self, i: int) -> nn.Module:
+        """The i-th wrapped model, as given (for export or single-model inference)."""
+        return self.members[i]
+
+    def forward(self, x: Tensor | Sequence[Tensor]) -> EnsembleOutput:
+        if isinstance(x, Tensor):
+            views: Sequence[Tensor] = [x] * len(self.members)
+        elif isinstance(x, Sequence) and len(x) == len(self.members):
+            views = x
+        else:
+            got = f"a sequence of {len(x)} inputs" if isinstance(x, Sequence) else type(x).__name__
+            raise ValueError(f"`x` must be one input tensor or a sequence of N = {len(self.members)} inputs, got {got}")
+        outputs = [member(view) for member, view in zip(self.members, views)]
+        reference = None
+        for i, logits in enumerate(outputs):
+            if not isinstance(logits, Tensor) or logits.ndim != 2:
+                got = f"shape {tuple(logits.shape)}" if isinstance(logits, Tensor) else type(logits).__name__
+                raise ValueError(f"member {i} must return (B, K) logits, got {got}")
+            if reference is None:
+                reference = logits.shape
+            elif logits.shape != reference:
+                raise ValueError(
+                    f"every member must return logits of one shape (B, K), got {[tuple(o.shape) for o in outputs]}"
+                )
+        member_logits = torch.stack(outputs)
+        return EnsembleOutput(member_logits, self._combine(member_logits))
+
+    def _combine(self, member_logits: Tensor) -> Tensor:
+        if self.combine == "mean":
+            return member_logits.mean(dim=0)
+        pooled = torch.cat([tap.pooled.flatten(1) for tap in self._taps], dim=1)
+        if self.combine == "fusion":
+            return self.head(pooled)
+        gate = self.head(pooled).softmax(dim=1).to(member_logits.dtype)  # (B, N)
+        return torch.einsum("bn,nbk->bk", gate, member_logits)
+
+    def predict(self, x: Tensor | Sequence[Tensor]) -> Tensor:
+        """(B, K) ensemble logits for ``x`` (same convention as :meth:`forward`)."""
+        return self.forward(x).ensemble_logits

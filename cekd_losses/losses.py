@@ -1,0 +1,210 @@
+"""Soft-target cross entropy and (cross) knowledge distillation losses.
+
+All reductions and log-softmaxes run in float32, so the losses are safe under fp16/bf16 autocast.
+``reduction`` follows ``torch.nn`` losses: ``"mean"`` (over the batch), ``"sum"`` or ``"none"``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import _checks
+
+__all__ = [
+    "CrossDistillationLoss",
+    "Reduction",
+    "SoftTargetCrossEntropy",
+    "distillation_kl",
+    "soft_cross_entropy",
+]
+
+Reduction = Literal["mean", "sum", "none"]
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+def _reduce(per_sample: Tensor, reduction: str) -> Tensor:
+    if reduction == "mean":
+        return per_sample.mean()
+    if reduction == "sum":
+        return per_sample.sum()
+    return per_sample
+
+
+def _check_logits(name: str, logits: object) -> Tensor:
+    logits = _checks.check_shape(name, logits, ("B", "K"))
+    return _checks.check_floating(name, logits)
+
+
+def check_target(target: object, batch: int, num_classes: int) -> Tensor:
+    """Validate a (B,) class-id or (B, K) soft target against logits of shape (batch, num_classes)."""
+    target = _checks.check_tensor("target", target)
+    if target.ndim == 1:
+        _checks.check_shape("target", target, (batch,))
+        return _checks.check_class_ids("target", target, num_classes)
+    _checks.check_shape("target", target, (batch, num_classes))
+    return _checks.check_floating("target", target)
+
+
+def soft_cross_entropy(logits: Tensor, target: Tensor, reduction: Reduction = "mean") -> Tensor:
+    """Cross entropy against class ids or soft target weights, in float32.
+
+    ``loss[b] = -sum_k target[b, k] * log_softmax(logits[b])[k]``. Soft rows need not sum to 1
+    (SnapMix weights do not); a row of class ids is the usual cross entropy.
+
+    Args:
+        logits: (B, K) floating logits.
+        target: (B,) integer class ids or (B, K) floating weights.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (B,).
+
+    Example:
+        >>> logits = torch.tensor([[0.0, 0.0]])
+        >>> soft_cross_entropy(logits, torch.tensor([[0.5, 0.5]]))  # log 2
+        tensor(0.6931)
+    """
+    _checks.check_choice("reduction", reduction, _REDUCTIONS)
+    logits = _check_logits("logits", logits)
+    target = check_target(target, *logits.shape)
+    log_probs = F.log_softmax(logits.float(), dim=1)
+    if target.ndim == 1:
+        per_sample = -log_probs.gather(1, target.long()[:, None])[:, 0]
+    else:
+        per_sample = -(target.float() * log_probs).sum(dim=1)
+    return _reduce(per_sample, reduction)
+
+
+class SoftTargetCrossEntropy(nn.Module):
+    """Module form of :func:`soft_cross_entropy`.
+
+    Call: ``loss(logits (B, K), target (B,) ids or (B, K) weights)``.
+
+    Example:
+        >>> criterion = SoftTargetCrossEntropy()
+        >>> criterion(torch.zeros(2, 4), torch.tensor([0, 3]))  # log 4
+        tensor(1.3863)
+    """
+
+    def __init__(self, reduction: Reduction = "mean") -> None:
+        super().__init__()
+        self.reduction = _checks.check_choice("reduction", reduction, _REDUCTIONS)
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        return soft_cross_entropy(logits, target, self.reduction)  # type: ignore[arg-type]
+
+
+def distillation_kl(
+    student_logits: Tensor, teacher_logits: Tensor, temperature: float, reduction: Reduction = "mean"
+) -> Tensor:
+    """Knowledge distillation loss ``T^2 * KL(softmax(teacher / T) || softmax(student / T))``.
+
+    The teacher is detached: only the student receives a gradient. Computed in float32; the KL
+    is summed over classes.
+
+    Args:
+        student_logits: (B, K) floating logits.
+        teacher_logits: (B, K) floating logits.
+        temperature: T > 0. The T^2 factor keeps gradient magnitudes comparable across T.
+        reduction: ``"mean"`` (over the batch), ``"sum"`` or ``"none"`` (B,).
+
+    Example:
+        >>> student, teacher = torch.tensor([[0.0, 0.0]]), torch.tensor([[2.0, 0.0]])
+        >>> distillation_kl(student, teacher, temperature=2.0)  # 4 * KL([e/(1+e), 1/(1+e)] || [1/2, 1/2])
+        tensor(0.4438)
+    """
+    _checks.check_choice("reduction", reduction, _REDUCTIONS)
+    temperature = _checks.check_positive("temperature", temperature)
+    student_logits = _check_logits("student_logits", student_logits)
+    teacher_logits = _check_logits("teacher_logits", teacher_logits)
+    if teacher_logits.shape != student_logits.shape:
+        raise ValueError(
+            f"`teacher_logits` must have the shape of `student_logits` {tuple(student_logits.shape)}, "
+            f"got shape {tuple(teacher_logits.shape)}"
+        )
+    student = F.log_softmax(student_logits.float() / temperature, dim=1)
+    teacher = F.log_softmax(teacher_logits.detach().float() / temperature, dim=1)
+    per_sample = F.kl_div(student, teacher, reduction="none", log_target=True).sum(dim=1)
+    return _reduce(per_sample * temperature**2, reduction)
+
+
+def stack_member_logits(member_logits: Tensor | Sequence[Tensor]) -> Tensor:
+    """(N, B, K) logits of N >= 2 members from a tensor or a sequence of (B, K) tensors, checked."""
+    if isinstance(member_logits, Tensor):
+        stacked = _checks.check_shape("member_logits", member_logits, ("N", "B", "K"))
+    else:
+        if not isinstance(member_logits, Sequence):
+            raise TypeError(
+                "`member_logits` must be a (N, B, K) tensor or a sequence of (B, K) tensors, "
+                f"got {type(member_logits).__name__}"
+            )
+        for i, logits in enumerate(member_logits):
+            _check_logits(f"member_logits[{i}]", logits)
+        shapes = {tuple(logits.shape) for logits in member_logits}
+        if len(shapes) > 1:
+            raise ValueError(
+                "`member_logits` must all have one shape (B, K), got shapes "
+                f"{[tuple(logits.shape) for logits in member_logits]}"
+            )
+        stacked = torch.stack(list(member_logits)) if member_logits else torch.empty(0, 0, 0)
+    _checks.check_floating("member_logits", stacked)
+    if stacked.shape[0] < 2:
+        raise ValueError(f"`member_logits` must hold N >= 2 members, got N = {stacked.shape[0]}")
+    return stacked
+
+
+def check_weights(weights: Tensor | None, batch: int) -> Tensor | None:
+    """Validate optional per-sample weights (B,)."""
+    if weights is None:
+        return None
+    weights = _checks.check_shape("weights", weights, (batch,))
+    return _checks.check_floating("weights", weights)
+
+
+class CrossDistillationLoss(nn.Module):
+    """Cross distillation between N >= 2 members trained together (CEKD's cross distillation module).
+
+    Each member i is a student of every peer j != i, which acts as a detached teacher on the same
+    input: ``loss_i = mean_{j != i} T^2 * KL(sg(softmax(z_j / T)) || softmax(z_i / T))``.
+    A member's gradient therefore comes only from its role as a student.
+
+    Args:
+        temperature: T > 0.
+        reduction: ``"mean"``: summed over members, mean over the batch; ``"sum"``: summed over
+            members and batch; ``"none"``: (N, B).
+
+    Call: ``loss(member_logits (N, B, K) or sequence of N (B, K), weights (B,) | None)``; optional
+    per-sample ``weights`` scale each sample's term before the reduction.
+
+    Example:
+        >>> loss = CrossDistillationLoss(temperature=1.0)
+        >>> same = torch.tensor([[1.0, 2.0, 3.0]])
+        >>> loss([same, same])  # members that agree teach nothing
+        tensor(0.)
+    """
+
+    def __init__(self, temperature: float = 3.0, reduction: Reduction = "mean") -> None:
+        super().__init__()
+        self.temperature = _checks.check_positive("temperature", temperature)
+        self.reduction = _checks.check_choice("reduction", reduction, _REDUCTIONS)
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, reduction={self.reduction!r}"
+
+    def forward(self, member_logits: Tensor | Sequence[Tensor], weights: Tensor | None = None) -> Tensor:
+        logits = stack_member_logits(member_logits)
+        members, batch, _ = logits.shape
+        weights = check_weights(weights, batch)
+        log_probs = F.log_softmax(logits.float() / self.temperature, dim=2)  # (N, B, K), as students
+        teacher_log_probs = log_probs.detach()
+        # kl[i, j, b] = KL(p_j || p_i) = sum_k p_j (log p_j - log p_i): student i, detached teacher j
+        kl = (teacher_log_probs.exp()[None] * (teacher_log_probs[None] - log_probs[:, None])).sum(dim=3)
+        peers = ~torch.eye(members, dtype=torch.bool, device=logits.device)
+        per_member = (kl * peers[:, :, None]).sum(dim=1) * (self.temperature**2 / (members - 1))  # (N, B)
+        if weights is not None:
+            per_member = per_member * weights.float()[None]
+        if self.reduction == "none":
+            return per_member
+        return _reduce(per_member.sum(dim=0), self.reduction)

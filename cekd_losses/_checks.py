@@ -1,8 +1,9 @@
 """Argument and tensor validation with messages that name the argument, the expected and the received value.
 
 Shape and dtype checks always run. Checks of tensor *values* (class ids in range, boxes inside the
-image) run only for CPU tensors: on an accelerator they would need a host sync every step, and
-out-of-range ids there still fail loudly inside ``one_hot``/indexing.
+image) run only for CPU tensors in eager mode: on an accelerator they would need a host sync every
+step, under ``torch.compile`` a graph break, and out-of-range ids there still fail loudly in the
+indexing that uses them.
 """
 
 from __future__ import annotations
@@ -56,9 +57,14 @@ def check_images(name: str, value: object) -> Tensor:
     return images
 
 
+def can_read_values(tensor: Tensor) -> bool:
+    """Whether checking ``tensor``'s values is free: a CPU tensor outside ``torch.compile``."""
+    return tensor.device.type == "cpu" and tensor.numel() > 0 and not torch.compiler.is_compiling()
+
+
 def check_class_ids(name: str, value: Tensor, num_classes: int, *, what: str = "class ids") -> Tensor:
     check_integer(name, value)
-    if value.device.type == "cpu" and value.numel() > 0:
+    if can_read_values(value):
         low, high = int(value.min()), int(value.max())
         if low < 0 or high >= num_classes:
             raise ValueError(f"`{name}` must hold {what} in [0, {num_classes}), got values in [{low}, {high}]")
@@ -116,7 +122,7 @@ def check_boxes(name: str, value: object, batch: int, height: int, width: int) -
     """Boxes (B, 4) integer as (x1, y1, x2, y2), x2/y2 exclusive, 0 <= x1 <= x2 <= W (value check on CPU only)."""
     boxes = check_shape(name, value, (batch, 4))
     check_integer(name, boxes)
-    if boxes.device.type == "cpu" and boxes.numel() > 0:
+    if can_read_values(boxes):
         x1, y1, x2, y2 = boxes.unbind(1)
         inside = (x1 >= 0) & (x1 <= x2) & (x2 <= width) & (y1 >= 0) & (y1 <= y2) & (y2 <= height)
         if not bool(inside.all()):

@@ -8,10 +8,15 @@ import pytest
 import torch
 
 import cekd_losses.cam
+import cekd_losses.ensemble
+import cekd_losses.losses
 import cekd_losses.mixing
+import cekd_losses.objective
+
+MODULES = [cekd_losses.mixing, cekd_losses.cam, cekd_losses.losses, cekd_losses.ensemble, cekd_losses.objective]
 
 
-@pytest.mark.parametrize("module", [cekd_losses.mixing, cekd_losses.cam], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", MODULES, ids=lambda m: m.__name__)
 def test_docstring_examples(module):
     result = doctest.testmod(module, extraglobs={"torch": torch}, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0

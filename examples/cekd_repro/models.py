@@ -1,0 +1,66 @@
+"""Build a torchvision or timm classifier for K classes, optionally from local pretrained weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+def _classifier(model: nn.Module) -> nn.Linear:
+    get_classifier = getattr(model, "get_classifier", None)
+    head = get_classifier() if callable(get_classifier) else getattr(model, "fc", None)
+    if not isinstance(head, nn.Linear):
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        head = linears[-1] if linears else None
+    if head is None:
+        raise ValueError(f"{type(model).__name__} has no linear classifier head")
+    return head
+
+
+def build_model(arch: str, num_classes: int, pretrained: str | None = None) -> nn.Module:
+    """``arch``: a torchvision classification model name (resnet18, resnet50, ...) or ``timm:<name>``.
+
+    The head is built for ``num_classes``. ``pretrained`` is a local state-dict file (no download):
+    every weight but the head's must match the architecture.
+    """
+    if arch.startswith("timm:"):
+        import timm
+
+        name = arch[len("timm:"):]
+        if name not in timm.list_models():
+            raise ValueError(f"unknown timm model {name!r} in --arch {arch!r}")
+        model = timm.create_model(name, pretrained=False, num_classes=num_classes)
+    else:
+        import torchvision
+
+        if arch not in torchvision.models.list_models(module=torchvision.models):
+            raise ValueError(f"unknown torchvision classification model {arch!r} in --arch; for timm use 'timm:<name>'")
+        model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+    if pretrained is not None:
+        load_pretrained(model, pretrained)
+    return model
+
+
+def load_pretrained(model: nn.Module, path: str | Path) -> None:
+    """Load local weights into ``model``, skipping the classifier head (rebuilt for the dataset's classes)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--pretrained {path}: no such file (weights are never downloaded; pass a local state-dict file)")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    head = {f"{name}.{p}" for name, module in model.named_modules() if module is _classifier(model) for p in ("weight", "bias")}
+    own = model.state_dict()
+    kept = {k: v for k, v in state.items() if k not in head and k in own and own[k].shape == v.shape}
+    missing = [k for k in own if k not in kept and k not in head]
+    unused = [k for k in state if k not in own and k not in head]
+    if missing or unused:
+        raise ValueError(f"--pretrained {path} does not fit {type(model).__name__}: {len(missing)} weights missing "
+                         f"or of another shape (e.g. {missing[:3]}), {len(unused)} not used (e.g. {unused[:3]})")
+    model.load_state_dict(kept, strict=False)
+
+
+def head_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters of the classifier head (the paper trains them with a 10x learning rate)."""
+    return list(_classifier(model).parameters())

@@ -1,0 +1,270 @@
+"""Specifications of the reproduction example (examples/reproduce_cekd.py and examples/cekd_repro)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+sys.path.insert(0, str(EXAMPLES))
+
+from cekd_repro import engine  # noqa: E402
+from cekd_repro.data import LayoutError, SyntheticSpec, draw_birds, file_splits, synthetic_splits  # noqa: E402
+from cekd_repro.engine import RunConfig, RunDirExists, train  # noqa: E402
+from cekd_repro.models import build_model  # noqa: E402
+
+TINY = RunConfig(classes=4, train_per_class=6, test_per_class=3, image_size=32, arch="resnet18", epochs=1,
+                 batch_size=8, lr=0.05, rampup_epochs=1, quiet=True)
+
+
+def history(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+# ---------------------------------------------------------------- synthetic data
+
+
+def test_synthetic_set_is_deterministic_balanced_and_sized():
+    spec = SyntheticSpec(num_classes=6, train_per_class=5, test_per_class=2, size=40, seed=3)
+    a_train, a_test, classes = synthetic_splits(spec)
+    b_train, _, _ = synthetic_splits(spec)
+    assert classes == 6 and len(a_train) == 30 and len(a_test) == 12
+    assert torch.equal(a_train.images, b_train.images) and torch.equal(a_train.labels, b_train.labels)
+    assert a_train.images.shape == (30, 3, 40, 40) and a_train.images.dtype == torch.uint8
+    assert torch.equal(torch.bincount(a_train.labels), torch.full((6,), 5))
+    other, _, _ = synthetic_splits(replace(spec, seed=4))
+    assert not torch.equal(other.images, a_train.images)
+
+
+def test_synthetic_class_lives_in_small_parts():
+    """Two images drawn with the same randomness differ only in the head mark and stripe patch."""
+    labels = torch.tensor([0, 5])  # 4 colours x 3 orientations: different colour and orientation
+    a = draw_birds(labels[:1], 64, 4, torch.Generator().manual_seed(1))
+    b = draw_birds(labels[1:], 64, 4, torch.Generator().manual_seed(1))
+    differ = (a != b).any(dim=1).float().mean().item()
+    assert 0.0 < differ < 0.08  # the evidence covers a few percent of the image
+
+
+def test_synthetic_class_count_must_factor():
+    with pytest.raises(ValueError, match="--classes must be a product colours x orientations.*got 7"):
+        SyntheticSpec(num_classes=7).factors()
+
+
+# ---------------------------------------------------------------- real-data loaders on fake copies of their layouts
+
+
+def write_png(path: Path, value: int) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (12, 10), (value, value, value)).save(path)
+
+
+def test_cub_layout(tmp_path):
+    lines = {"images.txt": [], "image_class_labels.txt": [], "train_test_split.txt": []}
+    for i, (cls, train) in enumerate([(1, 1), (1, 0), (2, 1), (2, 0), (2, 1)], start=1):
+        rel = f"{cls:03d}.Bird_{cls}/img_{i}.jpg"
+        write_png(tmp_path / "images" / rel, 10 * i)
+        lines["images.txt"].append(f"{i} {rel}")
+        lines["image_class_labels.txt"].append(f"{i} {cls}")
+        lines["train_test_split.txt"].append(f"{i} {train}")
+    for name, rows in lines.items():
+        (tmp_path / name).write_text("\n".join(rows) + "\n")
+    train_set, test_set, classes = file_splits("cub", tmp_path)
+    assert classes == 2 and len(train_set) == 3 and len(test_set) == 2
+    assert sorted(train_set.labels) == [0, 1, 1]
+    image, label = train_set[0]
+    assert image.size == (12, 10) and label == 0
+
+
+def test_aircraft_layout(tmp_path):
+    data = tmp_path / "data"
+    rows = {"trainval": [("100", "Boeing 737-300"), ("101", "A320")], "test": [("102", "A320")]}
+    for split, items in rows.items():
+        for image_id, _ in items:
+            write_png(data / "images" / f"{image_id}.jpg", 50)
+        (data / f"images_variant_{split}.txt").write_text("".join(f"{i} {v}\n" for i, v in items))
+    train_set, test_set, classes = file_splits("aircraft", tmp_path)
+    assert classes == 2 and len(train_set) == 2 and test_set.labels == [0]  # "A320" < "Boeing 737-300"
+    assert train_set.labels == [1, 0]
+
+
+def test_imagefolder_layout(tmp_path):
+    for split, count in (("train", 2), ("test", 1)):
+        for cls in ("ant", "bee"):
+            for i in range(count):
+                write_png(tmp_path / split / cls / f"{i}.png", 90)
+    train_set, test_set, classes = file_splits("imagefolder", tmp_path)
+    assert classes == 2 and len(train_set) == 4 and sorted(test_set.labels) == [0, 1]
+
+
+def test_cars_layout(tmp_path):
+    import scipy.io as scipy_io
+    devkit = tmp_path / "stanford_cars" / "devkit"
+    devkit.mkdir(parents=True)
+    import numpy as np
+
+    def annotations(names, classes):
+        dtype = [("fname", "O"), ("class", "O")]
+        return {"annotations": np.array([[(n, np.array([[c]])) for n, c in zip(names, classes)]], dtype=dtype)}
+
+    for split, names, classes in (("train", ["a.jpg", "b.jpg"], [1, 2]), ("test", ["c.jpg", "d.jpg"], [2, 1])):
+        for name in names:
+            write_png(tmp_path / "stanford_cars" / f"cars_{split}" / name, 70)
+        file = devkit / "cars_train_annos.mat" if split == "train" else devkit.parent / "cars_test_annos_withlabels.mat"
+        scipy_io.savemat(file, annotations(names, classes))
+    scipy_io.savemat(devkit / "cars_meta.mat", {"class_names": np.array([["Audi A4", "BMW M3"]], dtype=object)})
+    train_set, test_set, classes = file_splits("cars", tmp_path)
+    assert classes == 2 and train_set.labels == [0, 1] and test_set.labels == [1, 0]
+
+
+@pytest.mark.parametrize("dataset", ["cub", "aircraft", "cars", "imagefolder"])
+def test_missing_root_names_the_expected_layout(dataset, tmp_path):
+    with pytest.raises(LayoutError, match=rf"{dataset}: .* not found; expected layout: .*ROOT"):
+        file_splits(dataset, tmp_path / "nowhere")
+
+
+def test_malformed_cub_index(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images.txt").write_text("1\n")
+    with pytest.raises(LayoutError, match=r"cub: .*images.txt is malformed \(expected 2 columns"):
+        file_splits("cub", tmp_path)
+
+
+# ---------------------------------------------------------------- models
+
+
+def test_build_model_and_local_pretrained_weights(tmp_path):
+    source = build_model("resnet18", 10)
+    torch.save(source.state_dict(), tmp_path / "w.pth")
+    model = build_model("resnet18", 3, pretrained=str(tmp_path / "w.pth"))
+    assert model.fc.out_features == 3
+    assert torch.equal(model.conv1.weight, source.conv1.weight)
+    assert build_model("timm:resnet18", 3).get_classifier().out_features == 3
+    with pytest.raises(FileNotFoundError, match="--pretrained .*missing.pth: no such file"):
+        build_model("resnet18", 3, pretrained=str(tmp_path / "missing.pth"))
+    with pytest.raises(ValueError, match="does not fit ResNet"):
+        torch.save(build_model("resnet34", 3).state_dict(), tmp_path / "r34.pth")
+        build_model("resnet18", 3, pretrained=str(tmp_path / "r34.pth"))
+    with pytest.raises(ValueError, match="unknown torchvision classification model 'resnet19'"):
+        build_model("resnet19", 3)
+
+
+# ---------------------------------------------------------------- training runs
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{"method": "baseline"}, {"method": "mixup"}, {"method": "cutmix"}, {"method": "snapmix"},
+     {"method": "cekd", "mix": "cutmix"}, {"method": "cekd", "mix": "snapmix", "combine": "gate"},
+     {"method": "cekd", "no_cross": True, "arch": "resnet18,timm:resnet18"},
+     {"method": "cekd", "no_ensemble": True, "amp": "bf16", "channels_last": True}],
+    ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()),
+)
+def test_smoke_every_method(overrides, tmp_path):
+    record = train(replace(TINY, **overrides), tmp_path / "run")
+    keys = {k for k in record if k.startswith("top1_")}
+    expected = {"top1_model"} if overrides["method"] != "cekd" else {"top1_member0", "top1_member1", "top1_ensemble"}
+    assert keys == expected
+    assert all(0 <= record[k] <= 100 for k in keys)
+    assert record["images_per_s"] > 0 and "loss_total" in record
+    if overrides["method"] == "cekd":
+        assert {"loss_supervised", "loss_cross", "loss_ensemble"} <= set(record)
+    assert (tmp_path / "run" / "checkpoint.pt").exists() and len(history(tmp_path / "run")) == 1
+
+
+def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(tmp_path, monkeypatch):
+    config = replace(TINY, method="cekd", mix="snapmix", epochs=3)
+    straight = train(config, tmp_path / "straight")
+
+    real_evaluate, calls = engine.evaluate, []
+
+    def killed_in_epoch_two(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the process dies after epoch 1's checkpoint
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "evaluate", killed_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, tmp_path / "resumed")
+    monkeypatch.setattr(engine, "evaluate", real_evaluate)
+    assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)["epoch"] == 1
+    resumed = train(RunConfig(quiet=True), tmp_path / "resumed", resume=True)
+    strip = lambda records: [{k: v for k, v in r.items() if k not in ("images_per_s", "epoch_s")} for r in records]  # noqa: E731
+    assert strip(history(tmp_path / "resumed")) == strip(history(tmp_path / "straight"))
+    assert strip([resumed]) == strip([straight])
+
+
+def test_run_dir_is_never_overwritten(tmp_path):
+    train(TINY, tmp_path / "run")
+    with pytest.raises(RunDirExists, match="already holds a run; pass --resume"):
+        train(TINY, tmp_path / "run")
+
+
+def test_cam_figure_is_a_png(tmp_path):
+    train(replace(TINY, method="cekd", visualize_cams=3), tmp_path / "run")
+    png = (tmp_path / "run" / "cams.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+
+
+# ---------------------------------------------------------------- the CLI
+
+
+def cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(EXAMPLES / "reproduce_cekd.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=900, env=env)
+
+
+TINY_ARGS = ["--classes", "4", "--train-per-class", "4", "--test-per-class", "2", "--image-size", "32",
+             "--epochs", "1", "--batch-size", "8", "--quiet"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--dataset", "cub", "--data-root", "no/such/dir"], "cub: no/such/dir not found; expected layout"),
+        (["--dataset", "aircraft"], "--dataset aircraft needs --data-root"),
+        (["--pretrained", "missing.pth"], "--pretrained missing.pth: no such file"),
+        (["--arch", "resnet18,resnet18,resnet18"], "--arch gives 3 architectures for 2 members"),
+        (["--resume", "nothing-here"], "--resume nothing-here: no checkpoint.pt there"),
+        (["--amp", "fp16", "--device", "cpu"], "--amp fp16 needs a CUDA device"),
+    ],
+)
+def test_cli_errors(args, message, tmp_path):
+    result = cli(*TINY_ARGS, *args, cwd=tmp_path)
+    assert result.returncode != 0
+    assert message in result.stderr
+
+
+def test_cli_bad_choice(tmp_path):
+    result = cli("--method", "mixcut", cwd=tmp_path)
+    assert result.returncode == 2 and "invalid choice: 'mixcut'" in result.stderr
+
+
+def test_cli_ablation_writes_results(tmp_path):
+    result = cli(*TINY_ARGS, "--ablation", "--seeds", "1", "--run-dir", "abl", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for name in ("baseline", "cutmix", "snapmix", "cekd w/o cross", "cekd w/o ensemble"):
+        assert f"| {name} |" in result.stdout
+    out = tmp_path / "abl"
+    assert (out / "results.csv").read_text().startswith("method,seed,model,top1")
+    assert "| cekd |" in (out / "results.md").read_text()
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_two_process_ddp_run_with_torchrun(tmp_path):
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+               str(EXAMPLES / "reproduce_cekd.py"), *TINY_ARGS, "--method", "cekd", "--run-dir", "ddp"]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = history(tmp_path / "ddp")
+    assert len(records) == 1 and "top1_ensemble" in records[0]
+    assert result.stdout.count("final test top-1") == 2  # both ranks report the same reduced metrics

@@ -24,8 +24,9 @@ from cekd_repro.engine import METHODS, RunConfig, RunDirExists, train
 
 PRESETS = {
     # Synthetic set, torchvision resnet18 from scratch at 64 px; see docs/reproduction.md for why these values.
-    "quick": {"dataset": "synthetic", "image_size": 64, "arch": "resnet18", "epochs": 25, "batch_size": 64, "lr": 0.1,
-              "weight_decay": 5e-4, "schedule": "onecycle", "mix_alpha": 1.0, "mix_p": 0.5, "rampup_epochs": 5},
+    "quick": {"dataset": "synthetic", "classes": 12, "train_per_class": 60, "test_per_class": 40, "image_size": 64,
+              "arch": "resnet18", "epochs": 20, "batch_size": 64, "lr": 0.1, "weight_decay": 5e-4,
+              "schedule": "onecycle", "mix_alpha": 1.0, "mix_p": 0.5, "rampup_epochs": 4},
     # The SnapMix code base that the CEKD paper builds on.
     "paper": {"arch": "resnet50", "resize": 512, "image_size": 448, "batch_size": 16, "epochs": 200, "lr": 0.001,
               "head_lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4, "schedule": "multistep",

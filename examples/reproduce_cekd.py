@@ -84,9 +84,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def build_config(args: argparse.Namespace) -> RunConfig:
     values = dict(PRESETS[args.preset])
     given = {f.name: getattr(args, f.name) for f in fields(RunConfig) if getattr(args, f.name, None) is not None}
-    if args.preset == "paper":
-        values["mix_alpha"] = PAPER_MIX_ALPHA[given.get("mix", given.get("method", "cutmix")) if given.get("method") != "baseline" else "cutmix"]
     config = replace(RunConfig(), **{**values, **given})
+    if args.preset == "paper" and "mix_alpha" not in given:
+        mixing = config.mix if config.method in ("cekd", "baseline") else config.method
+        config = replace(config, mix_alpha=PAPER_MIX_ALPHA[mixing])
     if config.dataset != "synthetic" and not config.data_root:
         raise SystemExit(f"--dataset {config.dataset} needs --data-root")
     return config

@@ -268,3 +268,20 @@ def test_two_process_ddp_run_with_torchrun(tmp_path):
     records = history(tmp_path / "ddp")
     assert len(records) == 1 and "top1_ensemble" in records[0]
     assert result.stdout.count("final test top-1") == 2  # both ranks report the same reduced metrics
+
+
+def test_presets_and_explicit_arguments():
+    import reproduce_cekd as cli_module
+
+    def config(*args):
+        return cli_module.build_config(cli_module.parse(list(args)))
+
+    quick = config()
+    assert (quick.method, quick.dataset, quick.arch, quick.image_size) == ("cekd", "synthetic", "resnet18", 64)
+    paper = config("--preset", "paper", "--dataset", "cub", "--data-root", "x", "--mix", "snapmix")
+    assert (paper.arch, paper.resize, paper.image_size, paper.batch_size, paper.epochs) == ("resnet50", 512, 448, 16, 200)
+    assert (paper.lr, paper.head_lr, paper.weight_decay, paper.milestones) == (0.001, 0.01, 1e-4, [80, 150, 180])
+    assert (paper.mix_alpha, paper.mix_p, paper.same_on_batch) == (5.0, 1.0, True)
+    assert config("--preset", "paper", "--dataset", "cub", "--data-root", "x", "--method", "cutmix").mix_alpha == 3.0
+    assert config("--preset", "paper", "--dataset", "cub", "--data-root", "x", "--mix-alpha", "2").mix_alpha == 2.0
+    assert config("--epochs", "3", "--no-cross").epochs == 3 and config("--no-cross").no_cross

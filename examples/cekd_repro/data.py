@@ -30,6 +30,7 @@ class SyntheticSpec:
     test_per_class: int = 40
     size: int = 64
     seed: int = 0
+    decoys: int = 2
 
     def factors(self) -> tuple[int, int]:
         # the most balanced split, colours >= orientations: 12 -> 4 colours x 3 orientations
@@ -42,8 +43,9 @@ class SyntheticSpec:
         )
 
 
-def draw_birds(labels: Tensor, size: int, colours: int, generator: torch.Generator) -> Tensor:
-    """(N, 3, size, size) float images in [0, 1] of the synthetic fine-grained classes ``labels``."""
+def draw_birds(labels: Tensor, size: int, colours: int, generator: torch.Generator, decoys: int = 2) -> Tensor:
+    """(N, 3, size, size) float images in [0, 1] of the synthetic fine-grained classes ``labels``, with
+    ``decoys`` part-like distractors (a disc and a striped square each) in the background."""
     n = labels.shape[0]
     u = lambda *shape: torch.rand(*shape, generator=generator)  # noqa: E731
     ys, xs = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32), indexing="ij")
@@ -54,6 +56,18 @@ def draw_birds(labels: Tensor, size: int, colours: int, generator: torch.Generat
         cy, cx, radius = size * u(n, 1, 1), size * u(n, 1, 1), size * (0.05 + 0.15 * u(n, 1, 1))
         blob = torch.exp(-((ys - cy) ** 2 + (xs - cx) ** 2) / (2 * radius**2))
         images = images + 0.35 * (u(n, 3, 1, 1) - 0.5) * blob[:, None]
+    # decoys: part-like clutter (discs in the mark colours, striped squares at any orientation) in the
+    # background, so the evidence is only where it sits on the body, not anywhere in the image
+    palette = torch.tensor(MARK_COLOURS[:colours])
+    for _ in range(decoys):
+        dy, dx = size * u(n, 1, 1), size * u(n, 1, 1)
+        disc = (ys - dy) ** 2 + (xs - dx) ** 2 <= (size * 0.06) ** 2
+        colour = palette[torch.randint(0, colours, (n,), generator=generator)]
+        images = torch.where(disc[:, None], colour[:, :, None, None], images)
+        sy, sx, theta = size * u(n, 1, 1), size * u(n, 1, 1), math.pi * u(n, 1, 1)
+        square = ((ys - sy).abs() <= size * 0.08) & ((xs - sx).abs() <= size * 0.08)
+        lines = torch.sin(((xs - sx) * torch.cos(theta) + (ys - sy) * torch.sin(theta)) * (2 * math.pi / (size * 0.06))) > 0
+        images = torch.where(square[:, None], (0.1 + 0.8 * lines.float())[:, None].expand(n, 3, size, size), images)
     # body: a rotated ellipse of random pose, scale and colour
     cy, cx = size * (0.35 + 0.3 * u(n, 1, 1)), size * (0.35 + 0.3 * u(n, 1, 1))
     angle = 2 * math.pi * u(n, 1, 1)
@@ -105,7 +119,7 @@ def synthetic_splits(spec: SyntheticSpec) -> tuple[TensorImages, TensorImages, i
         generator = torch.Generator().manual_seed(spec.seed * 2 + offset)
         labels = torch.arange(spec.num_classes).repeat_interleave(per_class)
         labels = labels[torch.randperm(labels.numel(), generator=generator)]
-        images = draw_birds(labels, spec.size, colours, generator)
+        images = draw_birds(labels, spec.size, colours, generator, spec.decoys)
         splits.append(TensorImages((images * 255).round().to(torch.uint8), labels))
     return splits[0], splits[1], spec.num_classes
 

@@ -25,7 +25,7 @@ from cekd_repro.engine import METHODS, RunConfig, RunDirExists, train
 PRESETS = {
     # Synthetic set, torchvision resnet18 from scratch at 64 px; see docs/reproduction.md for why these values.
     "quick": {"dataset": "synthetic", "classes": 12, "train_per_class": 60, "test_per_class": 40, "image_size": 64,
-              "arch": "resnet18", "epochs": 20, "batch_size": 64, "lr": 0.1, "weight_decay": 5e-4,
+              "arch": "resnet18", "epochs": 20, "batch_size": 64, "lr": 0.1, "weight_decay": 5e-4, "clip_grad": 5.0,
               "schedule": "onecycle", "mix_alpha": 1.0, "mix_p": 0.5, "rampup_epochs": 4},
     # The SnapMix code base that the CEKD paper builds on.
     "paper": {"arch": "resnet50", "resize": 512, "image_size": 448, "batch_size": 16, "epochs": 200, "lr": 0.001,
@@ -57,6 +57,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     add("--lr", type=float)
     add("--head-lr", dest="head_lr", type=float)
     add("--weight-decay", dest="weight_decay", type=float)
+    add("--clip-grad", dest="clip_grad", type=float, metavar="NORM", help="clip the gradient's global L2 norm to NORM")
     add("--mix-alpha", dest="mix_alpha", type=float)
     add("--mix-p", dest="mix_p", type=float)
     add("--temperature", type=float)

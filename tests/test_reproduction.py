@@ -19,6 +19,8 @@ from cekd_repro.data import LayoutError, SyntheticSpec, draw_birds, file_splits,
 from cekd_repro.engine import RunConfig, RunDirExists, train  # noqa: E402
 from cekd_repro.models import build_model  # noqa: E402
 
+from cekd_losses import CollaborativeEnsemble  # noqa: E402
+
 TINY = RunConfig(classes=4, train_per_class=6, test_per_class=3, image_size=32, arch="resnet18", epochs=1,
                  batch_size=8, lr=0.05, rampup_epochs=1, quiet=True)
 
@@ -202,6 +204,26 @@ def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(tmp_path, monkeyp
     assert strip([resumed]) == strip([straight])
 
 
+def test_clip_grad_bounds_every_update(tmp_path):
+    """Plain SGD (no momentum, no weight decay, constant lr): 3 steps move the parameters by at most 3 lr clip."""
+    config = replace(TINY, method="cekd", momentum=0.0, weight_decay=0.0, schedule="multistep", milestones=[99])
+    torch.manual_seed(config.seed)  # the engine builds its members right after seeding
+    start = CollaborativeEnsemble([build_model("resnet18", 4, None) for _ in range(2)])
+
+    def distance_moved(run: str, clip: float | None) -> tuple[float, dict]:
+        record = train(replace(config, clip_grad=clip), tmp_path / run)
+        end = CollaborativeEnsemble([build_model("resnet18", 4, None) for _ in range(2)])
+        end.load_state_dict(torch.load(tmp_path / run / "checkpoint.pt", weights_only=False)["model"])
+        moved = torch.cat([(a - b).flatten() for a, b in zip(end.parameters(), start.parameters())])
+        return moved.norm().item(), record
+
+    clipped, record = distance_moved("clipped", 1e-3)
+    free, _ = distance_moved("free", None)
+    assert record["grad_norm"] > 1.0  # the clip was active: grad_norm is measured before clipping
+    assert clipped <= 3 * config.lr * 1e-3 * (1 + 1e-4)
+    assert free > 100 * clipped
+
+
 def test_run_dir_is_never_overwritten(tmp_path):
     train(TINY, tmp_path / "run")
     with pytest.raises(RunDirExists, match="already holds a run; pass --resume"):
@@ -235,6 +257,7 @@ TINY_ARGS = ["--classes", "4", "--train-per-class", "4", "--test-per-class", "2"
         (["--arch", "resnet18,resnet18,resnet18"], "--arch gives 3 architectures for 2 members"),
         (["--resume", "nothing-here"], "--resume nothing-here: no checkpoint.pt there"),
         (["--amp", "fp16", "--device", "cpu"], "--amp fp16 needs a CUDA device"),
+        (["--clip-grad", "0"], "--clip-grad must be > 0, got 0.0"),
     ],
 )
 def test_cli_errors(args, message, tmp_path):
@@ -278,6 +301,8 @@ def test_presets_and_explicit_arguments():
 
     quick = config()
     assert (quick.method, quick.dataset, quick.arch, quick.image_size) == ("cekd", "synthetic", "resnet18", 64)
+    assert (quick.lr, quick.clip_grad) == (0.1, 5.0) and config("--clip-grad", "2").clip_grad == 2.0
+    assert config("--preset", "paper", "--dataset", "cub", "--data-root", "x").clip_grad is None
     paper = config("--preset", "paper", "--dataset", "cub", "--data-root", "x", "--mix", "snapmix")
     assert (paper.arch, paper.resize, paper.image_size, paper.batch_size, paper.epochs) == ("resnet50", 512, 448, 16, 200)
     assert (paper.lr, paper.head_lr, paper.weight_decay, paper.milestones) == (0.001, 0.01, 1e-4, [80, 150, 180])

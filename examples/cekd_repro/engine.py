@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import sys
@@ -48,6 +49,7 @@ class RunConfig:
     head_lr: float | None = None  # None: same as lr
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    clip_grad: float | None = None  # max global L2 norm of the gradient; None: no clipping
     schedule: str = "onecycle"  # onecycle | multistep
     milestones: list[int] = field(default_factory=lambda: [80, 150, 180])
     mix_alpha: float = 1.0
@@ -158,6 +160,8 @@ def train(config: RunConfig, run_dir: str | Path, resume: bool = False) -> dict:
     if config.method not in METHODS:
         raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {config.method!r}")
     device = torch.device(f"cuda:{local_rank}" if config.device == "cuda" and world > 1 else config.device)
+    if config.clip_grad is not None and not config.clip_grad > 0:
+        raise ValueError(f"--clip-grad must be > 0, got {config.clip_grad}")
     if config.amp == "fp16" and device.type != "cuda":
         raise ValueError("--amp fp16 needs a CUDA device; use --amp bf16 on CPU")
     torch.manual_seed(config.seed)
@@ -238,8 +242,8 @@ def train(config: RunConfig, run_dir: str | Path, resume: bool = False) -> dict:
 
     for epoch in _progress(range(start_epoch, config.epochs), config.quiet, desc="epochs", initial=start_epoch, total=config.epochs):
         trained.train()
-        sums: dict[str, float] = {}
-        seen, start = 0, time.perf_counter()
+        sums: dict[str, Tensor] = {}  # on the device: read once per epoch, not once per step
+        seen, steps, norms, start = 0, 0, torch.zeros((), device=device), time.perf_counter()
         for images, labels in _progress(loader(train_set, True, epoch), config.quiet, desc=f"epoch {epoch}"):
             images, labels = prepare(images), labels.to(device, non_blocking=True)
             step = scheduler.last_epoch  # optimizer steps taken so far
@@ -260,15 +264,21 @@ def train(config: RunConfig, run_dir: str | Path, resume: bool = False) -> dict:
                     parts = {"total": soft_cross_entropy(output, targets)}
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(parts["total"]).backward()
+            scaler.unscale_(optimizer)
+            grad_norm = nn.utils.clip_grad_norm_(net.parameters(), config.clip_grad or math.inf)  # before clipping
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
             for name, value in parts.items():
-                sums[name] = sums.get(name, 0.0) + value.detach().item() * labels.shape[0]
+                weighted = value.detach().float() * labels.shape[0]
+                sums[name] = sums[name] + weighted if name in sums else weighted
+            norms = norms + grad_norm.detach().float()
+            steps += 1
             seen += labels.shape[0]
         train_time = time.perf_counter() - start
         top1 = evaluate(trained, net, loader(test_set, False, epoch), prepare, autocast, world, config.quiet)
-        record = {"epoch": epoch + 1, **{f"loss_{k}": v / max(seen, 1) for k, v in sums.items()},
+        record = {"epoch": epoch + 1, **{f"loss_{k}": v.item() / max(seen, 1) for k, v in sums.items()},
+                  "grad_norm": norms.item() / max(steps, 1),
                   **{f"top1_{k}": v for k, v in top1.items()}, "lr": optimizer.param_groups[0]["lr"],
                   "images_per_s": seen * world / train_time, "epoch_s": time.perf_counter() - start}
         history.append(record)

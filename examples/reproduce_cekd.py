@@ -23,7 +23,7 @@ from cekd_repro.ablation import run_ablation
 from cekd_repro.engine import METHODS, RunConfig, RunDirExists, train
 
 PRESETS = {
-    # Synthetic set, torchvision resnet18 from scratch at 64 px; see docs/reproduction.md for why these values.
+    # Synthetic set, torchvision resnet18 from scratch at 64 px; see docs/reproduction.rst for why these values.
     "quick": {"dataset": "synthetic", "classes": 12, "train_per_class": 60, "test_per_class": 40, "image_size": 64,
               "arch": "resnet18", "epochs": 20, "batch_size": 64, "lr": 0.1, "weight_decay": 5e-4, "clip_grad": 5.0,
               "schedule": "onecycle", "mix_alpha": 1.0, "mix_p": 0.5, "rampup_epochs": 4},

@@ -15,8 +15,17 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 sys.path.insert(0, str(EXAMPLES))
 
 from cekd_repro import engine  # noqa: E402
-from cekd_repro.data import LayoutError, SyntheticSpec, draw_birds, file_splits, synthetic_splits  # noqa: E402
-from cekd_repro.engine import RunConfig, RunDirExists, train  # noqa: E402
+from cekd_repro.data import (  # noqa: E402
+    Augmented,
+    EpochOrder,
+    LayoutError,
+    SyntheticSpec,
+    draw_birds,
+    file_splits,
+    shift_crop,
+    synthetic_splits,
+)
+from cekd_repro.engine import Placement, RunConfig, RunDirExists, train  # noqa: E402
 from cekd_repro.models import build_model  # noqa: E402
 
 from cekd_losses import CollaborativeEnsemble  # noqa: E402
@@ -56,6 +65,106 @@ def test_synthetic_class_lives_in_small_parts():
 def test_synthetic_class_count_must_factor():
     with pytest.raises(ValueError, match="--classes must be a product colours x orientations.*got 7"):
         SyntheticSpec(num_classes=7).factors()
+
+
+def test_shift_crop_is_a_reflect_padded_random_crop():
+    image = torch.arange(2 * 6 * 7, dtype=torch.uint8).view(2, 6, 7)
+    padded = torch.nn.functional.pad(image[None].float(), (4,) * 4, mode="reflect")[0]
+    seen = set()
+    for seed in range(40):
+        torch.manual_seed(seed)
+        top, left = torch.randint(0, 9, (2,)).tolist()
+        torch.manual_seed(seed)
+        shifted = shift_crop(image)
+        assert shifted.dtype == torch.uint8
+        assert torch.equal(shifted.float(), padded[:, top : top + 6, left : left + 7])
+        seen.add((top, left))
+    assert len(seen) > 20  # the shift is random
+
+
+def test_augmentation_depends_only_on_the_item_seed_and_leaves_the_global_rng_alone():
+    base = synthetic_splits(SyntheticSpec(num_classes=4, train_per_class=2, test_per_class=1, size=16))[0]
+    augmented = Augmented(base, shift_crop)
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    first, _ = augmented[(123, 1)]
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(augmented[(123, 1)][0], first)
+    assert any(not torch.equal(augmented[(seed, 1)][0], first) for seed in range(5))
+    assert torch.equal(augmented[1][0], augmented[(0, 1)][0]) and base[1][1] == augmented[1][1]
+
+
+def test_epoch_order_is_a_seeded_permutation_split_across_ranks():
+    one = list(EpochOrder(10, shuffle=True, seed=3))
+    assert sorted(i for _, i in one) == list(range(10))
+    assert one == list(EpochOrder(10, shuffle=True, seed=3))
+    order = EpochOrder(10, shuffle=True, seed=3)
+    order.set_epoch(1)
+    assert [i for _, i in order] != [i for _, i in one]
+    assert [i for _, i in EpochOrder(5, shuffle=False, seed=0)] == [0, 1, 2, 3, 4]
+    ranks = [list(EpochOrder(10, shuffle=True, seed=3, rank=r, world=3)) for r in range(3)]
+    assert [len(r) for r in ranks] == [4, 4, 4]
+    assert {i for r in ranks for _, i in r} == set(range(10))  # padded to 12 by repeating, as DistributedSampler
+
+
+def test_loader_batches_do_not_depend_on_worker_count():
+    config = replace(TINY, train_per_class=4, batch_size=4)
+    train_set = engine.load_data(config)[0]
+    batches = {}
+    for workers in (0, 2):
+        loader = engine.make_loader(train_set, replace(config, workers=workers), True, torch.device("cpu"))
+        loader.sampler.set_epoch(1)
+        batches[workers] = [(images.clone(), labels.clone()) for images, labels in loader]
+        assert loader.persistent_workers == (workers > 0)
+    for (a, la), (b, lb) in zip(batches[0], batches[2]):
+        assert a.dtype == torch.uint8 and torch.equal(a, b) and torch.equal(la, lb)
+
+
+# ---------------------------------------------------------------- devices
+
+
+def test_placement_normalises_uint8_on_the_device(device):
+    place = Placement(device, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.5), channels_last=True)
+    images = torch.randint(0, 256, (2, 3, 5, 4), dtype=torch.uint8)
+    moved, labels = place.batch(images, torch.tensor([1, 0]))
+    expected = (images.double() / 255 - torch.tensor([0.5, 0.4, 0.3]).double().view(1, 3, 1, 1)) / torch.tensor(
+        [0.2, 0.25, 0.5]).double().view(1, 3, 1, 1)
+    assert moved.device.type == device.type and labels.device.type == device.type
+    assert moved.dtype == torch.float32 and moved.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(moved.cpu().double(), expected, atol=1e-5)
+    as_float, _ = place.batch(images.float() / 255, torch.tensor([1, 0]))  # [0, 1] floats give the same
+    assert torch.allclose(as_float, moved, atol=1e-5)
+
+
+@pytest.mark.parametrize("overrides", [{"method": "cekd", "mix": "snapmix", "combine": "gate"},
+                                       {"method": "baseline"}, {"method": "mixup"}],
+                         ids=["cekd-snapmix-gate", "baseline", "mixup"])
+def test_every_tensor_of_a_run_stays_on_its_device(overrides, tmp_path, monkeypatch):
+    """The engine on the ``meta`` device, a stand-in accelerator that CPU-only CI has: a label, image,
+    logit or metric that is not moved by the engine's Placement meets a meta tensor and raises, as it
+    would on a GPU; a host read outside ``Placement.read`` raises too (meta tensors hold no values)."""
+    reads = []
+
+    def read(values):
+        reads.append({name: value.device.type for name, value in values.items()})
+        return {name: [1.0] * value.numel() for name, value in values.items()}
+
+    monkeypatch.setattr(Placement, "read", staticmethod(read))
+    record = train(replace(TINY, device="meta", **overrides), tmp_path / "run")
+    assert reads and all(kind == "meta" for read_ in reads for kind in read_.values())
+    assert record["epoch"] == 1 and all(v == 100.0 for k, v in record.items() if k.startswith("top1_"))
+
+
+def test_distributed_backend_follows_the_run_device(monkeypatch):
+    backends = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine
+    monkeypatch.setattr(engine.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(engine.dist, "init_process_group", lambda backend: backends.append(backend))
+    monkeypatch.setattr(engine.dist, "get_rank", lambda: 0)
+    engine._distributed("cpu")
+    engine._distributed("cuda")
+    assert backends == ["gloo", "nccl"]
 
 
 # ---------------------------------------------------------------- real-data loaders on fake copies of their layouts
@@ -258,12 +367,46 @@ TINY_ARGS = ["--classes", "4", "--train-per-class", "4", "--test-per-class", "2"
         (["--resume", "nothing-here"], "--resume nothing-here: no checkpoint.pt there"),
         (["--amp", "fp16", "--device", "cpu"], "--amp fp16 needs a CUDA device"),
         (["--clip-grad", "0"], "--clip-grad must be > 0, got 0.0"),
+        (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+        (["--batch-size", "64"], "--batch-size 64 is larger than this rank's 16 training images"),
+        (["--image-size", "0"], "--image-size must be >= 1, got 0"),
+        (["--epochs", "0"], "--epochs must be >= 1, got 0"),
+        (["--epochs", "-1"], "--epochs must be >= 1, got -1"),
+        (["--workers", "-1"], "--workers must be >= 0, got -1"),
+        (["--seed", "-1"], "--seed must be >= 0, got -1"),
+        (["--mix-p", "1.5"], "--mix-p must be in [0, 1], got 1.5"),
+        (["--device", "banana"], "--device must be a torch device such as cpu, cuda or cuda:1, got 'banana'"),
+        (["--ablation", "--seeds", "0"], "--seeds must be >= 1, got 0"),
     ],
 )
-def test_cli_errors(args, message, tmp_path):
-    result = cli(*TINY_ARGS, *args, cwd=tmp_path)
-    assert result.returncode != 0
-    assert message in result.stderr
+def test_cli_errors(args, message, tmp_path, monkeypatch):
+    """Each bad flag ends the CLI with one line naming it (in-process: the same main() as the script)."""
+    import reproduce_cekd as cli_module
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        cli_module.main([*TINY_ARGS, *args])
+    text = str(exit_.value.code)
+    assert message in text and "\n" not in text and text.startswith(("error: ", "--"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_cli_cuda_without_a_gpu(tmp_path):
+    result = cli(*TINY_ARGS, "--device", "cuda", cwd=tmp_path)
+    assert result.returncode != 0 and "error: --device cuda: no CUDA GPU is visible here" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_prints_a_line_per_epoch_and_where_the_results_are(tmp_path):
+    """Read as a log file (stdout is a pipe): one line per epoch, the table, then the run dir alone on the last line."""
+    args = [a for a in TINY_ARGS if a != "--quiet"]
+    result = cli(*args, "--epochs", "2", "--run-dir", "out", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    epochs = [line for line in lines if line.startswith("epoch ")]
+    assert [line.split()[1] for line in epochs] == ["1/2", "2/2"]
+    assert all("top-1 member0" in line and "ensemble" in line and "img/s" in line for line in epochs)
+    assert lines[-1].startswith("results in out (") and len(result.stdout) < 1500
 
 
 def test_cli_bad_choice(tmp_path):
@@ -274,11 +417,13 @@ def test_cli_bad_choice(tmp_path):
 def test_cli_ablation_writes_results(tmp_path):
     result = cli(*TINY_ARGS, "--ablation", "--seeds", "1", "--run-dir", "abl", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    for name in ("baseline", "cutmix", "snapmix", "cekd w/o cross", "cekd w/o ensemble"):
-        assert f"| {name} |" in result.stdout
+    for mix in ("cutmix", "snapmix"):  # CEKD over both mixings, with both module switches
+        for name in (mix, f"cekd+{mix} w/o cross", f"cekd+{mix} w/o ensemble", f"cekd+{mix}"):
+            assert f"| {name} |" in result.stdout
+    assert "| baseline |" in result.stdout and result.stdout.splitlines()[-1].startswith("results in abl")
     out = tmp_path / "abl"
     assert (out / "results.csv").read_text().startswith("method,seed,model,top1")
-    assert "| cekd |" in (out / "results.md").read_text()
+    assert "| cekd+snapmix |" in (out / "results.md").read_text()
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

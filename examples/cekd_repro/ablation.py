@@ -1,4 +1,5 @@
-"""The paper's ablation: baseline, CutMix, SnapMix, CEKD without cross, CEKD without ensemble, CEKD, over seeds."""
+"""The paper's ablation over seeds: baseline, CutMix, SnapMix, and CEKD over CutMix and over SnapMix (the
+paper's own configuration), each with the module switches (without cross distillation, without the ensemble)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,12 @@ ABLATION = [
     ("baseline", {"method": "baseline"}),
     ("cutmix", {"method": "cutmix"}),
     ("snapmix", {"method": "snapmix"}),
-    ("cekd w/o cross", {"method": "cekd", "no_cross": True}),
-    ("cekd w/o ensemble", {"method": "cekd", "no_ensemble": True}),
-    ("cekd", {"method": "cekd"}),
+    ("cekd+cutmix w/o cross", {"method": "cekd", "mix": "cutmix", "no_cross": True}),
+    ("cekd+cutmix w/o ensemble", {"method": "cekd", "mix": "cutmix", "no_ensemble": True}),
+    ("cekd+cutmix", {"method": "cekd", "mix": "cutmix"}),
+    ("cekd+snapmix w/o cross", {"method": "cekd", "mix": "snapmix", "no_cross": True}),
+    ("cekd+snapmix w/o ensemble", {"method": "cekd", "mix": "snapmix", "no_ensemble": True}),
+    ("cekd+snapmix", {"method": "cekd", "mix": "snapmix"}),
 ]
 COLUMNS = ("member0", "member1", "ensemble")
 
@@ -34,7 +38,7 @@ def run_ablation(base: RunConfig, seeds: int, out_dir: Path, resume: bool = Fals
     for name, overrides in ABLATION:
         for seed in range(seeds):
             config = replace(base, seed=base.seed + seed, **overrides)
-            run_dir = out_dir / f"{name.replace(' ', '_').replace('/', '')}-seed{config.seed}"
+            run_dir = out_dir / f"{name.replace(' ', '_').replace('/', '').replace('+', '-')}-seed{config.seed}"
             done = run_dir / "checkpoint.pt"
             train(config, run_dir, resume=resume and done.exists())
             history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -11,7 +11,7 @@ from cekd_losses import FeatureTap
 
 
 @torch.no_grad()
-def save_cam_figure(models: list[nn.Module], dataset, prepare, count: int, path: Path) -> None:
+def save_cam_figure(models: list[nn.Module], dataset, place, count: int, path: Path) -> None:
     """A PNG with ``count`` test images (rows) and each member's CAM for the true class (columns)."""
     import matplotlib
 
@@ -21,16 +21,16 @@ def save_cam_figure(models: list[nn.Module], dataset, prepare, count: int, path:
     count = min(count, len(dataset))
     images = torch.stack([dataset[i][0] for i in range(count)])
     labels = torch.tensor([dataset[i][1] for i in range(count)])
-    inputs = prepare(images)
+    inputs, device_labels = place.batch(images, labels)
     maps, predictions = [], []
     for model in models:
         model.eval()
         with FeatureTap(model) as tap:
             predictions.append(model(inputs).argmax(1).cpu())
-            maps.append(tap.class_activation_maps(labels.to(inputs.device), size=tuple(images.shape[-2:])).cpu())
+            maps.append(tap.class_activation_maps(device_labels, size=tuple(images.shape[-2:])).cpu())
     figure, axes = plt.subplots(count, len(models) + 1, figsize=(2.2 * (len(models) + 1), 2.2 * count), squeeze=False)
     for row in range(count):
-        picture = images[row].permute(1, 2, 0).clamp(0, 1).numpy()
+        picture = images[row].permute(1, 2, 0).numpy()  # uint8 (H, W, C)
         axes[row, 0].imshow(picture)
         axes[row, 0].set_title(f"class {int(labels[row])}", fontsize=8)
         for column, (cam, predicted) in enumerate(zip(maps, predictions), start=1):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 MARK_COLOURS = [(0.95, 0.1, 0.1), (0.1, 0.85, 0.1), (0.15, 0.35, 1.0), (1.0, 0.85, 0.0), (0.9, 0.2, 0.9), (0.0, 0.9, 0.9)]
 STRIPE_ANGLES = [0, 60, 120, 30, 90, 150]  # degrees; no horizontal flips are used on this set
@@ -96,19 +96,80 @@ def draw_birds(labels: Tensor, size: int, colours: int, generator: torch.Generat
 
 
 class TensorImages(Dataset):
-    """Images held in memory as a uint8 tensor, with an optional per-item transform."""
+    """Images held in memory as a (N, C, H, W) uint8 tensor; items are (uint8 image, label)."""
 
-    def __init__(self, images: Tensor, labels: Tensor, transform=None) -> None:
-        self.images, self.labels, self.transform = images, labels, transform
+    def __init__(self, images: Tensor, labels: Tensor) -> None:
+        self.images, self.labels = images, labels
 
     def __len__(self) -> int:
         return self.labels.shape[0]
 
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
-        image = self.images[i].float() / 255
+        return self.images[i], int(self.labels[i])
+
+
+def shift_crop(image: Tensor, pad: int = 4) -> Tensor:
+    """Random translation of a (C, H, W) image by up to ``pad`` pixels, reflecting at the border
+    (as ``F.pad(mode="reflect")`` then a random crop); any dtype, uint8 included. The synthetic set's
+    augmentation."""
+    height, width = image.shape[-2:]
+    top, left = torch.randint(0, 2 * pad + 1, (2,)).tolist()
+
+    def reflected(size: int, shift: int) -> Tensor:
+        index = (torch.arange(size) + shift - pad).abs()
+        return torch.where(index >= size, 2 * (size - 1) - index, index)
+
+    return image[:, reflected(height, top)][:, :, reflected(width, left)]
+
+
+class Augmented(Dataset):
+    """A dataset whose items pass through ``transform`` with the torch RNG seeded per item.
+
+    Items are addressed as ``(seed, index)`` (see :class:`EpochOrder`) or by a plain index (seed 0),
+    so the augmentation of a sample depends only on its seed: the same in the main process and in
+    any worker, and the same again when a run is resumed. The global RNG is restored afterwards.
+    """
+
+    def __init__(self, dataset: Dataset, transform=None) -> None:
+        self.dataset, self.transform = dataset, transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: int | tuple[int, int]):
+        seed, index = key if isinstance(key, tuple) else (0, key)
+        image, label = self.dataset[index]
         if self.transform is not None:
-            image = self.transform(image)
-        return image, int(self.labels[i])
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                image = self.transform(image)
+        return image, label
+
+
+class EpochOrder(Sampler):
+    """One rank's ``(seed, index)`` items of each epoch: shuffled (or in order) and seeded from
+    ``(seed, epoch)`` only, so an epoch is replayed exactly after a resume, with any worker count.
+
+    As ``DistributedSampler``, the order is padded to a multiple of ``world`` and split by rank;
+    call :meth:`set_epoch` before each epoch (persistent loader workers see the new order).
+    """
+
+    def __init__(self, size: int, shuffle: bool, seed: int, rank: int = 0, world: int = 1) -> None:
+        self.size, self.shuffle, self.seed, self.rank, self.world = size, shuffle, seed, rank, world
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return -(-self.size // self.world)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.size, generator=generator) if self.shuffle else torch.arange(self.size)
+        order = torch.cat([order, order[: len(self) * self.world - self.size]])[self.rank :: self.world]
+        seeds = torch.randint(0, 2**62, (len(self),), generator=generator)
+        return iter(zip(seeds.tolist(), order.tolist()))
 
 
 def synthetic_splits(spec: SyntheticSpec) -> tuple[TensorImages, TensorImages, int]:
@@ -133,7 +194,7 @@ LAYOUTS = {
     "ROOT/data/images_variant_test.txt (id variant) -- the fgvc-aircraft-2013b folder",
     "cars": "ROOT/stanford_cars/{cars_train,cars_test}/<file>.jpg, ROOT/stanford_cars/devkit/{cars_train_annos.mat,"
     "cars_meta.mat} and ROOT/stanford_cars/cars_test_annos_withlabels.mat, as torchvision.datasets.StanfordCars reads",
-    "imagefolder": "ROOT/train/<class>/<image> and ROOT/test/<class>/<image>",
+    "imagefolder": "ROOT/train/<class>/<image> and ROOT/test/<class>/<image> (other files than images are ignored)",
 }
 
 
@@ -158,11 +219,18 @@ def _read_table(path: Path, dataset: str, columns: int) -> list[list[str]]:
     return rows
 
 
-class FileImages(Dataset):
-    """Image files with integer labels, opened with PIL and passed through a transform."""
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 
-    def __init__(self, paths: list[Path], labels: list[int], transform=None) -> None:
-        self.paths, self.labels, self.transform = paths, labels, transform
+
+class FileImages(Dataset):
+    """Image files with integer labels; items are (RGB PIL image, label).
+
+    A file that cannot be decoded stops the run with an ``OSError`` naming it (a dataset with broken
+    files should be repaired, not silently trained on a subset).
+    """
+
+    def __init__(self, paths: list[Path], labels: list[int]) -> None:
+        self.paths, self.labels = paths, labels
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -170,9 +238,11 @@ class FileImages(Dataset):
     def __getitem__(self, i: int):
         from PIL import Image
 
-        with Image.open(self.paths[i]) as image:
-            image = image.convert("RGB")
-            return (self.transform(image) if self.transform else image), self.labels[i]
+        try:
+            with Image.open(self.paths[i]) as image:
+                return image.convert("RGB"), self.labels[i]
+        except OSError as error:
+            raise OSError(f"cannot read image {self.paths[i]}: {error}") from error
 
 
 def file_splits(dataset: str, root: str | Path) -> tuple[FileImages, FileImages, int]:
@@ -213,7 +283,8 @@ def file_splits(dataset: str, root: str | Path) -> tuple[FileImages, FileImages,
         raise LayoutError(f"imagefolder: {splits[0]} holds no class folders; expected layout: {LAYOUTS[dataset]}")
     made = []
     for folder in splits:
-        items = [(p, i) for i, c in enumerate(classes) for p in sorted((folder / c).glob("*")) if p.is_file()]
+        items = [(p, i) for i, c in enumerate(classes) for p in sorted((folder / c).glob("*"))
+                 if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
         if not items:
             raise LayoutError(f"imagefolder: {folder} holds no images in {classes}; expected layout: {LAYOUTS[dataset]}")
         made.append(FileImages([p for p, _ in items], [c for _, c in items]))

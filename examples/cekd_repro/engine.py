@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -14,13 +15,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from cekd_losses import CEKDLoss, CollaborativeEnsemble, FeatureTap, MixingAugmenter, soft_cross_entropy
 
-from .data import SyntheticSpec, file_splits, synthetic_splits
+from .data import Augmented, EpochOrder, SyntheticSpec, file_splits, shift_crop, synthetic_splits
 from .models import build_model, head_parameters
 
 METHODS = ("baseline", "mixup", "cutmix", "snapmix", "cekd")
@@ -81,34 +81,147 @@ class RunConfig:
         return names
 
 
+    @property
+    def mixing(self) -> str | None:
+        """The mixing this run applies: the method's own, cekd's ``mix``, or None for the baseline."""
+        if self.method == "cekd":
+            return self.mix
+        return None if self.method == "baseline" else self.method
+
+    def validate(self) -> None:
+        """Raise ValueError naming the flag for any value a run cannot use."""
+        if self.method not in METHODS:
+            raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        for flag, value in (("--batch-size", self.batch_size), ("--image-size", self.image_size),
+                            ("--epochs", self.epochs), ("--members", self.members), ("--resize", self.resize),
+                            ("--classes", self.classes), ("--train-per-class", self.train_per_class),
+                            ("--test-per-class", self.test_per_class)):
+            if value < 1:
+                raise ValueError(f"{flag} must be >= 1, got {value}")
+        for flag, value in (("--workers", self.workers), ("--seed", self.seed), ("--rampup-epochs", self.rampup_epochs)):
+            if value < 0:
+                raise ValueError(f"{flag} must be >= 0, got {value}")
+        for flag, value in (("--lr", self.lr), ("--head-lr", self.head_lr), ("--clip-grad", self.clip_grad),
+                            ("--mix-alpha", self.mix_alpha), ("--temperature", self.temperature)):
+            if value is not None and not value > 0:
+                raise ValueError(f"{flag} must be > 0, got {value}")
+        if not 0 <= self.mix_p <= 1:
+            raise ValueError(f"--mix-p must be in [0, 1], got {self.mix_p}")
+        if self.dataset != "synthetic" and self.image_size > self.resize:
+            raise ValueError(f"--image-size {self.image_size} must be <= --resize {self.resize} (images are cropped "
+                             "from the resized image)")
+        self.archs()
+        run_device(self.device)
+        if self.amp == "fp16" and not self.device.startswith("cuda"):
+            raise ValueError("--amp fp16 needs a CUDA device; use --amp bf16 on CPU")
+
+
+def run_device(name: str, local_rank: int = 0) -> torch.device:
+    """The torch device of ``--device name`` (under torchrun, ``cuda`` means this rank's GPU); a clear error if unusable."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device must be a torch device such as cpu, cuda or cuda:1, got {name!r}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: no CUDA GPU is visible here (torch.cuda.is_available() is False)")
+        index = local_rank if device.index is None else device.index
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA device(s)")
+        return torch.device("cuda", index)
+    return device
+
+
 def _progress(iterable, quiet: bool, **kwargs):
     from tqdm import tqdm
 
     return tqdm(iterable, disable=quiet or not sys.stderr.isatty(), leave=False, **kwargs)
 
 
-def _shift_crop(image: Tensor, pad: int = 4) -> Tensor:
-    """Random translation by up to ``pad`` pixels (reflect padding): the synthetic set's augmentation."""
-    size = image.shape[-2:]
-    padded = F.pad(image[None], (pad,) * 4, mode="reflect")[0]
-    top, left = torch.randint(0, 2 * pad + 1, (2,)).tolist()
-    return padded[:, top : top + size[0], left : left + size[1]]
+class Placement:
+    """The one place where the engine moves tensors to the run's device and reads values back.
+
+    Batches arrive from the loader as uint8 images (B, C, H, W) and int64 labels (B,) in pinned host
+    memory; :meth:`batch` copies them without blocking, converts and normalises the images on the
+    device, and applies the memory format. :meth:`read` is the only host read of the run (once per
+    epoch). Tests run the engine on the ``meta`` device, where any tensor that missed this class
+    meets a device tensor and fails, as it would on a GPU.
+    """
+
+    def __init__(self, device: torch.device, mean: tuple[float, ...], std: tuple[float, ...],
+                 channels_last: bool = False, amp: str = "none") -> None:
+        self.device = device
+        # x / 255 normalised = x * scale - shift, one fused multiply-add on the device
+        self.scale = (1.0 / (255.0 * torch.tensor(std))).view(1, -1, 1, 1).to(device)
+        self.shift = (torch.tensor(mean) / torch.tensor(std)).view(1, -1, 1, 1).to(device)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+
+    def module(self, module: nn.Module) -> nn.Module:
+        return module.to(self.device, memory_format=self.memory_format)
+
+    def images(self, images: Tensor) -> Tensor:
+        """uint8 (or [0, 1] float) host images -> normalised float32 images on the device."""
+        images = images.to(self.device, non_blocking=True)
+        scale = self.scale if images.dtype == torch.uint8 else self.scale * 255.0
+        normalised = torch.addcmul(-self.shift, images.float(), scale)
+        return normalised.contiguous(memory_format=self.memory_format)
+
+    def batch(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        return self.images(images), labels.to(self.device, non_blocking=True)
+
+    def generator(self, seed: int) -> torch.Generator:
+        """A seeded generator for the mixer's draws: on the GPU for a CUDA run (no per-step transfer)."""
+        return torch.Generator(device=self.device if self.device.type == "cuda" else "cpu").manual_seed(seed)
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    @staticmethod
+    def read(values: dict[str, Tensor]) -> dict[str, list[float]]:
+        """Host values of device tensors (one sync for all of them)."""
+        names = list(values)
+        flat = torch.cat([values[name].detach().double().flatten() for name in names]).tolist()
+        out, start = {}, 0
+        for name in names:
+            count = values[name].numel()
+            out[name], start = flat[start : start + count], start + count
+        return out
 
 
 def load_data(config: RunConfig):
-    """(train set, test set, num classes, normalisation mean, std)."""
+    """(train set, test set, num classes, normalisation mean, std); items are (uint8 image, label)."""
     if config.dataset == "synthetic":
         spec = SyntheticSpec(config.classes, config.train_per_class, config.test_per_class, config.image_size, config.seed)
         train, test, classes = synthetic_splits(spec)
-        train.transform = _shift_crop
-        return train, test, classes, (0.5,) * 3, (0.25,) * 3
+        return Augmented(train, shift_crop), Augmented(test), classes, (0.5,) * 3, (0.25,) * 3
     import torchvision.transforms as T
 
     train, test, classes = file_splits(config.dataset, config.data_root)
     warp = (config.resize, config.resize)
-    train.transform = T.Compose([T.Resize(warp), T.RandomCrop(config.image_size), T.RandomHorizontalFlip(), T.ToTensor()])
-    test.transform = T.Compose([T.Resize(warp), T.CenterCrop(config.image_size), T.ToTensor()])
-    return train, test, classes, IMAGENET_MEAN, IMAGENET_STD
+    train_transform = T.Compose([T.Resize(warp), T.RandomCrop(config.image_size), T.RandomHorizontalFlip(), T.PILToTensor()])
+    test_transform = T.Compose([T.Resize(warp), T.CenterCrop(config.image_size), T.PILToTensor()])
+    return Augmented(train, train_transform), Augmented(test, test_transform), classes, IMAGENET_MEAN, IMAGENET_STD
+
+
+def make_loader(dataset, config: RunConfig, train: bool, device: torch.device, rank: int = 0, world: int = 1) -> DataLoader:
+    """A loader built once per run: persistent workers, prefetching, pinned memory for a GPU. Call
+    ``loader.sampler.set_epoch(epoch)`` before each epoch."""
+    sampler = EpochOrder(len(dataset), shuffle=train, seed=config.seed, rank=rank, world=world)
+    workers = config.workers
+    return DataLoader(dataset, config.batch_size, sampler=sampler, num_workers=workers, drop_last=train,
+                      pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                      prefetch_factor=4 if workers > 0 else None)
+
+
+def epoch_line(record: dict, epochs: int) -> str:
+    """One readable line per epoch: losses, top-1 of every member and the ensemble, speed."""
+    losses = " ".join(f"{k[len('loss_'):]} {v:.3f}" for k, v in record.items() if k.startswith("loss_"))
+    top1 = " ".join(f"{k[len('top1_'):]} {v:.1f}" for k, v in record.items() if k.startswith("top1_"))
+    return (f"epoch {record['epoch']}/{epochs}  loss {losses}  top-1 {top1}  "
+            f"{record['images_per_s']:.0f} img/s  {record['epoch_s']:.0f} s")
 
 
 class RunDirExists(FileExistsError):
@@ -138,11 +251,12 @@ def _set_rng_states(states: dict) -> None:
     random.setstate(states["python"])
 
 
-def _distributed() -> tuple[int, int, int]:
-    """(rank, world size, local rank); initialises the process group under torchrun."""
+def _distributed(device_name: str) -> tuple[int, int, int]:
+    """(rank, world size, local rank); under torchrun, initialises the process group with the backend
+    of the run's device (nccl for CUDA, gloo otherwise), whatever else the machine has."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if device_name.startswith("cuda") else "gloo")
     rank = dist.get_rank() if world > 1 else 0
     return rank, world, int(os.environ.get("LOCAL_RANK", "0"))
 
@@ -150,40 +264,39 @@ def _distributed() -> tuple[int, int, int]:
 def train(config: RunConfig, run_dir: str | Path, resume: bool = False) -> dict:
     """Run (or resume) one training run; returns its final epoch record. Only rank 0 writes."""
     run_dir = Path(run_dir)
-    rank, world, local_rank = _distributed()
     if resume:
         saved = json.loads((run_dir / "config.json").read_text())
         config = RunConfig(**{**saved, "quiet": config.quiet})
-    elif rank == 0 and run_dir.exists() and any(run_dir.iterdir()):
+    config.validate()
+    rank, world, local_rank = _distributed(config.device)
+    if not resume and rank == 0 and run_dir.exists() and any(run_dir.iterdir()):
         raise RunDirExists(f"run dir {run_dir} already holds a run; pass --resume {run_dir} to continue it, "
                            "or choose another --run-dir")
-    if config.method not in METHODS:
-        raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {config.method!r}")
-    device = torch.device(f"cuda:{local_rank}" if config.device == "cuda" and world > 1 else config.device)
-    if config.clip_grad is not None and not config.clip_grad > 0:
-        raise ValueError(f"--clip-grad must be > 0, got {config.clip_grad}")
-    if config.amp == "fp16" and device.type != "cuda":
-        raise ValueError("--amp fp16 needs a CUDA device; use --amp bf16 on CPU")
+    device = run_device(config.device, local_rank)
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     np.random.seed(config.seed)
 
     train_set, test_set, num_classes, mean, std = load_data(config)
-    mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
+    place = Placement(device, mean, std, config.channels_last, config.amp)
     models = [build_model(arch, num_classes, config.pretrained) for arch in config.archs()]
     net: nn.Module = CollaborativeEnsemble(models, config.combine) if config.method == "cekd" else models[0]
-    net = net.to(device, memory_format=torch.channels_last if config.channels_last else torch.preserve_format)
+    net = place.module(net)
     if config.compile:
         for model in models:
             model.compile()
-    trained = nn.parallel.DistributedDataParallel(net, device_ids=[local_rank] if device.type == "cuda" else None) if world > 1 else net
+    trained = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else net
 
     heads = {id(p) for model in models for p in head_parameters(model)}
     groups = [{"params": [p for p in net.parameters() if id(p) not in heads], "lr": config.lr},
               {"params": [p for p in net.parameters() if id(p) in heads], "lr": config.head_lr or config.lr}]
     optimizer = torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
-    steps_per_epoch = -(-len(train_set) // (config.batch_size * world))
+    train_loader = make_loader(train_set, config, True, device, rank, world)
+    test_loader = make_loader(test_set, config, False, device, rank, world)
+    steps_per_epoch = len(train_loader)
+    if steps_per_epoch == 0:
+        raise ValueError(f"--batch-size {config.batch_size} is larger than this rank's {len(train_loader.sampler)} "
+                         "training images: no full batch to train on")
     total_steps = steps_per_epoch * config.epochs
     if config.schedule == "onecycle":
         scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in groups], total_steps=total_steps)
@@ -191,15 +304,12 @@ def train(config: RunConfig, run_dir: str | Path, resume: bool = False) -> dict:
         boundaries = [m * steps_per_epoch for m in config.milestones]
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.1 ** sum(s >= b for b in boundaries))
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
-    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.amp)
 
-    mixing = config.mix if config.method == "cekd" else config.method
     mixer = None
-    if mixing in ("mixup", "cutmix", "snapmix"):
-        mixer = MixingAugmenter(mixing, num_classes, alpha=config.mix_alpha, p=config.mix_p,
-                                same_on_batch=config.same_on_batch,
-                                generator=torch.Generator().manual_seed(config.seed * 7919 + rank))
-    tap = FeatureTap(models[0]) if mixing == "snapmix" else None
+    if config.mixing is not None:
+        mixer = MixingAugmenter(config.mixing, num_classes, alpha=config.mix_alpha, p=config.mix_p,
+                                same_on_batch=config.same_on_batch, generator=place.generator(config.seed * 7919 + rank))
+    tap = FeatureTap(models[0]) if config.mixing == "snapmix" else None
     criterion = None
     if config.method == "cekd":
         criterion = CEKDLoss(config.temperature, 0.0 if config.no_cross else config.alpha,
@@ -224,30 +334,15 @@ def train(config: RunConfig, run_dir: str | Path, resume: bool = False) -> dict:
         (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
         (run_dir / "metrics.jsonl").write_text("".join(json.dumps(record) + "\n" for record in history))
 
-    def loader(dataset, shuffle: bool, epoch: int) -> DataLoader:
-        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
-        sampler = DistributedSampler(dataset, world, rank, shuffle=shuffle, seed=config.seed) if world > 1 else None
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        return DataLoader(dataset, config.batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
-                          generator=generator, num_workers=config.workers, drop_last=shuffle,
-                          pin_memory=device.type == "cuda")
-
-    def prepare(images: Tensor) -> Tensor:
-        images = (images.to(device, non_blocking=True) - mean_t) / std_t
-        return images.contiguous(memory_format=torch.channels_last) if config.channels_last else images
-
-    def autocast():
-        return torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
-
     for epoch in _progress(range(start_epoch, config.epochs), config.quiet, desc="epochs", initial=start_epoch, total=config.epochs):
         trained.train()
+        train_loader.sampler.set_epoch(epoch)
         sums: dict[str, Tensor] = {}  # on the device: read once per epoch, not once per step
         seen, steps, norms, start = 0, 0, torch.zeros((), device=device), time.perf_counter()
-        for images, labels in _progress(loader(train_set, True, epoch), config.quiet, desc=f"epoch {epoch}"):
-            images, labels = prepare(images), labels.to(device, non_blocking=True)
+        for images, labels in _progress(train_loader, config.quiet, desc=f"epoch {epoch + 1}"):
+            images, labels = place.batch(images, labels)
             step = scheduler.last_epoch  # optimizer steps taken so far
-            with autocast():
+            with place.autocast():
                 cams = None
                 if tap is not None:
                     with torch.no_grad():
@@ -276,9 +371,10 @@ def train(config: RunConfig, run_dir: str | Path, resume: bool = False) -> dict:
             steps += 1
             seen += labels.shape[0]
         train_time = time.perf_counter() - start
-        top1 = evaluate(trained, net, loader(test_set, False, epoch), prepare, autocast, world, config.quiet)
-        record = {"epoch": epoch + 1, **{f"loss_{k}": v.item() / max(seen, 1) for k, v in sums.items()},
-                  "grad_norm": norms.item() / max(steps, 1),
+        top1 = evaluate(trained, test_loader, place, world)
+        losses = place.read({**sums, "grad_norm": norms})
+        record = {"epoch": epoch + 1, **{f"loss_{k}": losses[k][0] / max(seen, 1) for k in sums},
+                  "grad_norm": losses["grad_norm"][0] / max(steps, 1),
                   **{f"top1_{k}": v for k, v in top1.items()}, "lr": optimizer.param_groups[0]["lr"],
                   "images_per_s": seen * world / train_time, "epoch_s": time.perf_counter() - start}
         history.append(record)
@@ -290,35 +386,50 @@ def train(config: RunConfig, run_dir: str | Path, resume: bool = False) -> dict:
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": _rng_states(),
                 "mixer_generator": mixer.generator.get_state() if mixer is not None else None, "history": history,
             })
+            if not config.quiet:
+                _print_line(epoch_line(record, config.epochs))
     if rank == 0 and config.visualize_cams:
         from .cams import save_cam_figure
 
-        save_cam_figure(models, test_set, prepare, config.visualize_cams, run_dir / "cams.png")
+        save_cam_figure(models, test_set, place, config.visualize_cams, run_dir / "cams.png")
     if tap is not None:
         tap.remove()
     return history[-1] if history else {}
 
 
+def _print_line(line: str) -> None:
+    """A line that stays on screen above the progress bars (plain print when stdout is not a terminal)."""
+    from tqdm import tqdm
+
+    tqdm.write(line, file=sys.stdout)
+    sys.stdout.flush()
+
+
 @torch.no_grad()
-def evaluate(trained: nn.Module, net: nn.Module, loader: DataLoader, prepare, autocast, world: int, quiet: bool) -> dict[str, float]:
-    """Top-1 (%) of every member and of the ensemble (or of the single model), reduced across ranks."""
-    trained.eval()
+def evaluate(model: nn.Module, loader: DataLoader, place: Placement, world: int = 1) -> dict[str, float]:
+    """Top-1 (%) of every member and of the ensemble (or of the single model), reduced across ranks.
+
+    ``model`` is the trained module (a :class:`CollaborativeEnsemble`, possibly inside DDP, or a
+    classifier); counts stay on the device until the one read at the end."""
+    model.eval()
     correct: Tensor | None = None
-    total = 0
-    for images, labels in _progress(loader, quiet, desc="test"):
-        images, labels = prepare(images), labels.to(images.device)
-        with autocast():
-            output = trained(images)
-        logits = torch.cat([output.member_logits, output.ensemble_logits[None]]) if isinstance(net, CollaborativeEnsemble) else output[None]
+    total = torch.zeros((), dtype=torch.float64, device=place.device)
+    ensemble = None
+    for images, labels in loader:
+        images, labels = place.batch(images, labels)
+        with place.autocast():
+            output = model(images)
+        ensemble = isinstance(output, tuple)
+        logits = torch.cat([output.member_logits, output.ensemble_logits[None]]) if ensemble else output[None]
         hits = (logits.argmax(dim=2) == labels[None]).sum(dim=1).double()
         correct = hits if correct is None else correct + hits
-        total += labels.shape[0]
-    counts = torch.cat([correct, torch.tensor([float(total)], dtype=torch.float64, device=correct.device)])
+        total = total + labels.shape[0]
+    if correct is None:
+        raise ValueError("the test set is empty: nothing to evaluate")
+    counts = torch.cat([correct, total[None]])
     if world > 1:
         dist.all_reduce(counts)
-    accuracy = (100 * counts[:-1] / counts[-1]).tolist()
-    if isinstance(net, CollaborativeEnsemble):
-        names = [f"member{i}" for i in range(len(net))] + ["ensemble"]
-    else:
-        names = ["model"]
+    counts = place.read({"counts": counts})["counts"]
+    accuracy = [100 * c / counts[-1] for c in counts[:-1]]
+    names = [f"member{i}" for i in range(len(accuracy) - 1)] + ["ensemble"] if ensemble else ["model"]
     return dict(zip(names, accuracy))

@@ -291,7 +291,7 @@ def test_smoke_every_method(overrides, tmp_path):
 
 
 def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(tmp_path, monkeypatch):
-    config = replace(TINY, method="cekd", mix="snapmix", epochs=3)
+    config = replace(TINY, method="cekd", mix="snapmix", epochs=3, workers=1)  # a persistent loader worker
     straight = train(config, tmp_path / "straight")
 
     real_evaluate, calls = engine.evaluate, []

@@ -213,7 +213,8 @@ def make_loader(dataset, config: RunConfig, train: bool, device: torch.device, r
     workers = config.workers
     return DataLoader(dataset, config.batch_size, sampler=sampler, num_workers=workers, drop_last=train,
                       pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                      prefetch_factor=4 if workers > 0 else None)
+                      prefetch_factor=4 if workers > 0 else None,
+                      generator=torch.Generator().manual_seed(config.seed))  # leaves the global RNG alone
 
 
 def epoch_line(record: dict, epochs: int) -> str:
@@ -261,6 +262,87 @@ def _distributed(device_name: str) -> tuple[int, int, int]:
     return rank, world, int(os.environ.get("LOCAL_RANK", "0"))
 
 
+@dataclass
+class Run:
+    """What a training step needs, built once from a :class:`RunConfig` by :func:`build_run`."""
+
+    members: list[nn.Module]  # the user's models (one unless cekd)
+    net: nn.Module  # the CollaborativeEnsemble, or the single model
+    model: nn.Module  # what is called: ``net``, or ``net`` inside DistributedDataParallel
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    place: Placement
+    mixer: MixingAugmenter | None  # None for the baseline
+    tap: FeatureTap | None  # on member 0, for SnapMix's CAMs
+    criterion: CEKDLoss | None  # None: soft-target CE of the single model
+    clip_grad: float | None
+
+
+def build_run(config: RunConfig, num_classes: int, place: Placement, steps_per_epoch: int, rank: int = 0,
+              world: int = 1) -> Run:
+    """Models on the device, optimizer (10x head lr as the paper), schedule, mixer, CAM tap and loss of a run."""
+    models = [build_model(arch, num_classes, config.pretrained) for arch in config.archs()]
+    net = place.module(CollaborativeEnsemble(models, config.combine) if config.method == "cekd" else models[0])
+    if config.compile:
+        for model in models:
+            model.compile()
+    device = place.device
+    model = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else net
+    heads = {id(p) for member in models for p in head_parameters(member)}
+    groups = [{"params": [p for p in net.parameters() if id(p) not in heads], "lr": config.lr},
+              {"params": [p for p in net.parameters() if id(p) in heads], "lr": config.head_lr or config.lr}]
+    optimizer = torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    if config.schedule == "onecycle":
+        scheduler: torch.optim.lr_scheduler.LRScheduler = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=[g["lr"] for g in groups], total_steps=steps_per_epoch * config.epochs)
+    else:
+        boundaries = [m * steps_per_epoch for m in config.milestones]
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.1 ** sum(s >= b for b in boundaries))
+    mixer = None
+    if config.mixing is not None:
+        mixer = MixingAugmenter(config.mixing, num_classes, alpha=config.mix_alpha, p=config.mix_p,
+                                same_on_batch=config.same_on_batch, generator=place.generator(config.seed * 7919 + rank))
+    criterion = None
+    if config.method == "cekd":
+        criterion = CEKDLoss(config.temperature, 0.0 if config.no_cross else config.alpha,
+                             0.0 if config.no_ensemble else config.beta, config.rampup_epochs * steps_per_epoch,
+                             supervise_ensemble=not config.no_ensemble)
+    return Run(models, net, model, optimizer, scheduler, torch.amp.GradScaler(device.type, enabled=config.amp == "fp16"),
+               place, mixer, FeatureTap(models[0]) if config.mixing == "snapmix" else None, criterion, config.clip_grad)
+
+
+def train_step(run: Run, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
+    """One optimizer step on a device batch (normalised images (B, C, H, W), labels (B,)).
+
+    SnapMix CAMs of the clean batch (a no-grad forward of member 0), mixing, forward, loss, backward,
+    clipping, step. Returns the detached loss terms and the gradient norm before clipping, on the
+    device (no host sync)."""
+    with run.place.autocast():
+        cams = None
+        if run.tap is not None:
+            with torch.no_grad():
+                run.members[0](images)
+            cams = run.tap.class_activation_maps(labels)
+        inputs, targets = images, labels
+        if run.mixer is not None:
+            mixed = run.mixer(images, labels, cams)
+            inputs, targets = mixed.images, mixed.targets
+        output = run.model(inputs)
+        if run.criterion is not None:
+            parts = run.criterion.components(output, targets, step=run.scheduler.last_epoch)
+        else:
+            parts = {"total": soft_cross_entropy(output, targets)}
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(parts["total"]).backward()
+    run.scaler.unscale_(run.optimizer)
+    grad_norm = nn.utils.clip_grad_norm_(run.net.parameters(), run.clip_grad or math.inf)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.scheduler.step()
+    return {**{name: value.detach().float() for name, value in parts.items()}, "grad_norm": grad_norm.detach().float()}
+
+
 def train(config: RunConfig, run_dir: str | Path, resume: bool = False) -> dict:
     """Run (or resume) one training run; returns its final epoch record. Only rank 0 writes."""
     run_dir = Path(run_dir)
@@ -279,42 +361,13 @@ def train(config: RunConfig, run_dir: str | Path, resume: bool = False) -> dict:
 
     train_set, test_set, num_classes, mean, std = load_data(config)
     place = Placement(device, mean, std, config.channels_last, config.amp)
-    models = [build_model(arch, num_classes, config.pretrained) for arch in config.archs()]
-    net: nn.Module = CollaborativeEnsemble(models, config.combine) if config.method == "cekd" else models[0]
-    net = place.module(net)
-    if config.compile:
-        for model in models:
-            model.compile()
-    trained = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else net
-
-    heads = {id(p) for model in models for p in head_parameters(model)}
-    groups = [{"params": [p for p in net.parameters() if id(p) not in heads], "lr": config.lr},
-              {"params": [p for p in net.parameters() if id(p) in heads], "lr": config.head_lr or config.lr}]
-    optimizer = torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     train_loader = make_loader(train_set, config, True, device, rank, world)
     test_loader = make_loader(test_set, config, False, device, rank, world)
-    steps_per_epoch = len(train_loader)
-    if steps_per_epoch == 0:
+    if len(train_loader) == 0:
         raise ValueError(f"--batch-size {config.batch_size} is larger than this rank's {len(train_loader.sampler)} "
                          "training images: no full batch to train on")
-    total_steps = steps_per_epoch * config.epochs
-    if config.schedule == "onecycle":
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in groups], total_steps=total_steps)
-    else:
-        boundaries = [m * steps_per_epoch for m in config.milestones]
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.1 ** sum(s >= b for b in boundaries))
-    scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
-
-    mixer = None
-    if config.mixing is not None:
-        mixer = MixingAugmenter(config.mixing, num_classes, alpha=config.mix_alpha, p=config.mix_p,
-                                same_on_batch=config.same_on_batch, generator=place.generator(config.seed * 7919 + rank))
-    tap = FeatureTap(models[0]) if config.mixing == "snapmix" else None
-    criterion = None
-    if config.method == "cekd":
-        criterion = CEKDLoss(config.temperature, 0.0 if config.no_cross else config.alpha,
-                             0.0 if config.no_ensemble else config.beta, config.rampup_epochs * steps_per_epoch,
-                             supervise_ensemble=not config.no_ensemble)
+    run = build_run(config, num_classes, place, len(train_loader), rank, world)
+    net, optimizer, scheduler, scaler, mixer = run.net, run.optimizer, run.scheduler, run.scaler, run.mixer
 
     history: list[dict] = []
     start_epoch = 0
@@ -335,46 +388,22 @@ def train(config: RunConfig, run_dir: str | Path, resume: bool = False) -> dict:
         (run_dir / "metrics.jsonl").write_text("".join(json.dumps(record) + "\n" for record in history))
 
     for epoch in _progress(range(start_epoch, config.epochs), config.quiet, desc="epochs", initial=start_epoch, total=config.epochs):
-        trained.train()
+        run.model.train()
         train_loader.sampler.set_epoch(epoch)
         sums: dict[str, Tensor] = {}  # on the device: read once per epoch, not once per step
-        seen, steps, norms, start = 0, 0, torch.zeros((), device=device), time.perf_counter()
+        seen, steps, start = 0, 0, time.perf_counter()
         for images, labels in _progress(train_loader, config.quiet, desc=f"epoch {epoch + 1}"):
-            images, labels = place.batch(images, labels)
-            step = scheduler.last_epoch  # optimizer steps taken so far
-            with place.autocast():
-                cams = None
-                if tap is not None:
-                    with torch.no_grad():
-                        models[0](images)
-                    cams = tap.class_activation_maps(labels)
-                inputs, targets = images, labels
-                if mixer is not None:
-                    mixed = mixer(images, labels, cams)
-                    inputs, targets = mixed.images, mixed.targets
-                output = trained(inputs)
-                if criterion is not None:
-                    parts = criterion.components(output, targets, step=step)
-                else:
-                    parts = {"total": soft_cross_entropy(output, targets)}
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(parts["total"]).backward()
-            scaler.unscale_(optimizer)
-            grad_norm = nn.utils.clip_grad_norm_(net.parameters(), config.clip_grad or math.inf)  # before clipping
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            for name, value in parts.items():
-                weighted = value.detach().float() * labels.shape[0]
+            parts = train_step(run, *place.batch(images, labels))
+            for name, value in parts.items():  # per-sample sums of the losses, per-step sum of the norm
+                weighted = value if name == "grad_norm" else value * labels.shape[0]
                 sums[name] = sums[name] + weighted if name in sums else weighted
-            norms = norms + grad_norm.detach().float()
             steps += 1
             seen += labels.shape[0]
         train_time = time.perf_counter() - start
-        top1 = evaluate(trained, test_loader, place, world)
-        losses = place.read({**sums, "grad_norm": norms})
-        record = {"epoch": epoch + 1, **{f"loss_{k}": losses[k][0] / max(seen, 1) for k in sums},
-                  "grad_norm": losses["grad_norm"][0] / max(steps, 1),
+        top1 = evaluate(run.model, test_loader, place, world)
+        sums_read = place.read(sums)
+        record = {"epoch": epoch + 1, **{f"loss_{k}": v[0] / seen for k, v in sums_read.items() if k != "grad_norm"},
+                  "grad_norm": sums_read["grad_norm"][0] / steps,
                   **{f"top1_{k}": v for k, v in top1.items()}, "lr": optimizer.param_groups[0]["lr"],
                   "images_per_s": seen * world / train_time, "epoch_s": time.perf_counter() - start}
         history.append(record)
@@ -391,9 +420,9 @@ def train(config: RunConfig, run_dir: str | Path, resume: bool = False) -> dict:
     if rank == 0 and config.visualize_cams:
         from .cams import save_cam_figure
 
-        save_cam_figure(models, test_set, place, config.visualize_cams, run_dir / "cams.png")
-    if tap is not None:
-        tap.remove()
+        save_cam_figure(run.members, test_set, place, config.visualize_cams, run_dir / "cams.png")
+    if run.tap is not None:
+        run.tap.remove()
     return history[-1] if history else {}
 
 

@@ -15,9 +15,13 @@ from torch import Tensor
 
 
 def _describe(value: object) -> str:
+    """A short description of a received value: a tensor's dtype and shape, a scalar's repr, else its type."""
     if isinstance(value, Tensor):
         return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
-    return f"{value!r} ({type(value).__name__})"
+    if value is None or isinstance(value, (bool, int, float, str)):
+        text = repr(value)
+        return f"{text[:60]}... ({type(value).__name__})" if len(text) > 60 else f"{text} ({type(value).__name__})"
+    return f"a {type(value).__name__}"
 
 
 def check_tensor(name: str, value: object) -> Tensor:
@@ -55,6 +59,14 @@ def check_images(name: str, value: object) -> Tensor:
     if images.shape[0] == 0:
         raise ValueError(f"`{name}` must hold at least one image, got shape {tuple(images.shape)}")
     return images
+
+
+def check_maps(name: str, value: object, dims: Sequence[int | str]) -> Tensor:
+    """Floating maps whose last two dims (the spatial size) are at least 1 x 1."""
+    maps = check_floating(name, check_shape(name, value, dims))
+    if maps.shape[-1] == 0 or maps.shape[-2] == 0:
+        raise ValueError(f"`{name}` must have a spatial size of at least 1 x 1, got shape {tuple(maps.shape)}")
+    return maps
 
 
 def can_read_values(tensor: Tensor) -> bool:

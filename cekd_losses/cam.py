@@ -21,12 +21,24 @@ from . import _checks
 __all__ = ["FeatureTap", "class_activation_maps", "normalize_cams"]
 
 
-def normalize_cams(cams: Tensor, size: tuple[int, int] | None = None) -> Tensor:
+def _check_size(size: object) -> tuple[int, int] | None:
+    """``size`` as (H, W): None, an int (a square) or a pair of ints >= 1."""
+    if size is None:
+        return None
+    pair = (size, size) if isinstance(size, int) and not isinstance(size, bool) else size
+    if (not isinstance(pair, (tuple, list)) or len(pair) != 2
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in pair)):
+        raise ValueError(f"`size` must be None, an int >= 1 or a pair (H, W) of ints >= 1, got {size!r}")
+    return int(pair[0]), int(pair[1])
+
+
+def normalize_cams(cams: Tensor, size: int | tuple[int, int] | None = None) -> Tensor:
     """Normalise CAMs per image as SnapMix does: subtract the minimum, divide by the sum.
 
     Args:
-        cams: (B, h, w) floating maps.
-        size: optional (H, W) to resize to first (bilinear, ``align_corners=False``, as SnapMix).
+        cams: (B, h, w) floating maps, h, w >= 1.
+        size: optional (H, W), or an int for a square, to resize to first (bilinear,
+            ``align_corners=False``, as SnapMix).
 
     Returns:
         (B, H, W) float32 maps that are >= 0 and sum to 1 per image. A map with no finite positive
@@ -38,11 +50,11 @@ def normalize_cams(cams: Tensor, size: tuple[int, int] | None = None) -> Tensor:
         tensor([[[0.0000, 0.3333],
                  [0.6667, 0.0000]]])
     """
-    _checks.check_shape("cams", cams, ("B", "h", "w"))
-    _checks.check_floating("cams", cams)
+    cams = _checks.check_maps("cams", cams, ("B", "h", "w"))
+    size = _check_size(size)
     maps = cams.float()
-    if size is not None and tuple(size) != tuple(maps.shape[-2:]):
-        maps = F.interpolate(maps[:, None], size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
+    if size is not None and size != tuple(maps.shape[-2:]):
+        maps = F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
     shifted = maps - maps.amin(dim=(1, 2), keepdim=True)
     total = shifted.sum(dim=(1, 2), keepdim=True)
     valid = torch.isfinite(total) & (total > 0)
@@ -54,19 +66,20 @@ def class_activation_maps(
     classifier_weight: Tensor,
     labels: Tensor,
     classifier_bias: Tensor | None = None,
-    size: tuple[int, int] | None = None,
+    size: int | tuple[int, int] | None = None,
 ) -> Tensor:
     """The CAM of each image for its own label, SnapMix-normalised (see :func:`normalize_cams`).
 
     Computed without gradient and in float32, whatever the input dtype.
 
     Args:
-        feature_maps: (B, D, h, w) last feature map, the one the model pools before its linear head.
+        feature_maps: (B, D, h, w) last feature map, the one the model pools before its linear head
+            (h, w >= 1).
         classifier_weight: (K, D) weight of the linear head.
         labels: (B,) class id of each image.
         classifier_bias: optional (K,) bias of the head. It adds a constant per map, which the
             normalisation removes; accepted so raw and normalised CAMs come from one formula.
-        size: optional (H, W), usually the image size, to upsample the maps to.
+        size: optional (H, W) (or an int for a square), usually the image size, to upsample the maps to.
 
     Returns:
         (B, H, W) float32 maps, >= 0, each summing to 1 (all zeros where a map is flat).
@@ -78,8 +91,8 @@ def class_activation_maps(
         >>> cams.shape, cams.sum(dim=(1, 2)).round(decimals=4)
         (torch.Size([2, 32, 32]), tensor([1., 1.]))
     """
-    _checks.check_shape("feature_maps", feature_maps, ("B", "D", "h", "w"))
-    _checks.check_floating("feature_maps", feature_maps)
+    feature_maps = _checks.check_maps("feature_maps", feature_maps, ("B", "D", "h", "w"))
+    size = _check_size(size)
     batch, depth = feature_maps.shape[:2]
     _checks.check_shape("classifier_weight", classifier_weight, ("K", depth))
     num_classes = classifier_weight.shape[0]
@@ -206,7 +219,7 @@ class FeatureTap:
             raise RuntimeError("FeatureTap has captured nothing yet: run a forward of the model first")
         return self._pooled
 
-    def class_activation_maps(self, labels: Tensor, size: tuple[int, int] | None = None) -> Tensor:
+    def class_activation_maps(self, labels: Tensor, size: int | tuple[int, int] | None = None) -> Tensor:
         """(B, H, W) normalised CAMs of the last forward for ``labels`` (B,); see :func:`class_activation_maps`."""
         features = self.features
         if features.ndim != 4:

@@ -2,6 +2,14 @@
 
 All reductions and log-softmaxes run in float32, so the losses are safe under fp16/bf16 autocast.
 ``reduction`` follows ``torch.nn`` losses: ``"mean"`` (over the batch), ``"sum"`` or ``"none"``.
+
+Defined edge cases:
+
+- an empty batch (B = 0) gives 0 for ``"mean"`` and ``"sum"`` (an empty tensor for ``"none"``),
+  so a step on no samples changes nothing instead of turning the loss into NaN;
+- logits of ``-inf`` (masked classes) are allowed: a class with zero target weight (or zero teacher
+  probability) adds 0, so the loss is finite wherever its true value is. A class with positive weight
+  but ``-inf`` logit gives ``inf``, the true value.
 """
 
 from __future__ import annotations
@@ -24,12 +32,13 @@ __all__ = [
 ]
 
 Reduction = Literal["mean", "sum", "none"]
-_REDUCTIONS = ("mean", "sum", "none")
+REDUCTIONS = ("mean", "sum", "none")
 
 
-def _reduce(per_sample: Tensor, reduction: str) -> Tensor:
+def reduce_loss(per_sample: Tensor, reduction: str) -> Tensor:
+    """Reduce (B,) per-sample losses; the mean of an empty batch is 0 (see the module docstring)."""
     if reduction == "mean":
-        return per_sample.mean()
+        return per_sample.sum() / max(per_sample.shape[-1], 1)
     if reduction == "sum":
         return per_sample.sum()
     return per_sample
@@ -41,13 +50,23 @@ def _check_logits(name: str, logits: object) -> Tensor:
 
 
 def check_target(target: object, batch: int, num_classes: int) -> Tensor:
-    """Validate a (B,) class-id or (B, K) soft target against logits of shape (batch, num_classes)."""
+    """Validate a (B,) class-id or (B, K) soft target (weights >= 0) against logits of shape (batch, num_classes)."""
+    if not isinstance(target, Tensor) and isinstance(getattr(target, "targets", None), Tensor):
+        raise TypeError(f"`target` must be a tensor, got a {type(target).__name__}; pass its `.targets`")
     target = _checks.check_tensor("target", target)
     if target.ndim == 1:
         _checks.check_shape("target", target, (batch,))
         return _checks.check_class_ids("target", target, num_classes)
     _checks.check_shape("target", target, (batch, num_classes))
-    return _checks.check_floating("target", target)
+    _checks.check_floating("target", target)
+    if _checks.can_read_values(target) and bool((target < 0).any()):
+        raise ValueError(f"`target` must hold weights >= 0, got a minimum of {float(target.min())}")
+    return target
+
+
+def _weighted_log(weights: Tensor, log_values: Tensor) -> Tensor:
+    """``weights * log_values`` with 0 where a weight is 0, even where the log is -inf (masked classes)."""
+    return torch.where(weights == 0, 0.0, weights * log_values)
 
 
 def soft_cross_entropy(logits: Tensor, target: Tensor, reduction: Reduction = "mean") -> Tensor:
@@ -66,15 +85,15 @@ def soft_cross_entropy(logits: Tensor, target: Tensor, reduction: Reduction = "m
         >>> soft_cross_entropy(logits, torch.tensor([[0.5, 0.5]]))  # log 2
         tensor(0.6931)
     """
-    _checks.check_choice("reduction", reduction, _REDUCTIONS)
+    _checks.check_choice("reduction", reduction, REDUCTIONS)
     logits = _check_logits("logits", logits)
     target = check_target(target, *logits.shape)
     log_probs = F.log_softmax(logits.float(), dim=1)
     if target.ndim == 1:
         per_sample = -log_probs.gather(1, target.long()[:, None])[:, 0]
     else:
-        per_sample = -(target.float() * log_probs).sum(dim=1)
-    return _reduce(per_sample, reduction)
+        per_sample = -_weighted_log(target.float(), log_probs).sum(dim=1)
+    return reduce_loss(per_sample, reduction)
 
 
 class SoftTargetCrossEntropy(nn.Module):
@@ -90,7 +109,7 @@ class SoftTargetCrossEntropy(nn.Module):
 
     def __init__(self, reduction: Reduction = "mean") -> None:
         super().__init__()
-        self.reduction = _checks.check_choice("reduction", reduction, _REDUCTIONS)
+        self.reduction = _checks.check_choice("reduction", reduction, REDUCTIONS)
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         return soft_cross_entropy(logits, target, self.reduction)  # type: ignore[arg-type]
@@ -115,7 +134,7 @@ def distillation_kl(
         >>> distillation_kl(student, teacher, temperature=2.0)  # 4 * KL([e/(1+e), 1/(1+e)] || [1/2, 1/2])
         tensor(0.4438)
     """
-    _checks.check_choice("reduction", reduction, _REDUCTIONS)
+    _checks.check_choice("reduction", reduction, REDUCTIONS)
     temperature = _checks.check_positive("temperature", temperature)
     student_logits = _check_logits("student_logits", student_logits)
     teacher_logits = _check_logits("teacher_logits", teacher_logits)
@@ -126,8 +145,14 @@ def distillation_kl(
         )
     student = F.log_softmax(student_logits.float() / temperature, dim=1)
     teacher = F.log_softmax(teacher_logits.detach().float() / temperature, dim=1)
-    per_sample = F.kl_div(student, teacher, reduction="none", log_target=True).sum(dim=1)
-    return _reduce(per_sample * temperature**2, reduction)
+    per_sample = _kl(teacher, student).sum(dim=1)
+    return reduce_loss(per_sample * temperature**2, reduction)
+
+
+def _kl(teacher_log_probs: Tensor, student_log_probs: Tensor) -> Tensor:
+    """Elementwise ``p_t (log p_t - log p_s)``; 0 where ``p_t`` is 0 (also where both logs are -inf)."""
+    teacher_probs = teacher_log_probs.exp()
+    return torch.where(teacher_probs == 0, 0.0, teacher_probs * (teacher_log_probs - student_log_probs))
 
 
 def stack_member_logits(member_logits: Tensor | Sequence[Tensor]) -> Tensor:
@@ -188,7 +213,7 @@ class CrossDistillationLoss(nn.Module):
     def __init__(self, temperature: float = 3.0, reduction: Reduction = "mean") -> None:
         super().__init__()
         self.temperature = _checks.check_positive("temperature", temperature)
-        self.reduction = _checks.check_choice("reduction", reduction, _REDUCTIONS)
+        self.reduction = _checks.check_choice("reduction", reduction, REDUCTIONS)
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, reduction={self.reduction!r}"
@@ -200,11 +225,11 @@ class CrossDistillationLoss(nn.Module):
         log_probs = F.log_softmax(logits.float() / self.temperature, dim=2)  # (N, B, K), as students
         teacher_log_probs = log_probs.detach()
         # kl[i, j, b] = KL(p_j || p_i) = sum_k p_j (log p_j - log p_i): student i, detached teacher j
-        kl = (teacher_log_probs.exp()[None] * (teacher_log_probs[None] - log_probs[:, None])).sum(dim=3)
+        kl = _kl(teacher_log_probs[None], log_probs[:, None]).sum(dim=3)
         peers = ~torch.eye(members, dtype=torch.bool, device=logits.device)
         per_member = (kl * peers[:, :, None]).sum(dim=1) * (self.temperature**2 / (members - 1))  # (N, B)
         if weights is not None:
             per_member = per_member * weights.float()[None]
         if self.reduction == "none":
             return per_member
-        return _reduce(per_member.sum(dim=0), self.reduction)
+        return reduce_loss(per_member.sum(dim=0), self.reduction)

@@ -5,6 +5,9 @@ as an explicit tensor (partner index, lambdas, boxes) and are deterministic; :cl
 draws those parameters (from an optional ``torch.Generator``) and calls them. Everything is
 vectorised over the batch: no Python loop over samples and no host sync.
 
+Mixing is differentiable: where the images require grad, gradients reach both images of each pair
+(mixing feature maps, adversarial inputs, learned augmentation).
+
 Boxes are (B, 4) integer tensors ``(x1, y1, x2, y2)`` in pixels, ``x2``/``y2`` exclusive; an empty
 box (``x1 == x2`` or ``y1 == y2``) pastes nothing.
 """
@@ -84,6 +87,13 @@ def _box_masks(boxes: Tensor, height: int, width: int) -> Tensor:
     return rows[:, None, :, None] & cols[:, None, None, :]
 
 
+def _paste(mask: Tensor, pasted: Tensor, images: Tensor) -> Tensor:
+    """``where(mask, pasted, images)``, written into ``pasted`` (a fresh buffer) unless autograd must see it."""
+    if torch.is_grad_enabled() and (pasted.requires_grad or images.requires_grad):
+        return torch.where(mask, pasted, images)
+    return torch.where(mask, pasted, images, out=pasted)
+
+
 def mixup(images: Tensor, targets: Tensor, index: Tensor, lam: Tensor) -> MixedBatch:
     """MixUp with explicit parameters: ``x = lam * x + (1 - lam) * x[index]``.
 
@@ -156,8 +166,7 @@ def _cutmix(
     """:func:`cutmix` on checked input; ``shared_box``, every row of ``boxes`` known on the host, pastes by slicing."""
     batch, _, height, width = images.shape
     if shared_box is None:
-        partner = images[index]
-        mixed = torch.where(_box_masks(boxes, height, width), partner, images, out=partner)
+        mixed = _paste(_box_masks(boxes, height, width), images[index], images)
     else:
         x1, y1, x2, y2 = shared_box
         mixed = images.clone()
@@ -279,8 +288,7 @@ def snapmix(
     """
     images, targets, index = _check_pairing(images, targets, index)
     batch, _, height, width = images.shape
-    cams = _checks.check_shape("cams", cams, (batch, "h", "w"))
-    _checks.check_floating("cams", cams)
+    cams = _checks.check_maps("cams", cams, (batch, "h", "w"))
     target_boxes = _checks.check_boxes("target_boxes", target_boxes, batch, height, width)
     source_boxes = _checks.check_boxes("source_boxes", source_boxes, batch, height, width)
     for name, tensor in (("cams", cams), ("target_boxes", target_boxes), ("source_boxes", source_boxes)):
@@ -313,8 +321,7 @@ def _snapmix(
             images[index].to(sample_dtype), grid_x, grid_y, mode="bilinear", align_corners=True,
             normalized_coordinates=True,
         ).to(images.dtype)
-        paste = _box_masks(target_boxes, height, width) & active[:, None, None, None]
-        mixed = torch.where(paste, patches, images, out=patches)
+        mixed = _paste(_box_masks(target_boxes, height, width) & active[:, None, None, None], patches, images)
     else:
         (tx1, ty1, tx2, ty2), (sx1, sy1, sx2, sy2) = shared_boxes
         mixed = images.clone()
@@ -488,8 +495,7 @@ class MixingAugmenter(nn.Module):
         shared_target = tuple(target_boxes[0].tolist()) if on_host else None
         if self.method == "cutmix":
             return _cutmix(images, targets, index, to_batch(target_boxes), shared_target)
-        cams = _checks.check_shape("cams", cams, (batch, "h", "w"))
-        _checks.check_floating("cams", cams)
+        cams = _checks.check_maps("cams", cams, (batch, "h", "w"))
         _checks.check_same_device("cams", cams, "images", images)
         shared = (shared_target, tuple(source_boxes[0].tolist())) if on_host else None
         return _snapmix(

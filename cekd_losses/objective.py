@@ -19,19 +19,18 @@ from torch import Tensor, nn
 from . import _checks
 from .ensemble import EnsembleOutput
 from .losses import (
+    REDUCTIONS,
     CrossDistillationLoss,
     Reduction,
-    _reduce,
     check_target,
     check_weights,
     distillation_kl,
+    reduce_loss,
     soft_cross_entropy,
     stack_member_logits,
 )
 
 __all__ = ["CEKDLoss", "rampup"]
-
-_REDUCTIONS = ("mean", "sum", "none")
 
 
 def rampup(step: int, rampup_steps: int) -> float:
@@ -89,7 +88,7 @@ class CEKDLoss(nn.Module):
             raise ValueError(f"`rampup_steps` must be an int >= 0, got {rampup_steps!r}")
         self.rampup_steps = rampup_steps
         self.supervise_ensemble = bool(supervise_ensemble)
-        self.reduction = _checks.check_choice("reduction", reduction, _REDUCTIONS)
+        self.reduction = _checks.check_choice("reduction", reduction, REDUCTIONS)
         self.cross = CrossDistillationLoss(temperature, reduction="none")
 
     def extra_repr(self) -> str:
@@ -100,7 +99,9 @@ class CEKDLoss(nn.Module):
         )
 
     def ramp(self, step: int | None) -> float:
-        """r(step): the ramp-up factor of both distillation weights."""
+        """r(step): the ramp-up factor of both distillation weights; ``step`` is an int >= 0 or None."""
+        if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
+            raise ValueError(f"`step` must be an int >= 0 (the number of optimizer steps taken) or None, got {step!r}")
         if self.rampup_steps == 0:
             return 1.0
         if step is None:
@@ -141,7 +142,7 @@ class CEKDLoss(nn.Module):
             cross, ensemble = cross * weights.float(), ensemble * weights.float()
         parts = {"supervised": supervised, "cross": cross, "ensemble": ensemble}
         parts = {"total": supervised + cross + ensemble, **parts}
-        return {name: _reduce(value, self.reduction) for name, value in parts.items()}
+        return {name: reduce_loss(value, self.reduction) for name, value in parts.items()}
 
     def forward(
         self,

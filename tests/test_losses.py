@@ -86,8 +86,9 @@ def test_distillation_kl_properties(seed, batch, classes, temperature, scale):
     assert torch.allclose(per_sample.double(), slow_kl(teacher, student, temperature), atol=1e-4, rtol=1e-4)
     assert (per_sample >= -1e-6).all()
     assert torch.allclose(distillation_kl(teacher, teacher, temperature, "none"), torch.zeros(batch), atol=1e-6)
-    shifted = teacher + 5.0  # the same softmax: no divergence
-    assert torch.allclose(distillation_kl(shifted, teacher, temperature, "none"), torch.zeros(batch), atol=1e-5)
+    shifted = teacher + 5.0  # the same softmax: no divergence (float32 rounding of the shift, scaled by T^2)
+    assert torch.allclose(distillation_kl(shifted, teacher, temperature, "none"), torch.zeros(batch),
+                          atol=1e-6 * temperature**2)
 
 
 # ---------------------------------------------------------------- cross distillation

@@ -56,7 +56,9 @@ def test_class_activation_maps_match_slow_loops(seed, batch, depth, side, size):
     labels = torch.randint(0, 5, (batch,), generator=g)
     cams = class_activation_maps(features, weight, labels, bias, size=(size, size))
     reference = slow_cams(features, weight, bias, labels, (size, size))
-    flat = reference.flatten(1).amax(1) == 0  # a constant raw map has no mass
+    raw = torch.einsum("bd,bdhw->bhw", weight[labels].double(), features.double()).flatten(1)
+    # a (nearly) constant raw map has no mass, or none that float32 resolves: normalising it amplifies rounding
+    flat = (raw.amax(1) - raw.amin(1)) <= 1e-4 * (raw.abs().amax(1) + bias[labels].double().abs())
     assert torch.allclose(cams[~flat].double(), reference[~flat], atol=1e-5)
     assert (cams >= 0).all()
 

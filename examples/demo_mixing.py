@@ -4,13 +4,14 @@ Draws a batch of 64 px "birds" (a body blob on clutter, the class given by the c
 head mark), mixes it with each method, prints what each did to the labels and how long it took,
 and saves a picture of the mixed images (``--out``, needs matplotlib).
 
-    python examples/demo_mixing.py [--batch 16] [--out demo_mixing.png] [--device cpu]
+    python examples/demo_mixing.py [--batch 16] [--out runs/demo_mixing.png] [--device cpu]
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 import torchvision
@@ -37,7 +38,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", default="demo_mixing.png", help="picture of the mixed batches ('' to skip)")
+    parser.add_argument("--out", default="runs/demo_mixing.png", help="picture of the mixed batches ('' to skip)")
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -91,6 +92,7 @@ def main() -> None:
         for axis in axes.flat:
             axis.axis("off")
         figure.tight_layout()
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         figure.savefig(args.out, dpi=120)
         print(f"saved {args.out}")
 

@@ -16,11 +16,11 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import asdict, fields, replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 from cekd_repro.ablation import run_ablation
-from cekd_repro.engine import METHODS, RunConfig, RunDirExists, train
+from cekd_repro.engine import METHODS, RunConfig, RunDirExists, resumed_config, train
 
 PRESETS = {
     # Synthetic set, torchvision resnet18 from scratch at 64 px; see docs/reproduction.rst for why these values.
@@ -41,61 +41,88 @@ PAPER_FROM_SCRATCH = (
 PAPER_MIX_ALPHA = {"snapmix": 5.0, "cutmix": 3.0, "mixup": 1.0}
 
 
+def _default(name: str) -> str:
+    """The effective default of a RunConfig field under each preset, for --help."""
+    base = RunConfig()
+    values = {preset: PRESETS[preset].get(name, getattr(base, name)) for preset in PRESETS}
+    if name == "mix_alpha":
+        values["paper"] = ", ".join(f"{v:g} {k}" for k, v in PAPER_MIX_ALPHA.items())
+    shown = {k: ("-" if v is None else f"{v:g}" if isinstance(v, float) else str(v)) for k, v in values.items()}
+    if len(set(shown.values())) == 1:
+        return f"default: {shown['quick']}"
+    return "; ".join(f"{preset}: {value}" for preset, value in shown.items())
+
+
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join(__doc__.splitlines()[1:]))
-    add = parser.add_argument
-    add("--preset", choices=sorted(PRESETS), default="quick")
+
+    def add(flag: str, help: str = "", **kwargs) -> None:
+        dest = kwargs.get("dest", flag[2:].replace("-", "_"))
+        if dest in {f.name for f in fields(RunConfig)} and kwargs.get("action") != "store_const":
+            help = f"{help} [{_default(dest)}]".strip()
+        parser.add_argument(flag, help=help, **kwargs)
+
+    add("--preset", choices=sorted(PRESETS), help="base values of every option below [default: quick]")
     add("--method", choices=METHODS)
     add("--mix", choices=["cutmix", "snapmix", "mixup"], help="cekd's mixing augmentation")
     add("--dataset", choices=["synthetic", "cub", "cars", "aircraft", "imagefolder"])
-    add("--data-root", dest="data_root")
+    add("--data-root", dest="data_root", help="real datasets: their folder in its native layout")
     add("--classes", type=int, help="synthetic: number of classes (colours x orientations)")
-    add("--train-per-class", dest="train_per_class", type=int)
-    add("--test-per-class", dest="test_per_class", type=int)
+    add("--train-per-class", dest="train_per_class", type=int, help="synthetic: training images per class")
+    add("--test-per-class", dest="test_per_class", type=int, help="synthetic: test images per class")
     add("--image-size", dest="image_size", type=int, help="synthetic: drawn size; real data: crop size")
     add("--resize", type=int, help="real data: warp to resize x resize before cropping")
     add("--arch", help="torchvision name or timm:<name>; comma-separated for one per member")
-    add("--members", type=int)
+    add("--members", type=int, help="cekd: number of members")
     add("--pretrained", help="local state-dict file (never downloaded)")
     add("--epochs", type=int)
     add("--batch-size", dest="batch_size", type=int)
-    add("--lr", type=float)
-    add("--head-lr", dest="head_lr", type=float)
+    add("--lr", type=float, help="peak learning rate")
+    add("--head-lr", dest="head_lr", type=float, help="learning rate of the classifier heads (-: as --lr)")
     add("--weight-decay", dest="weight_decay", type=float)
     add("--clip-grad", dest="clip_grad", type=float, metavar="NORM", help="clip the gradient's global L2 norm to NORM")
-    add("--mix-alpha", dest="mix_alpha", type=float)
-    add("--mix-p", dest="mix_p", type=float)
-    add("--temperature", type=float)
-    add("--alpha", type=float)
-    add("--beta", type=float)
-    add("--combine", choices=["mean", "gate", "fusion"])
-    add("--rampup-epochs", dest="rampup_epochs", type=int)
+    add("--mix-alpha", dest="mix_alpha", type=float, help="Beta(alpha, alpha) of the mixing lambdas")
+    add("--mix-p", dest="mix_p", type=float, help="probability that a sample is mixed")
+    add("--temperature", type=float, help="cekd: distillation temperature T")
+    add("--alpha", type=float, help="cekd: weight of cross distillation")
+    add("--beta", type=float, help="cekd: weight of ensemble-to-member distillation")
+    add("--combine", choices=["mean", "gate", "fusion"], help="cekd: how member logits make the ensemble's")
+    add("--rampup-epochs", dest="rampup_epochs", type=int, help="cekd: epochs over which alpha and beta ramp up")
     add("--no-cross", dest="no_cross", action="store_const", const=True, help="ablation: alpha = 0")
     add("--no-ensemble", dest="no_ensemble", action="store_const", const=True, help="ablation: no collaborative ensemble")
-    add("--amp", choices=["none", "bf16", "fp16"])
-    add("--channels-last", dest="channels_last", action="store_const", const=True)
-    add("--compile", action="store_const", const=True)
-    add("--workers", type=int)
+    add("--amp", choices=["none", "bf16", "fp16"], help="mixed precision (fp16 on CUDA only)")
+    add("--channels-last", dest="channels_last", action="store_const", const=True, help="channels-last memory format")
+    add("--compile", action="store_const", const=True, help="torch.compile the members")
+    add("--workers", type=int, help="data loader worker processes")
     add("--seed", type=int)
-    add("--device")
+    add("--device", help="cpu, cuda or cuda:N (under torchrun, cuda is each rank's GPU)")
     add("--visualize-cams", dest="visualize_cams", type=int, metavar="K", help="save a figure of K test images' CAMs")
-    add("--quiet", action="store_const", const=True)
+    add("--keep", choices=["checkpoint", "weights"],
+        help="at the end of the run keep the resumable checkpoint.pt, or only weights.pt (the models' weights)")
+    add("--quiet", action="store_const", const=True, help="no per-epoch lines, no progress bars")
     add("--run-dir", dest="run_dir", help="where to write (default runs/<method>-<time>); never overwritten")
-    add("--resume", metavar="RUN_DIR", help="continue the run (or ablation) in RUN_DIR")
+    add("--resume", metavar="RUN_DIR",
+        help="continue the run (or ablation) in RUN_DIR with its saved config; may change --epochs (multistep "
+             "schedule only), --workers, --device, --quiet")
     add("--ablation", action="store_true", help="run the ablation table instead of one method")
-    add("--seeds", type=int, default=3, help="ablation: seeds per method")
+    add("--seeds", type=int, help="ablation: seeds per method [default: 3]")
     return parser.parse_args(argv)
 
 
+def given_values(args: argparse.Namespace) -> dict:
+    """The RunConfig values given on the command line."""
+    return {f.name: getattr(args, f.name) for f in fields(RunConfig) if getattr(args, f.name, None) is not None}
+
+
 def build_config(args: argparse.Namespace) -> RunConfig:
-    values = dict(PRESETS[args.preset])
-    given = {f.name: getattr(args, f.name) for f in fields(RunConfig) if getattr(args, f.name, None) is not None}
-    config = replace(RunConfig(), **{**values, **given})
-    if args.preset == "paper" and "mix_alpha" not in given and config.mixing is not None:
+    preset = args.preset or "quick"
+    given = given_values(args)
+    config = replace(RunConfig(), **{**PRESETS[preset], **given})
+    if preset == "paper" and "mix_alpha" not in given and config.mixing is not None:
         config = replace(config, mix_alpha=PAPER_MIX_ALPHA[config.mixing])
     if config.dataset != "synthetic" and not config.data_root:
-        raise SystemExit(f"--dataset {config.dataset} needs --data-root")
+        raise ValueError(f"--dataset {config.dataset} needs --data-root")
     return config
 
 
@@ -106,27 +133,49 @@ def print_table(record: dict) -> None:
             print(f"  {key[len('top1_'):]:10} {value:6.2f}")
 
 
+def _one_line(error: BaseException) -> str:
+    """The last line of an error's message (a loader worker's error carries the worker's traceback)."""
+    lines = str(error).strip().splitlines()
+    return lines[-1] if lines else type(error).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
     start = time.time()
     try:
-        config = build_config(args)
-        if args.preset == "paper" and config.pretrained is None and not args.resume:
-            print(PAPER_FROM_SCRATCH, file=sys.stderr)
-        if args.seeds < 1:
-            raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+        if args.resume:
+            extra = [flag for flag, value in (("--preset", args.preset), ("--run-dir", args.run_dir),
+                                              ("--seeds", args.seeds)) if value is not None]
+            if extra:
+                raise ValueError(f"--resume continues the run as saved; it cannot take {', '.join(extra)}")
+            changes = given_values(args)
+        else:
+            config = build_config(args)
+            if args.preset == "paper" and config.pretrained is None:
+                print(PAPER_FROM_SCRATCH, file=sys.stderr)
+        seeds = 3 if args.seeds is None else args.seeds
+        if seeds < 1:
+            raise ValueError(f"--seeds must be >= 1, got {seeds}")
         if args.ablation:
-            out = Path(args.resume or args.run_dir or f"runs/ablation-{time.strftime('%Y%m%d-%H%M%S')}")
-            out.mkdir(parents=True, exist_ok=bool(args.resume))
-            print(run_ablation(config, args.seeds, out, resume=bool(args.resume)))
+            if args.resume:
+                out = Path(args.resume)
+                table = run_ablation(None, None, out, resume_changes=changes)
+            else:
+                out = Path(args.run_dir or f"runs/ablation-{time.strftime('%Y%m%d-%H%M%S')}")
+                table = run_ablation(config, seeds, out)
+            print(table)
             print(f"results in {out} ({time.time() - start:.0f} s)")
             return 0
-        run_dir = Path(args.resume or args.run_dir or f"runs/{config.method}-{time.strftime('%Y%m%d-%H%M%S')}")
-        if args.resume and not (run_dir / "checkpoint.pt").exists():
-            raise ValueError(f"--resume {run_dir}: no checkpoint.pt there")
+        if args.resume:
+            run_dir = Path(args.resume)
+            config = resumed_config(run_dir, **changes)
+            if not config.quiet:
+                print(f"resuming {run_dir}" + (f" with {changes}" if changes else ""))
+        else:
+            run_dir = Path(args.run_dir or f"runs/{config.method}-{time.strftime('%Y%m%d-%H%M%S')}")
         record = train(config, run_dir, resume=bool(args.resume))
-    except (RunDirExists, FileExistsError, FileNotFoundError, ValueError) as error:
-        raise SystemExit(f"error: {error}") from None
+    except (RunDirExists, OSError, ValueError) as error:
+        raise SystemExit(f"error: {_one_line(error)}") from None
     print_table(record)
     print(f"results in {run_dir} ({time.time() - start:.0f} s)")
     return 0

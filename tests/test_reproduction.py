@@ -211,8 +211,21 @@ def test_imagefolder_layout(tmp_path):
         for cls in ("ant", "bee"):
             for i in range(count):
                 write_png(tmp_path / split / cls / f"{i}.png", 90)
+    (tmp_path / "train" / "ant" / "readme.txt").write_text("not an image")
+    (tmp_path / "train" / "bee" / ".DS_Store").write_bytes(b"\x00")
     train_set, test_set, classes = file_splits("imagefolder", tmp_path)
     assert classes == 2 and len(train_set) == 4 and sorted(test_set.labels) == [0, 1]
+
+
+def test_a_broken_image_is_named(tmp_path):
+    write_png(tmp_path / "train" / "ant" / "good.png", 90)
+    good = (tmp_path / "train" / "ant" / "good.png").read_bytes()
+    (tmp_path / "train" / "ant" / "truncated.png").write_bytes(good[: len(good) // 2])
+    write_png(tmp_path / "test" / "ant" / "0.png", 90)
+    train_set, _, _ = file_splits("imagefolder", tmp_path)
+    index = [p.name for p in train_set.paths].index("truncated.png")
+    with pytest.raises(OSError, match=r"cannot read image .*truncated.png"):
+        train_set[index]
 
 
 def test_cars_layout(tmp_path):
@@ -307,7 +320,7 @@ def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(tmp_path, monkeyp
         train(config, tmp_path / "resumed")
     monkeypatch.setattr(engine, "evaluate", real_evaluate)
     assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)["epoch"] == 1
-    resumed = train(RunConfig(quiet=True), tmp_path / "resumed", resume=True)
+    resumed = train(engine.resumed_config(tmp_path / "resumed"), tmp_path / "resumed", resume=True)
     strip = lambda records: [{k: v for k, v in r.items() if k not in ("images_per_s", "epoch_s")} for r in records]  # noqa: E731
     assert strip(history(tmp_path / "resumed")) == strip(history(tmp_path / "straight"))
     assert strip([resumed]) == strip([straight])
@@ -339,6 +352,72 @@ def test_run_dir_is_never_overwritten(tmp_path):
         train(TINY, tmp_path / "run")
 
 
+def test_a_run_that_died_before_its_first_checkpoint_is_no_dead_end(tmp_path, monkeypatch):
+    """Killed in epoch 1 (or while writing the first checkpoint): the dir can be reused or resumed."""
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    for where in ("evaluate", "_write_atomic"):
+        run_dir = tmp_path / where
+        with monkeypatch.context() as patch:
+            patch.setattr(engine, where, killed)
+            with pytest.raises(KeyboardInterrupt):
+                train(TINY, run_dir)
+        assert not (run_dir / "checkpoint.pt").exists() and (run_dir / "config.json").exists()
+        if where == "_write_atomic":
+            (run_dir / "checkpoint.pt.partial").write_bytes(b"half a checkpoint")
+            assert train(engine.resumed_config(run_dir), run_dir, resume=True)["epoch"] == 1  # resumed from epoch 0
+        else:
+            assert train(TINY, run_dir)["epoch"] == 1  # reused by a new run
+        assert len(history(run_dir)) == 1 and (run_dir / "checkpoint.pt").exists()
+
+
+def test_a_dir_with_other_files_is_not_taken(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    with pytest.raises(RunDirExists, match=r"holds other files \(notes.txt\)"):
+        train(TINY, tmp_path / "run")
+
+
+def test_damaged_run_files_are_named(tmp_path):
+    train(TINY, tmp_path / "run")
+    (tmp_path / "run" / "checkpoint.pt").write_bytes(b"\x00garbage")
+    with pytest.raises(ValueError, match=r"checkpoint.pt is not a readable checkpoint .*delete it to restart"):
+        train(engine.resumed_config(tmp_path / "run"), tmp_path / "run", resume=True)
+    (tmp_path / "run" / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"config.json is not a run config"):
+        engine.resumed_config(tmp_path / "run")
+    (tmp_path / "run" / "config.json").write_text('{"lr": 0.1, "colour": "red"}')
+    with pytest.raises(ValueError, match=r"config.json is not a run config .*colour"):
+        engine.resumed_config(tmp_path / "run")
+
+
+def test_resume_changes_only_what_it_may(tmp_path):
+    config = replace(TINY, schedule="multistep", milestones=[5])
+    train(config, tmp_path / "run")
+    with pytest.raises(ValueError, match=r"cannot change --batch-size, --lr \(it may change --epochs"):
+        engine.resumed_config(tmp_path / "run", lr=0.5, batch_size=2)
+    with pytest.raises(ValueError, match=r"--epochs 0: a resumed run keeps its 1 epochs"):
+        engine.resumed_config(tmp_path / "run", epochs=0)
+    record = train(engine.resumed_config(tmp_path / "run", epochs=2), tmp_path / "run", resume=True)
+    assert record["epoch"] == 2 and [r["epoch"] for r in history(tmp_path / "run")] == [1, 2]
+    train(TINY, tmp_path / "onecycle")
+    with pytest.raises(ValueError, match=r"extends them with the multistep schedule only \(this run's schedule: onecycle\)"):
+        engine.resumed_config(tmp_path / "onecycle", epochs=2)
+
+
+def test_keep_weights_leaves_only_the_weights(tmp_path):
+    train(replace(TINY, method="cekd", keep="weights"), tmp_path / "run")
+    files = {p.name for p in (tmp_path / "run").iterdir()}
+    assert files == {"config.json", "metrics.jsonl", "weights.pt"}
+    ensemble = CollaborativeEnsemble([build_model("resnet18", 4) for _ in range(2)])
+    ensemble.load_state_dict(torch.load(tmp_path / "run" / "weights.pt"))
+    with pytest.raises(RunDirExists, match="already holds a run"):
+        train(TINY, tmp_path / "run")
+    with pytest.raises(ValueError, match="kept only weights.pt .*nothing to resume"):
+        train(engine.resumed_config(tmp_path / "run"), tmp_path / "run", resume=True)
+
+
 def test_cam_figure_is_a_png(tmp_path):
     train(replace(TINY, method="cekd", visualize_cams=3), tmp_path / "run")
     png = (tmp_path / "run" / "cams.png").read_bytes()
@@ -364,7 +443,8 @@ TINY_ARGS = ["--classes", "4", "--train-per-class", "4", "--test-per-class", "2"
         (["--dataset", "aircraft"], "--dataset aircraft needs --data-root"),
         (["--pretrained", "missing.pth"], "--pretrained missing.pth: no such file"),
         (["--arch", "resnet18,resnet18,resnet18"], "--arch gives 3 architectures for 2 members"),
-        (["--resume", "nothing-here"], "--resume nothing-here: no checkpoint.pt there"),
+        (["--resume", "nothing-here"], "--resume nothing-here: no run there (no config.json)"),
+        (["--pretrained", "garbage.pth"], "--pretrained garbage.pth: not a PyTorch state-dict file"),
         (["--amp", "fp16", "--device", "cpu"], "--amp fp16 needs a CUDA device"),
         (["--clip-grad", "0"], "--clip-grad must be > 0, got 0.0"),
         (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
@@ -384,6 +464,7 @@ def test_cli_errors(args, message, tmp_path, monkeypatch):
     import reproduce_cekd as cli_module
 
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "garbage.pth").write_text("not a checkpoint")
     with pytest.raises(SystemExit) as exit_:
         cli_module.main([*TINY_ARGS, *args])
     text = str(exit_.value.code)
@@ -407,6 +488,67 @@ def test_cli_prints_a_line_per_epoch_and_where_the_results_are(tmp_path):
     assert [line.split()[1] for line in epochs] == ["1/2", "2/2"]
     assert all("top-1 member0" in line and "ensemble" in line and "img/s" in line for line in epochs)
     assert lines[-1].startswith("results in out (") and len(result.stdout) < 1500
+
+
+def test_cli_resume_refuses_flags_it_would_ignore(tmp_path, monkeypatch):
+    import reproduce_cekd as cli_module
+
+    monkeypatch.chdir(tmp_path)
+    cli_module.main([*TINY_ARGS, "--run-dir", "run"])
+    for args, message in ((["--lr", "0.5"], "cannot change --lr"), (["--run-dir", "x"], "cannot take --run-dir"),
+                          (["--epochs", "3"], "extends them with the multistep schedule only")):
+        with pytest.raises(SystemExit) as exit_:
+            cli_module.main(["--resume", "run", *args])
+        assert message in str(exit_.value.code)
+
+
+def test_cli_ablation_resumes_from_its_saved_plan(tmp_path, monkeypatch):
+    import reproduce_cekd as cli_module
+
+    from cekd_repro import ablation
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(ablation, "ABLATION", ablation.ABLATION[:2])  # baseline and cutmix
+    real_train, calls = ablation.train, []
+
+    def dies_on_the_second_run(config, run_dir, resume=False):
+        calls.append((config.method, resume))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_train(config, run_dir, resume)
+
+    monkeypatch.setattr(ablation, "train", dies_on_the_second_run)
+    with pytest.raises(KeyboardInterrupt):
+        cli_module.main([*TINY_ARGS, "--ablation", "--seeds", "1", "--run-dir", "abl"])
+    monkeypatch.setattr(ablation, "train", real_train)
+    with pytest.raises(SystemExit, match="already holds an ablation"):
+        cli_module.main([*TINY_ARGS, "--ablation", "--seeds", "1", "--run-dir", "abl"])
+    assert cli_module.main(["--resume", "abl", "--ablation", "--quiet"]) == 0
+    assert calls == [("baseline", False), ("cutmix", False)]
+    assert "| cutmix |" in (tmp_path / "abl" / "results.md").read_text()
+
+
+def test_cli_paper_preset_without_pretrained_warns(tmp_path, monkeypatch, capsys):
+    import reproduce_cekd as cli_module
+
+    monkeypatch.chdir(tmp_path)
+    for pretrained in ([], ["--pretrained", "w.pth"]):
+        with pytest.raises(SystemExit):  # stops at the missing dataset, after the warning
+            cli_module.main(["--preset", "paper", "--dataset", "cub", "--data-root", "nowhere", *pretrained])
+        warned = "warning: --preset paper is the fine-tuning recipe" in capsys.readouterr().err
+        assert warned == (not pretrained)
+
+
+def test_cli_help_shows_each_presets_defaults(capsys):
+    import reproduce_cekd as cli_module
+
+    with pytest.raises(SystemExit):
+        cli_module.parse(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "[quick: 0.1; paper: 0.001]" in text  # --lr
+    assert "[quick: 5; paper: -]" in text  # --clip-grad
+    assert "[quick: resnet18; paper: resnet50]" in text and "[default: 3]" in text
+    assert "paper: 5 snapmix, 3 cutmix, 1 mixup" in text
 
 
 def test_cli_bad_choice(tmp_path):

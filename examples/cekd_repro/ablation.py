@@ -6,10 +6,10 @@ from __future__ import annotations
 import csv
 import json
 import statistics
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
-from .engine import RunConfig, train
+from .engine import RunConfig, RunDirExists, apply_resume_changes, resumed_config, train
 
 ABLATION = [
     ("baseline", {"method": "baseline"}),
@@ -25,6 +25,11 @@ ABLATION = [
 COLUMNS = ("member0", "member1", "ensemble")
 
 
+def _epochs_done(metrics: Path) -> int:
+    lines = metrics.read_text().splitlines()
+    return json.loads(lines[-1])["epoch"] if lines else 0
+
+
 def _cell(values: list[float]) -> str:
     if not values:
         return "-"
@@ -32,16 +37,36 @@ def _cell(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {spread:.2f}"
 
 
-def run_ablation(base: RunConfig, seeds: int, out_dir: Path, resume: bool = False) -> str:
-    """Train every variant for every seed under ``out_dir``; write results.csv, results.md, curves.png; return the table."""
+def run_ablation(base: RunConfig | None, seeds: int | None, out_dir: Path, resume_changes: dict | None = None) -> str:
+    """Train every variant for every seed under ``out_dir``; write results.csv, results.md, curves.png; return the table.
+
+    A new ablation (``base`` and ``seeds`` given) saves them to ``ablation.json`` in ``out_dir``, which
+    must not hold an ablation yet. To resume, pass ``base=seeds=None`` and the ``resume_changes``
+    (see :func:`~cekd_repro.engine.resumed_config`): finished runs are kept, unfinished ones continue,
+    missing ones start."""
+    plan = out_dir / "ablation.json"
+    if resume_changes is None:
+        if plan.exists():
+            raise RunDirExists(f"{out_dir} already holds an ablation; pass --resume {out_dir} to continue it, "
+                               "or choose another --run-dir")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        plan.write_text(json.dumps({"seeds": seeds, "base": asdict(base)}, indent=2))
+    else:
+        if not plan.exists():
+            raise ValueError(f"--resume {out_dir}: no ablation there (no ablation.json)")
+        saved = json.loads(plan.read_text())
+        seeds, base = saved["seeds"], apply_resume_changes(RunConfig(**saved["base"]), resume_changes, plan)
     rows, curves = [], {}
     for name, overrides in ABLATION:
         for seed in range(seeds):
             config = replace(base, seed=base.seed + seed, **overrides)
             run_dir = out_dir / f"{name.replace(' ', '_').replace('/', '').replace('+', '-')}-seed{config.seed}"
-            done = run_dir / "checkpoint.pt"
-            train(config, run_dir, resume=resume and done.exists())
-            history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+            metrics = run_dir / "metrics.jsonl"
+            done = metrics.exists() and _epochs_done(metrics) >= config.epochs
+            if not done:
+                started = (run_dir / "config.json").exists()
+                train(resumed_config(run_dir, **(resume_changes or {})) if started else config, run_dir, resume=started)
+            history = [json.loads(line) for line in metrics.read_text().splitlines()]
             final = history[-1]
             for key, value in final.items():
                 if key.startswith("top1_"):

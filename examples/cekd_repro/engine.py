@@ -9,7 +9,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +69,7 @@ class RunConfig:
     seed: int = 0
     device: str = "cpu"
     visualize_cams: int = 0
+    keep: str = "checkpoint"  # at the end: "checkpoint" (resumable) or "weights" (weights.pt only)
     quiet: bool = False
 
     def archs(self) -> list[str]:
@@ -343,17 +344,70 @@ def train_step(run: Run, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
     return {**{name: value.detach().float() for name, value in parts.items()}, "grad_norm": grad_norm.detach().float()}
 
 
-def train(config: RunConfig, run_dir: str | Path, resume: bool = False) -> dict:
-    """Run (or resume) one training run; returns its final epoch record. Only rank 0 writes."""
+RUN_FILES = {"config.json", "metrics.jsonl", "checkpoint.pt", "checkpoint.pt.partial", "cams.png"}
+RESUME_CHANGES = ("epochs", "workers", "device", "quiet")  # what --resume may change; the rest is the run
+
+
+def _read_config(run_dir: Path) -> dict:
+    path = run_dir / "config.json"
+    try:
+        saved = json.loads(path.read_text())
+        RunConfig(**saved)
+    except FileNotFoundError:
+        raise ValueError(f"--resume {run_dir}: no run there (no config.json)") from None
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"--resume {run_dir}: {path} is not a run config ({error}); start a new run with another "
+                         "--run-dir") from None
+    return saved
+
+
+def resumed_config(run_dir: str | Path, **changes) -> RunConfig:
+    """The config saved in ``run_dir`` with the few values a resume may change (see :func:`apply_resume_changes`)."""
     run_dir = Path(run_dir)
-    if resume:
-        saved = json.loads((run_dir / "config.json").read_text())
-        config = RunConfig(**{**saved, "quiet": config.quiet})
-    config.validate()
-    rank, world, local_rank = _distributed(config.device)
-    if not resume and rank == 0 and run_dir.exists() and any(run_dir.iterdir()):
+    return apply_resume_changes(RunConfig(**_read_config(run_dir)), changes, run_dir / "config.json")
+
+
+def apply_resume_changes(saved: RunConfig, changes: dict, source: Path) -> RunConfig:
+    """``saved`` with ``changes`` of the fields in ``RESUME_CHANGES`` only; ``epochs`` may only grow, and
+    only with the multistep schedule (a one-cycle schedule is fixed by its length)."""
+    refused = sorted(set(changes) - set(RESUME_CHANGES))
+    if refused:
+        raise ValueError(f"--resume continues the run as saved in {source}; it cannot change "
+                         + ", ".join("--" + name.replace("_", "-") for name in refused)
+                         + f" (it may change {', '.join('--' + n for n in RESUME_CHANGES)})")
+    epochs = changes.get("epochs", saved.epochs)
+    if epochs < saved.epochs or (epochs != saved.epochs and saved.schedule == "onecycle"):
+        raise ValueError(f"--epochs {epochs}: a resumed run keeps its {saved.epochs} epochs, or extends them with "
+                         f"the multistep schedule only (this run's schedule: {saved.schedule})")
+    return replace(saved, **changes)
+
+
+def _prepare_run_dir(run_dir: Path, resume: bool) -> None:
+    """A new run may use an empty dir, or one whose run never finished an epoch (no checkpoint.pt: a
+    run that failed or was killed before its first checkpoint); anything else is refused."""
+    if resume and not (run_dir / "checkpoint.pt").exists() and (run_dir / "weights.pt").exists():
+        raise ValueError(f"--resume {run_dir}: the run finished and kept only weights.pt (--keep weights); "
+                         "nothing to resume")
+    if resume or not run_dir.exists():
+        return
+    if (run_dir / "checkpoint.pt").exists() or (run_dir / "weights.pt").exists():
         raise RunDirExists(f"run dir {run_dir} already holds a run; pass --resume {run_dir} to continue it, "
                            "or choose another --run-dir")
+    foreign = sorted(p.name for p in run_dir.iterdir() if p.name not in RUN_FILES)
+    if foreign:
+        raise RunDirExists(f"run dir {run_dir} holds other files ({', '.join(foreign[:3])}); choose another --run-dir")
+
+
+def train(config: RunConfig, run_dir: str | Path, resume: bool = False) -> dict:
+    """Run (or resume) one training run; returns its final epoch record. Only rank 0 writes.
+
+    To resume, pass :func:`resumed_config` of the run dir. A resumed run dir without a checkpoint
+    (killed before its first epoch ended) starts again from epoch 0."""
+    run_dir = Path(run_dir)
+    config.validate()
+    rank, world, local_rank = _distributed(config.device)
+    if rank == 0:
+        _prepare_run_dir(run_dir, resume)
     device = run_device(config.device, local_rank)
     torch.manual_seed(config.seed)
     random.seed(config.seed)
@@ -372,8 +426,13 @@ def train(config: RunConfig, run_dir: str | Path, resume: bool = False) -> dict:
     history: list[dict] = []
     start_epoch = 0
     checkpoint_path = run_dir / "checkpoint.pt"
-    if resume:
-        state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+    if resume and checkpoint_path.exists():
+        try:
+            state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        except Exception as error:  # unpickling raises many types
+            raise ValueError(f"--resume {run_dir}: {checkpoint_path} is not a readable checkpoint ({type(error).__name__}); "
+                             "it is written atomically, so it was damaged after the run: delete it to restart from "
+                             "epoch 0") from None
         net.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -421,6 +480,9 @@ def train(config: RunConfig, run_dir: str | Path, resume: bool = False) -> dict:
         from .cams import save_cam_figure
 
         save_cam_figure(run.members, test_set, place, config.visualize_cams, run_dir / "cams.png")
+    if rank == 0 and config.keep == "weights" and history and history[-1]["epoch"] == config.epochs:
+        _write_atomic(run_dir / "weights.pt", net.state_dict())
+        checkpoint_path.unlink(missing_ok=True)
     if run.tap is not None:
         run.tap.remove()
     return history[-1] if history else {}

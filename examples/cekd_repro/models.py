@@ -48,8 +48,13 @@ def load_pretrained(model: nn.Module, path: str | Path) -> None:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--pretrained {path}: no such file (weights are never downloaded; pass a local state-dict file)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # unpickling raises many types
+        raise ValueError(f"--pretrained {path}: not a PyTorch state-dict file ({type(error).__name__})") from None
     state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"--pretrained {path}: expected a state dict (parameter name -> tensor), got {type(state).__name__}")
     head = {f"{name}.{p}" for name, module in model.named_modules() if module is _classifier(model) for p in ("weight", "bias")}
     own = model.state_dict()
     kept = {k: v for k, v in state.items() if k not in head and k in own and own[k].shape == v.shape}

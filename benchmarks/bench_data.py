@@ -7,7 +7,7 @@ directory, then in one run:
    loader (PIL decode, resize, crop and flip, uint8 tensors, persistent workers, prefetching) against
    the previous pipeline (float32 ``ToTensor`` on the workers, workers re-spawned every epoch);
 2. with ``--step`` (default on CUDA): the paper preset's CEKD step (2 members, SnapMix, the run's
-   ``train_step``) fed by the loader, against the same step on one in-memory batch; the ratio is the
+   ``run_step``) fed by the loader, against the same step on one in-memory batch; the ratio is the
    share of the in-memory step rate the loader sustains (goal on a GPU: >= 0.95).
 
     python benchmarks/bench_data.py [--images 256] [--workers 0,2] [--device cpu|cuda] [--step]
@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 
 from cekd_repro.data import draw_birds  # noqa: E402
-from cekd_repro.engine import Placement, RunConfig, build_run, load_data, make_loader, train_step  # noqa: E402
+from cekd_repro.engine import Placement, RunConfig, build_run, load_data, make_loader, run_step  # noqa: E402
 
 
 def write_jpeg_folder(root: Path, count: int, classes: int = 4, seed: int = 0) -> float:
@@ -111,7 +111,7 @@ def step_rates(config: RunConfig, steps: int) -> tuple[float, float]:
             if i == 3:  # warm-up steps (cuDNN autotuning, allocator) are not timed
                 sync()
                 start, seen = time.perf_counter(), 0
-            train_step(run, *place.batch(images, labels))
+            run_step(run, *place.batch(images, labels))
             seen += images.shape[0]
         sync()
         return seen / (time.perf_counter() - start)

@@ -67,9 +67,7 @@ def run_config(config: str, batch: int, size: int, steps: int, device: torch.dev
             if tap is not None:
                 sync()
                 start = time.perf_counter()
-                with torch.no_grad():
-                    members[0](images)
-                cams = tap.class_activation_maps(labels)
+                cams = tap.cams(images, labels)
                 sync()
                 cam_times.append(time.perf_counter() - start)
             batch_ = mixer(images, labels, cams)

@@ -4,18 +4,21 @@ Public API:
 
 - :class:`MixingAugmenter`, :class:`MixedBatch` and the kernels :func:`mixup`, :func:`cutmix`,
   :func:`snapmix` (``cekd_losses.mixing``);
-- :func:`class_activation_maps`, :func:`normalize_cams` and :class:`FeatureTap` (``cekd_losses.cam``);
+- :func:`class_activation_maps`, :func:`normalize_cams`, :func:`find_classifier` and
+  :class:`FeatureTap` (``cekd_losses.cam``);
 - :func:`soft_cross_entropy`, :class:`SoftTargetCrossEntropy`, :func:`distillation_kl` and
   :class:`CrossDistillationLoss` (``cekd_losses.losses``);
 - :class:`CollaborativeEnsemble` and :class:`EnsembleOutput` (``cekd_losses.ensemble``);
-- :class:`CEKDLoss` and :func:`rampup` (``cekd_losses.objective``).
+- :class:`CEKDLoss` and :func:`rampup` (``cekd_losses.objective``);
+- :func:`train_step` and :class:`StepOutput` (``cekd_losses.step``).
 """
 
-from .cam import FeatureTap, class_activation_maps, normalize_cams
+from .cam import FeatureTap, class_activation_maps, find_classifier, normalize_cams
 from .ensemble import CollaborativeEnsemble, Combine, EnsembleOutput
 from .losses import CrossDistillationLoss, Reduction, SoftTargetCrossEntropy, distillation_kl, soft_cross_entropy
 from .mixing import MixedBatch, MixingAugmenter, MixMethod, cutmix, mixup, snapmix
 from .objective import CEKDLoss, rampup
+from .step import StepOutput, train_step
 
 __version__ = "0.1.0"
 
@@ -31,13 +34,16 @@ __all__ = [
     "MixingAugmenter",
     "Reduction",
     "SoftTargetCrossEntropy",
+    "StepOutput",
     "__version__",
     "class_activation_maps",
     "cutmix",
     "distillation_kl",
+    "find_classifier",
     "mixup",
     "normalize_cams",
     "rampup",
     "snapmix",
     "soft_cross_entropy",
+    "train_step",
 ]

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from . import _checks
 
-__all__ = ["FeatureTap", "class_activation_maps", "normalize_cams"]
+__all__ = ["FeatureTap", "class_activation_maps", "find_classifier", "normalize_cams"]
 
 
 def _check_size(size: object) -> tuple[int, int] | None:
@@ -119,13 +119,31 @@ def _find_pooling(model: nn.Module) -> nn.Module | None:
     return None
 
 
-def _find_classifier(model: nn.Module) -> nn.Module | None:
+def find_classifier(model: nn.Module) -> nn.Linear | None:
+    """The linear layer that produces ``model``'s logits, or None if it is not found.
+
+    Looks at timm's ``get_classifier()``, then the attributes torchvision and timm models name their
+    head: ``fc`` (ResNet, RegNet, ...), ``classifier`` (MobileNet, EfficientNet, ConvNeXt, VGG,
+    DenseNet; the last linear layer of a sequential head), ``head`` (Swin, timm ViT) and ``heads``
+    (torchvision ViT). One finder for the tap, the ensemble and the reproduction's head learning rate.
+
+    Example:
+        >>> import torchvision
+        >>> find_classifier(torchvision.models.mobilenet_v3_small(num_classes=7)).out_features
+        7
+    """
     get_classifier = getattr(model, "get_classifier", None)  # timm models
     if callable(get_classifier):
         head = get_classifier()
-        if isinstance(head, nn.Module):
+        if isinstance(head, nn.Linear):
             return head
-    return getattr(model, "fc", None)  # torchvision ResNet, RegNet, ShuffleNet, GoogLeNet, Inception
+    for name in ("fc", "classifier", "head", "heads"):
+        module = getattr(model, name, None)
+        if isinstance(module, nn.Module):
+            linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+            if linears:
+                return linears[-1]
+    return None
 
 
 class FeatureTap:
@@ -165,17 +183,19 @@ class FeatureTap:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
-        head = classifier if classifier is not None else _find_classifier(model)
+        head = classifier if classifier is not None else find_classifier(model)
         if head is None:
             raise ValueError(
                 f"could not find the linear classifier of {type(model).__name__} (looked for timm's "
-                "`get_classifier()` and `fc`); pass classifier=<the nn.Linear that produces the logits>"
+                "`get_classifier()`, `fc`, `classifier`, `head`, `heads`); pass classifier=<the nn.Linear "
+                "that produces the logits>"
             )
         if not isinstance(head, nn.Linear):
             raise TypeError(
                 "`classifier` must be the model's linear head (torch.nn.Linear), got "
                 f"{type(head).__name__}; pass classifier=<the nn.Linear that produces the logits>"
             )
+        self.model = model
         self.classifier: nn.Linear = head
         self._features: Tensor | None = None
         self._pooled: Tensor | None = None
@@ -227,7 +247,45 @@ class FeatureTap:
                 f"the tapped feature map must have shape (B, D, h, w), got shape {tuple(features.shape)}; "
                 "pass feature_module=<a module whose output is a spatial feature map>"
             )
+        if features.shape[1] != self.classifier.in_features:
+            raise ValueError(
+                f"the classifier {self.classifier} does not read the tapped feature map ({features.shape[1]} "
+                "channels): the model's head has hidden layers between pooling and logits, so its class "
+                "activation map is not a linear read-out; pass feature_module= and classifier= that match"
+            )
         return class_activation_maps(features, self.classifier.weight, labels, self.classifier.bias, size)
+
+    def cams(
+        self, images: Tensor, labels: Tensor, *, size: int | tuple[int, int] | None = None, eval_mode: bool = False
+    ) -> Tensor:
+        """SnapMix's CAMs in one call: a no-grad forward of the tapped model on ``images``, then the
+        normalised CAM of each image for its label, (B, h, w) at the feature map's size (what
+        :class:`~cekd_losses.MixingAugmenter` takes; it resizes them itself) or (B, H, W) with ``size``.
+
+        ``eval_mode`` decides what BatchNorm does in that extra forward. False (default, as the SnapMix
+        reference code): the model runs in its current mode, so during training BatchNorm normalises
+        with the clean batch's statistics and updates its running statistics a second time per step.
+        True: the forward runs in eval mode (running statistics used and left alone, dropout off) and
+        every module's mode is restored afterwards.
+
+        Example:
+            >>> import torchvision
+            >>> model = torchvision.models.resnet18(num_classes=10)
+            >>> tap = FeatureTap(model)
+            >>> tap.cams(torch.rand(4, 3, 64, 64), torch.tensor([0, 1, 2, 3]), eval_mode=True).shape
+            torch.Size([4, 2, 2])
+        """
+        images = _checks.check_images("images", images)
+        modes = {module: module.training for module in self.model.modules()} if eval_mode else {}
+        try:
+            if eval_mode:
+                self.model.eval()
+            with torch.no_grad():
+                self.model(images)
+        finally:
+            for module, training in modes.items():
+                module.training = training
+        return self.class_activation_maps(labels, size)
 
     def remove(self) -> None:
         """Unhook from the model and drop the captured tensors."""

@@ -16,11 +16,12 @@ import torch
 from torch import Tensor, nn
 
 from . import _checks
-from .cam import FeatureTap, _find_classifier
+from .cam import FeatureTap, find_classifier
 
 __all__ = ["CollaborativeEnsemble", "Combine", "EnsembleOutput"]
 
 Combine = Literal["mean", "gate", "fusion"]
+"""How :class:`CollaborativeEnsemble` makes the ensemble's logits: ``"mean"``, ``"gate"`` or ``"fusion"``."""
 _COMBINES = ("mean", "gate", "fusion")
 
 
@@ -37,11 +38,8 @@ class EnsembleOutput(NamedTuple):
 
 
 def _num_classes(model: nn.Module) -> int | None:
-    head = _find_classifier(model)
-    if head is None:  # e.g. torchvision MobileNet/EfficientNet: last layer of `classifier`
-        classifier = getattr(model, "classifier", None)
-        head = classifier[-1] if isinstance(classifier, nn.Sequential) and len(classifier) else classifier
-    return head.out_features if isinstance(head, nn.Linear) else None
+    head = find_classifier(model)
+    return head.out_features if head is not None else None
 
 
 class CollaborativeEnsemble(nn.Module):
@@ -103,6 +101,9 @@ class CollaborativeEnsemble(nn.Module):
         return self.members[i]
 
     def forward(self, x: Tensor | Sequence[Tensor]) -> EnsembleOutput:
+        """Run every member on ``x`` (B, C, H, W), or member i on ``x[i]``; combine their (B, K) logits.
+
+        Returns :class:`EnsembleOutput` with (N, B, K) member logits and (B, K) ensemble logits."""
         if isinstance(x, Tensor):
             views: Sequence[Tensor] = [x] * len(self.members)
         elif isinstance(x, Sequence) and len(x) == len(self.members):
@@ -129,9 +130,10 @@ class CollaborativeEnsemble(nn.Module):
         if self.combine == "mean":
             return member_logits.mean(dim=0)
         pooled = torch.cat([tap.pooled.flatten(1) for tap in self._taps], dim=1)
+        scores: Tensor = self.head(pooled)
         if self.combine == "fusion":
-            return self.head(pooled)
-        gate = self.head(pooled).softmax(dim=1).to(member_logits.dtype)  # (B, N)
+            return scores
+        gate = scores.softmax(dim=1).to(member_logits.dtype)  # (B, N)
         return torch.einsum("bn,nbk->bk", gate, member_logits)
 
     def predict(self, x: Tensor | Sequence[Tensor]) -> Tensor:

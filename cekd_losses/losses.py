@@ -32,6 +32,7 @@ __all__ = [
 ]
 
 Reduction = Literal["mean", "sum", "none"]
+"""The ``reduction`` of every loss, as in ``torch.nn``: ``"mean"`` over the batch, ``"sum"``, or ``"none"``."""
 REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -112,6 +113,7 @@ class SoftTargetCrossEntropy(nn.Module):
         self.reduction = _checks.check_choice("reduction", reduction, REDUCTIONS)
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        """:func:`soft_cross_entropy` of (B, K) ``logits`` and (B,) ids or (B, K) weights, reduced."""
         return soft_cross_entropy(logits, target, self.reduction)  # type: ignore[arg-type]
 
 
@@ -219,6 +221,8 @@ class CrossDistillationLoss(nn.Module):
         return f"temperature={self.temperature}, reduction={self.reduction!r}"
 
     def forward(self, member_logits: Tensor | Sequence[Tensor], weights: Tensor | None = None) -> Tensor:
+        """The cross distillation of (N, B, K) ``member_logits`` (or N (B, K) tensors), optionally
+        weighted per sample by ``weights`` (B,); a scalar, or (N, B) with ``reduction="none"``."""
         logits = stack_member_logits(member_logits)
         members, batch, _ = logits.shape
         weights = check_weights(weights, batch)

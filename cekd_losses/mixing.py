@@ -1,7 +1,7 @@
 """Batched MixUp, CutMix and SnapMix with per-sample parameters, on any device.
 
 The functional kernels :func:`mixup`, :func:`cutmix` and :func:`snapmix` take every random choice
-as an explicit tensor (partner index, lambdas, boxes) and are deterministic; :class:`MixingAugmenter`
+as an explicit tensor (partners, lambdas, boxes) and are deterministic; :class:`MixingAugmenter`
 draws those parameters (from an optional ``torch.Generator``) and calls them. Everything is
 vectorised over the batch: no Python loop over samples and no host sync.
 
@@ -14,6 +14,7 @@ box (``x1 == x2`` or ``y1 == y2``) pastes nothing.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -27,6 +28,7 @@ from . import _checks
 __all__ = ["MixMethod", "MixedBatch", "MixingAugmenter", "cutmix", "mixup", "snapmix"]
 
 MixMethod = Literal["mixup", "cutmix", "snapmix"]
+"""The mixing methods of :class:`MixingAugmenter`."""
 _METHODS = ("mixup", "cutmix", "snapmix")
 
 
@@ -37,35 +39,45 @@ class MixedBatch:
     Attributes:
         images: (B, C, H, W) mixed images, same dtype and device as the input.
         targets: (B, K) float32 soft targets, ``lam_a * own target + lam_b * partner target``.
-        index: (B,) int64 partner of each sample (a sample left unmixed is its own partner).
+        partner: (B,) int64 batch position of each sample's partner (a sample left unmixed is its own
+            partner).
         lam_a: (B,) float32 weight of the sample's own target.
         lam_b: (B,) float32 weight of the partner's target.
         applied: (B,) bool, True where the image received content from a different image.
+        boxes: cutmix and snapmix: (B, 4) int64 box ``(x1, y1, x2, y2)`` of each sample that received
+            the partner's content (empty where nothing was pasted); mixup: None.
+        source_boxes: snapmix: (B, 4) int64 box of the partner that was cut out and resized into
+            ``boxes``; otherwise None.
+
+    With ``partner``, ``lam_a`` and the boxes, the kernels replay a mix exactly on another tensor of
+    the same batch (a second view, a mask): ``cutmix(other, targets, batch.partner, batch.boxes)``.
     """
 
     images: Tensor
     targets: Tensor
-    index: Tensor
+    partner: Tensor
     lam_a: Tensor
     lam_b: Tensor
     applied: Tensor
+    boxes: Tensor | None = None
+    source_boxes: Tensor | None = None
 
 
-def _check_pairing(images: object, targets: object, index: object) -> tuple[Tensor, Tensor, Tensor]:
+def _check_pairing(images: object, targets: object, partner: object) -> tuple[Tensor, Tensor, Tensor]:
     images = _checks.check_images("images", images)
     batch = images.shape[0]
     targets = _checks.check_shape("targets", targets, (batch, "K"))
     _checks.check_floating("targets", targets)
-    index = _checks.check_shape("index", index, (batch,))
-    _checks.check_class_ids("index", index, batch, what="batch positions")
-    for name, tensor in (("targets", targets), ("index", index)):
+    partner = _checks.check_shape("partner", partner, (batch,))
+    _checks.check_class_ids("partner", partner, batch, what="batch positions")
+    for name, tensor in (("targets", targets), ("partner", partner)):
         _checks.check_same_device(name, tensor, "images", images)
-    return images, targets, index
+    return images, targets, partner
 
 
-def _mix_targets(targets: Tensor, index: Tensor, lam_a: Tensor, lam_b: Tensor) -> Tensor:
+def _mix_targets(targets: Tensor, partner: Tensor, lam_a: Tensor, lam_b: Tensor) -> Tensor:
     own = targets.float()
-    return lam_a[:, None] * own + lam_b[:, None] * own[index]
+    return lam_a[:, None] * own + lam_b[:, None] * own[partner]
 
 
 def _box_area(boxes: Tensor) -> Tensor:
@@ -94,8 +106,8 @@ def _paste(mask: Tensor, pasted: Tensor, images: Tensor) -> Tensor:
     return torch.where(mask, pasted, images, out=pasted)
 
 
-def mixup(images: Tensor, targets: Tensor, index: Tensor, lam: Tensor) -> MixedBatch:
-    """MixUp with explicit parameters: ``x = lam * x + (1 - lam) * x[index]``.
+def mixup(images: Tensor, targets: Tensor, partner: Tensor, lam: Tensor) -> MixedBatch:
+    """MixUp with explicit parameters: ``x = lam * x + (1 - lam) * x[partner]``.
 
     The blend runs in the images' dtype with ``lam`` rounded to that dtype; the returned
     ``lam_a``/``lam_b`` are the rounded values, so targets match the pixels exactly.
@@ -103,7 +115,7 @@ def mixup(images: Tensor, targets: Tensor, index: Tensor, lam: Tensor) -> MixedB
     Args:
         images: (B, C, H, W) floating images.
         targets: (B, K) floating soft targets (one-hot rows for hard labels).
-        index: (B,) integer partner of each sample.
+        partner: (B,) integer partner of each sample.
         lam: (B,) weight of each sample's own image, in [0, 1].
 
     Returns:
@@ -116,7 +128,7 @@ def mixup(images: Tensor, targets: Tensor, index: Tensor, lam: Tensor) -> MixedB
         (tensor([0.2500, 1.0000]), tensor([[0.7500, 0.2500],
                 [0.0000, 1.0000]]))
     """
-    images, targets, index = _check_pairing(images, targets, index)
+    images, targets, partner = _check_pairing(images, targets, partner)
     batch = images.shape[0]
     lam = _checks.check_shape("lam", lam, (batch,))
     _checks.check_floating("lam", lam)
@@ -124,15 +136,15 @@ def mixup(images: Tensor, targets: Tensor, index: Tensor, lam: Tensor) -> MixedB
     if _checks.can_read_values(lam) and not bool(((lam >= 0) & (lam <= 1)).all()):
         raise ValueError(f"`lam` must be in [0, 1], got values in [{float(lam.min())}, {float(lam.max())}]")
     weight = lam.to(images.dtype)
-    mixed = torch.lerp(images[index], images, weight.view(batch, 1, 1, 1))
+    mixed = torch.lerp(images[partner], images, weight.view(batch, 1, 1, 1))
     lam_a = weight.float()
     lam_b = 1.0 - lam_a
-    applied = (index != torch.arange(batch, device=index.device)) & (lam_a < 1)
-    return MixedBatch(mixed, _mix_targets(targets, index, lam_a, lam_b), index.long(), lam_a, lam_b, applied)
+    applied = (partner != torch.arange(batch, device=partner.device)) & (lam_a < 1)
+    return MixedBatch(mixed, _mix_targets(targets, partner, lam_a, lam_b), partner.long(), lam_a, lam_b, applied)
 
 
-def cutmix(images: Tensor, targets: Tensor, index: Tensor, boxes: Tensor) -> MixedBatch:
-    """CutMix with explicit parameters: paste ``images[index]`` inside each sample's box.
+def cutmix(images: Tensor, targets: Tensor, partner: Tensor, boxes: Tensor) -> MixedBatch:
+    """CutMix with explicit parameters: paste ``images[partner]`` inside each sample's box.
 
     The label weight of the partner is the exact pasted pixel fraction (the CutMix paper's
     correction): ``lam_b = box area / (H * W)``, ``lam_a = 1 - lam_b``.
@@ -140,7 +152,7 @@ def cutmix(images: Tensor, targets: Tensor, index: Tensor, boxes: Tensor) -> Mix
     Args:
         images: (B, C, H, W) floating images.
         targets: (B, K) floating soft targets.
-        index: (B,) integer partner of each sample.
+        partner: (B,) integer partner of each sample.
         boxes: (B, 4) integer ``(x1, y1, x2, y2)``, exclusive ``x2``/``y2``, inside the image.
 
     Returns:
@@ -153,29 +165,31 @@ def cutmix(images: Tensor, targets: Tensor, index: Tensor, boxes: Tensor) -> Mix
         (tensor([[1., 0.],
                 [1., 0.]]), tensor([0.5000, 0.0000]))
     """
-    images, targets, index = _check_pairing(images, targets, index)
+    images, targets, partner = _check_pairing(images, targets, partner)
     batch, _, height, width = images.shape
     boxes = _checks.check_boxes("boxes", boxes, batch, height, width)
     _checks.check_same_device("boxes", boxes, "images", images)
-    return _cutmix(images, targets, index, boxes, shared_box=None)
+    return _cutmix(images, targets, partner, boxes, shared_box=None)
 
 
 def _cutmix(
-    images: Tensor, targets: Tensor, index: Tensor, boxes: Tensor, shared_box: tuple[int, ...] | None
+    images: Tensor, targets: Tensor, partner: Tensor, boxes: Tensor, shared_box: tuple[int, ...] | None
 ) -> MixedBatch:
     """:func:`cutmix` on checked input; ``shared_box``, every row of ``boxes`` known on the host, pastes by slicing."""
     batch, _, height, width = images.shape
     if shared_box is None:
-        mixed = _paste(_box_masks(boxes, height, width), images[index], images)
+        mixed = _paste(_box_masks(boxes, height, width), images[partner], images)
     else:
         x1, y1, x2, y2 = shared_box
         mixed = images.clone()
-        mixed[:, :, y1:y2, x1:x2] = images[index, :, y1:y2, x1:x2]
+        mixed[:, :, y1:y2, x1:x2] = images[partner, :, y1:y2, x1:x2]
     area = _box_area(boxes)
     lam_b = area.float() / (height * width)
     lam_a = 1.0 - lam_b
-    applied = (index != torch.arange(batch, device=index.device)) & (area > 0)
-    return MixedBatch(mixed, _mix_targets(targets, index, lam_a, lam_b), index.long(), lam_a, lam_b, applied)
+    applied = (partner != torch.arange(batch, device=partner.device)) & (area > 0)
+    return MixedBatch(
+        mixed, _mix_targets(targets, partner, lam_a, lam_b), partner.long(), lam_a, lam_b, applied, boxes.long()
+    )
 
 
 def _box_to_box_grid(target_boxes: Tensor, source_boxes: Tensor, height: int, width: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -214,7 +228,7 @@ def _bilinear_weights(out_size: int, in_size: int, device: torch.device) -> Tens
 
 
 def _cam_box_fractions(
-    cams: Tensor, index: Tensor, target_boxes: Tensor, source_boxes: Tensor, height: int, width: int
+    cams: Tensor, partner: Tensor, target_boxes: Tensor, source_boxes: Tensor, height: int, width: int
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Own CAM mass inside the target box and partner CAM mass inside the source box, as fractions
     of each SnapMix-normalised (resized to H x W, minimum subtracted, divided by the sum) map, and
@@ -237,15 +251,15 @@ def _cam_box_fractions(
     total = torch.einsum("i,bij,j->b", uy.sum(0), shifted, ux.sum(0))
     has_mass = torch.isfinite(total) & (total > 0)
     own = box_sums(shifted, target_boxes) / total
-    partner = box_sums(shifted[index], source_boxes) / total[index]
-    return own.float(), partner.float(), has_mass
+    partner_mass = box_sums(shifted[partner], source_boxes) / total[partner]
+    return own.float(), partner_mass.float(), has_mass
 
 
 def snapmix(
     images: Tensor,
     targets: Tensor,
     cams: Tensor,
-    index: Tensor,
+    partner: Tensor,
     target_boxes: Tensor,
     source_boxes: Tensor,
     *,
@@ -269,7 +283,7 @@ def snapmix(
         targets: (B, K) floating soft targets.
         cams: (B, h, w) floating CAM of each image for its own label, raw or normalised; resized
             bilinearly to (H, W) when its size differs.
-        index: (B,) integer partner of each sample.
+        partner: (B,) integer partner of each sample.
         target_boxes: (B, 4) integer box of each sample that receives the partner's content.
         source_boxes: (B, 4) integer box of the partner that is cut out.
         normalize_targets: rescale ``lam_a, lam_b`` to sum to 1 (area fractions where both are 0).
@@ -286,7 +300,7 @@ def snapmix(
         (tensor([0., 1.]), tensor([1., 0.]), tensor([[1., 0.],
                 [0., 0.]]))
     """
-    images, targets, index = _check_pairing(images, targets, index)
+    images, targets, partner = _check_pairing(images, targets, partner)
     batch, _, height, width = images.shape
     cams = _checks.check_maps("cams", cams, (batch, "h", "w"))
     target_boxes = _checks.check_boxes("target_boxes", target_boxes, batch, height, width)
@@ -294,14 +308,14 @@ def snapmix(
     for name, tensor in (("cams", cams), ("target_boxes", target_boxes), ("source_boxes", source_boxes)):
         _checks.check_same_device(name, tensor, "images", images)
 
-    return _snapmix(images, targets, cams, index, target_boxes, source_boxes, normalize_targets, shared_boxes=None)
+    return _snapmix(images, targets, cams, partner, target_boxes, source_boxes, normalize_targets, shared_boxes=None)
 
 
 def _snapmix(
     images: Tensor,
     targets: Tensor,
     cams: Tensor,
-    index: Tensor,
+    partner: Tensor,
     target_boxes: Tensor,
     source_boxes: Tensor,
     normalize_targets: bool,
@@ -311,14 +325,14 @@ def _snapmix(
     on the host, pastes by slicing and resizing just the boxes."""
     batch, _, height, width = images.shape
     target_area = _box_area(target_boxes)
-    active = (index != torch.arange(batch, device=index.device)) & (target_area > 0) & (_box_area(source_boxes) > 0)
+    active = (partner != torch.arange(batch, device=partner.device)) & (target_area > 0) & (_box_area(source_boxes) > 0)
 
     # resample in float32 (float64 images: float64): half-precision pixel coordinates are inexact past 256 px
     sample_dtype = torch.float64 if images.dtype == torch.float64 else torch.float32
     if shared_boxes is None:
         grid_x, grid_y = _box_to_box_grid(target_boxes, source_boxes, height, width, sample_dtype)
         patches = kornia.geometry.transform.remap(
-            images[index].to(sample_dtype), grid_x, grid_y, mode="bilinear", align_corners=True,
+            images[partner].to(sample_dtype), grid_x, grid_y, mode="bilinear", align_corners=True,
             normalized_coordinates=True,
         ).to(images.dtype)
         mixed = _paste(_box_masks(target_boxes, height, width) & active[:, None, None, None], patches, images)
@@ -326,15 +340,15 @@ def _snapmix(
         (tx1, ty1, tx2, ty2), (sx1, sy1, sx2, sy2) = shared_boxes
         mixed = images.clone()
         if tx2 > tx1 and ty2 > ty1 and sx2 > sx1 and sy2 > sy1:
-            source = images[index, :, sy1:sy2, sx1:sx2].to(sample_dtype)
+            source = images[partner, :, sy1:sy2, sx1:sx2].to(sample_dtype)
             patch = F.interpolate(source, size=(ty2 - ty1, tx2 - tx1), mode="bilinear", align_corners=True)
             region = mixed[:, :, ty1:ty2, tx1:tx2]
             region.copy_(torch.where(active[:, None, None, None], patch.to(images.dtype), region))
 
-    own_inside, partner_inside, has_mass = _cam_box_fractions(cams, index, target_boxes, source_boxes, height, width)
+    own_inside, partner_inside, has_mass = _cam_box_fractions(cams, partner, target_boxes, source_boxes, height, width)
     area_fraction = target_area.float() / (height * width)
     lam_a = torch.where(has_mass, 1.0 - own_inside, 1.0 - area_fraction).clamp(0.0, 1.0)
-    lam_b = torch.where(has_mass[index], partner_inside, area_fraction).clamp(0.0, 1.0)
+    lam_b = torch.where(has_mass[partner], partner_inside, area_fraction).clamp(0.0, 1.0)
     lam_a = torch.where(active, lam_a, 1.0)
     lam_b = torch.where(active, lam_b, 0.0)
     if normalize_targets:
@@ -343,12 +357,40 @@ def _snapmix(
         safe_total = torch.where(some, total, torch.ones_like(total))
         lam_a = torch.where(some, lam_a / safe_total, 1.0 - area_fraction)
         lam_b = torch.where(some, lam_b / safe_total, area_fraction)
-    return MixedBatch(mixed, _mix_targets(targets, index, lam_a, lam_b), index.long(), lam_a, lam_b, active)
+    return MixedBatch(
+        mixed, _mix_targets(targets, partner, lam_a, lam_b), partner.long(), lam_a, lam_b, active,
+        target_boxes.long(), source_boxes.long(),
+    )
 
 
 def _sample_beta(alpha: float, count: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
-    concentration = torch.full((count, 2), alpha, device=device)
-    return torch._sample_dirichlet(concentration, generator=generator)[:, 0]
+    """(count,) float32 draws of Beta(alpha, alpha), seeded by ``generator``.
+
+    PyTorch's Dirichlet sampler (one kernel) where this torch has it; it is private API, so otherwise
+    two Gamma draws with public ops: Beta = G1 / (G1 + G2)."""
+    if hasattr(torch, "_sample_dirichlet"):
+        concentration = torch.full((count, 2), alpha, device=device)
+        return torch._sample_dirichlet(concentration, generator=generator)[:, 0]
+    gammas = _sample_gamma(alpha, 2 * count, generator, device).view(count, 2)
+    return gammas[:, 0] / gammas.sum(dim=1)
+
+
+def _sample_gamma(shape: float, count: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
+    """(count,) Gamma(shape, 1) draws with public ops: Marsaglia and Tsang's method (2000), vectorised
+    with 16 candidates per draw, the first accepted one kept (all 16 rejected: p < 1e-20); shape < 1
+    is boosted as Gamma(shape + 1) * U^(1 / shape)."""
+    boosted = shape + 1.0 if shape < 1 else shape
+    d = boosted - 1.0 / 3.0
+    c = 1.0 / math.sqrt(9.0 * d)
+    x = torch.randn(count, 16, generator=generator, device=device)
+    u = torch.rand(count, 16, generator=generator, device=device)
+    v = (1.0 + c * x) ** 3
+    accepted = (v > 0) & (u.log() < 0.5 * x * x + d - d * v + d * v.clamp(min=1e-30).log())
+    first = accepted.to(torch.uint8).argmax(dim=1, keepdim=True)
+    draws = d * v.gather(1, first)[:, 0].clamp(min=1e-30)
+    if shape < 1:
+        draws = draws * torch.rand(count, generator=generator, device=device) ** (1.0 / shape)
+    return draws
 
 
 def _sample_boxes(lam: Tensor, height: int, width: int, generator: torch.Generator | None) -> Tensor:
@@ -371,16 +413,17 @@ class MixingAugmenter(nn.Module):
     draw over the batch) and is paired with a random partner (a permutation of the batch). A sample
     that is not mixed keeps its image and its (smoothed) target bit for bit and is its own partner.
 
-    - ``"mixup"``: ``lam ~ Beta(alpha, alpha)``, pixels blended.
+    - ``"mixup"``: ``lam ~ Beta(mix_alpha, mix_alpha)``, pixels blended.
     - ``"cutmix"``: box of area fraction ``1 - lam`` at a uniform centre, clipped; ``lam`` then
       corrected to the pasted pixel fraction.
     - ``"snapmix"``: a target box (area from ``lam1``) and an independent partner box (from
-      ``lam2``), both ``~ Beta(alpha, alpha)``; label weights from CAMs (see :func:`snapmix`).
+      ``lam2``), both ``~ Beta(mix_alpha, mix_alpha)``; label weights from CAMs (see :func:`snapmix`).
 
     Args:
         method: ``"mixup"``, ``"cutmix"`` or ``"snapmix"``.
         num_classes: K, the width of the targets.
-        alpha: Beta distribution parameter, > 0.
+        mix_alpha: parameter of the Beta distribution of the lambdas, > 0 (named apart from
+            :class:`~cekd_losses.CEKDLoss`'s ``alpha``, the weight of cross distillation).
         p: per-sample probability of mixing, in [0, 1].
         label_smoothing: in [0, 1): targets become ``t * (1 - s) + s / K`` before mixing.
         same_on_batch: one lambda, box and decision for the whole batch (the SnapMix code base's
@@ -406,7 +449,7 @@ class MixingAugmenter(nn.Module):
         method: MixMethod,
         num_classes: int,
         *,
-        alpha: float = 1.0,
+        mix_alpha: float = 1.0,
         p: float = 1.0,
         label_smoothing: float = 0.0,
         same_on_batch: bool = False,
@@ -416,7 +459,7 @@ class MixingAugmenter(nn.Module):
         super().__init__()
         self.method = _checks.check_choice("method", method, _METHODS)
         self.num_classes = _checks.check_positive_int("num_classes", num_classes)
-        self.alpha = _checks.check_positive("alpha", alpha)
+        self.mix_alpha = _checks.check_positive("mix_alpha", mix_alpha)
         self.p = _checks.check_in_range("p", p, 0.0, 1.0)
         self.label_smoothing = _checks.check_in_range("label_smoothing", label_smoothing, 0.0, 1.0, high_open=True)
         self.same_on_batch = bool(same_on_batch)
@@ -432,7 +475,7 @@ class MixingAugmenter(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"method={self.method!r}, num_classes={self.num_classes}, alpha={self.alpha}, p={self.p}, "
+            f"method={self.method!r}, num_classes={self.num_classes}, mix_alpha={self.mix_alpha}, p={self.p}, "
             f"label_smoothing={self.label_smoothing}, same_on_batch={self.same_on_batch}"
             + (", normalize_targets=True" if self.normalize_targets else "")
         )
@@ -454,6 +497,8 @@ class MixingAugmenter(nn.Module):
         return targets
 
     def forward(self, images: Tensor, labels: Tensor, cams: Tensor | None = None) -> MixedBatch:
+        """Mix ``images`` (B, C, H, W) with ``labels`` (B,) ids or (B, K) soft targets; ``cams`` (B, h, w)
+        for snapmix only. Returns the :class:`MixedBatch`."""
         images = _checks.check_images("images", images)
         batch, _, height, width = images.shape
         _checks.check_same_device("labels", _checks.check_tensor("labels", labels), "images", images)
@@ -474,14 +519,14 @@ class MixingAugmenter(nn.Module):
         device = generator.device if generator is not None else torch.device("cpu") if on_host else images.device
         draws = 1 if self.same_on_batch else batch
         apply = torch.rand(draws, generator=generator, device=device) < self.p
-        index = torch.randperm(batch, generator=generator, device=device)
+        partner = torch.randperm(batch, generator=generator, device=device)
         if self.method == "mixup":
-            lam = _sample_beta(self.alpha, draws, generator, device)
+            lam = _sample_beta(self.mix_alpha, draws, generator, device)
         else:
-            target_boxes = _sample_boxes(_sample_beta(self.alpha, draws, generator, device), height, width, generator)
+            target_boxes = _sample_boxes(_sample_beta(self.mix_alpha, draws, generator, device), height, width, generator)
             target_boxes = torch.where(apply[:, None], target_boxes, 0)
         if self.method == "snapmix":
-            source_boxes = _sample_boxes(_sample_beta(self.alpha, draws, generator, device), height, width, generator)
+            source_boxes = _sample_boxes(_sample_beta(self.mix_alpha, draws, generator, device), height, width, generator)
             source_boxes = torch.where(apply[:, None], source_boxes, 0)
 
         def to_batch(tensor: Tensor) -> Tensor:
@@ -489,15 +534,15 @@ class MixingAugmenter(nn.Module):
             return tensor.expand(batch, *tensor.shape[1:]).to(images.device, non_blocking=True)
 
         apply = to_batch(apply)
-        index = torch.where(apply, index.to(images.device, non_blocking=True), torch.arange(batch, device=images.device))
+        partner = torch.where(apply, partner.to(images.device, non_blocking=True), torch.arange(batch, device=images.device))
         if self.method == "mixup":
-            return mixup(images, targets, index, torch.where(apply, to_batch(lam), 1.0))
+            return mixup(images, targets, partner, torch.where(apply, to_batch(lam), 1.0))
         shared_target = tuple(target_boxes[0].tolist()) if on_host else None
         if self.method == "cutmix":
-            return _cutmix(images, targets, index, to_batch(target_boxes), shared_target)
+            return _cutmix(images, targets, partner, to_batch(target_boxes), shared_target)
         cams = _checks.check_maps("cams", cams, (batch, "h", "w"))
         _checks.check_same_device("cams", cams, "images", images)
-        shared = (shared_target, tuple(source_boxes[0].tolist())) if on_host else None
+        shared = (tuple(target_boxes[0].tolist()), tuple(source_boxes[0].tolist())) if on_host else None
         return _snapmix(
-            images, targets, cams, index, to_batch(target_boxes), to_batch(source_boxes), self.normalize_targets, shared
+            images, targets, cams, partner, to_batch(target_boxes), to_batch(source_boxes), self.normalize_targets, shared
         )

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor, nn
 
 from . import _checks
@@ -127,16 +128,16 @@ class CEKDLoss(nn.Module):
         weights = check_weights(weights, batch)
         ramp = self.ramp(step)
 
-        supervised = sum(soft_cross_entropy(logits, target, "none") for logits in members.unbind(0))
+        supervised = torch.stack([soft_cross_entropy(logits, target, "none") for logits in members.unbind(0)]).sum(0)
         if self.supervise_ensemble:
             supervised = supervised + soft_cross_entropy(ensemble_logits, target, "none")
         zero = supervised.new_zeros(batch)
         cross = self.alpha * ramp * self.cross(members).sum(0) if self.alpha > 0 else zero
         ensemble = zero
         if self.beta > 0:
-            to_members = sum(
-                distillation_kl(logits, ensemble_logits, self.temperature, "none") for logits in members.unbind(0)
-            )
+            to_members = torch.stack(
+                [distillation_kl(logits, ensemble_logits, self.temperature, "none") for logits in members.unbind(0)]
+            ).sum(0)
             ensemble = self.beta * ramp * to_members
         if weights is not None:
             cross, ensemble = cross * weights.float(), ensemble * weights.float()
@@ -151,4 +152,5 @@ class CEKDLoss(nn.Module):
         step: int | None = None,
         weights: Tensor | None = None,
     ) -> Tensor:
+        """The total loss, a scalar (or (B,) with ``reduction="none"``); see :meth:`components`."""
         return self.components(output, target, step, weights)["total"]

@@ -48,17 +48,14 @@ def main() -> None:
     num_classes = len(MARK_COLOURS)
 
     # SnapMix weighs labels by class activation maps: read them from a model's own forward.
-    model = torchvision.models.resnet18(num_classes=num_classes).to(device).eval()
-    tap = FeatureTap(model)
-    with torch.no_grad():
-        model(images)
-    cams = tap.class_activation_maps(labels, size=(args.size, args.size))
+    model = torchvision.models.resnet18(num_classes=num_classes).to(device)
+    cams = FeatureTap(model).cams(images, labels, size=args.size, eval_mode=True)
 
     rows = []
     print(f"batch {tuple(images.shape)} on {device}, {num_classes} classes")
     print(f"{'method':8} {'mixed':>6} {'mean lam_a':>10} {'mean lam_b':>10} {'row sum':>12} {'ms/call':>8}")
     for method in ("mixup", "cutmix", "snapmix"):
-        mixer = MixingAugmenter(method, num_classes, alpha=1.0, generator=torch.Generator(device=device).manual_seed(1))
+        mixer = MixingAugmenter(method, num_classes, mix_alpha=1.0, generator=torch.Generator(device=device).manual_seed(1))
         extra = cams if method == "snapmix" else None
         start = time.perf_counter()
         out = mixer(images, labels, extra)
@@ -85,7 +82,7 @@ def main() -> None:
             axes[0, column].set_title(f"class {int(labels[column])}", fontsize=7)
             for row, (method, out) in enumerate(rows, start=1):
                 axes[row, column].imshow(out.images[column].permute(1, 2, 0).cpu().float().clamp(0, 1))
-                partner = int(labels[out.index[column]])
+                partner = int(labels[out.partner[column]])
                 axes[row, column].set_title(
                     f"{method} {out.lam_a[column]:.2f}/{out.lam_b[column]:.2f} c{partner}", fontsize=6
                 )

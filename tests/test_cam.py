@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import timm
 import torch
@@ -128,13 +130,18 @@ def test_tap_on_any_model_with_named_modules():
 
 
 def test_tap_errors():
-    with pytest.raises(ValueError, match="could not find the linear classifier of TinyNet.*classifier="):
-        FeatureTap(TinyNet())
+    unnamed_head = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    with pytest.raises(ValueError, match="could not find the linear classifier of Sequential.*classifier="):
+        FeatureTap(unnamed_head)
     with pytest.raises(ValueError, match="could not find the global pooling layer of TinyNet.*feature_module="):
         FeatureTap(TinyNet(), classifier=nn.Linear(4, 3))
     mobilenet = torchvision.models.mobilenet_v3_small(num_classes=3)
-    with pytest.raises(ValueError, match="could not find the linear classifier of MobileNetV3"):
-        FeatureTap(mobilenet)
+    tap = FeatureTap(mobilenet)  # head found (classifier[-1]); its pooled input serves gate/fusion ensembles
+    mobilenet(torch.rand(2, 3, 32, 32))
+    assert tap.pooled.shape == (2, 1024) and tap.features.shape[1] == 576
+    with pytest.raises(ValueError, match=r"Linear\(in_features=1024, out_features=3.*does not read the tapped "
+                                         r"feature map \(576 channels\).*hidden layers"):
+        tap.class_activation_maps(torch.tensor([0, 1]))
     with pytest.raises(TypeError, match="`classifier` must be the model's linear head.*got Sequential"):
         FeatureTap(mobilenet, classifier=mobilenet.classifier)
     with pytest.raises(TypeError, match="`model` must be a torch.nn.Module, got str"):
@@ -167,3 +174,59 @@ def test_snapmix_with_cams_from_the_tap():
     out = MixingAugmenter("snapmix", 4, generator=torch.Generator().manual_seed(1))(images, labels, cams)
     assert out.applied.any()
     assert ((out.lam_a >= 0) & (out.lam_a <= 1) & (out.lam_b >= 0) & (out.lam_b <= 1)).all()
+
+
+@pytest.mark.parametrize("eval_mode", [False, True])
+def test_tap_cams_is_the_three_step_recipe_in_one_call(eval_mode):
+    """cams() = a no-grad forward + class_activation_maps; eval_mode leaves BatchNorm statistics alone
+    and restores every module's mode; the default updates them, as the SnapMix reference code does."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=4).train()
+    model.layer1[0].train(False)  # a mixed-mode model: the exact modes must come back
+    images, labels = torch.rand(3, 3, 32, 32), torch.tensor([0, 3, 1])
+    reference = copy.deepcopy(model)
+    if eval_mode:
+        reference.eval()
+    with FeatureTap(reference) as ref_tap, torch.no_grad():
+        reference(images)
+        expected = ref_tap.class_activation_maps(labels, size=32)
+    modes = [m.training for m in model.modules()]
+    running = model.bn1.running_mean.clone()
+    with FeatureTap(model) as tap:
+        cams = tap.cams(images, labels, size=32, eval_mode=eval_mode)
+        assert torch.allclose(cams, expected, atol=1e-6) and not cams.requires_grad
+        assert [m.training for m in model.modules()] == modes
+        assert torch.equal(model.bn1.running_mean, running) == eval_mode
+        assert tap.cams(images, labels).shape == (3, 1, 1)  # the feature map's own size by default
+
+
+FINDER_ZOO = [
+    ("torchvision", "resnet18", 32), ("torchvision", "mobilenet_v3_small", 32), ("torchvision", "efficientnet_b0", 32),
+    ("torchvision", "convnext_tiny", 32), ("torchvision", "regnet_y_400mf", 32), ("torchvision", "densenet121", 32),
+    ("torchvision", "swin_t", 64), ("timm", "resnet18", 32), ("timm", "mobilenetv3_small_100", 32),
+    ("timm", "convnext_atto", 32), ("timm", "vit_tiny_patch16_224", 32),
+]
+
+
+@pytest.mark.parametrize(("source", "name", "size"), FINDER_ZOO, ids=[f"{s}-{n}" for s, n, _ in FINDER_ZOO])
+def test_find_classifier_finds_the_layer_that_makes_the_logits(source, name, size):
+    from cekd_losses import find_classifier
+
+    if source == "timm":
+        extra = {"img_size": size} if name.startswith("vit") else {}
+        model = timm.create_model(name, pretrained=False, num_classes=5, **extra)
+    else:
+        model = torchvision.models.get_model(name, weights=None, num_classes=5)
+    head = find_classifier(model.eval())
+    produced = []
+    handle = head.register_forward_hook(lambda module, inputs, output: produced.append(output))
+    with torch.no_grad():
+        logits = model(torch.rand(2, 3, size, size))
+    handle.remove()
+    assert head.out_features == 5 and len(produced) == 1 and torch.equal(produced[0], logits)
+
+
+def test_find_classifier_without_a_head():
+    from cekd_losses import find_classifier
+
+    assert find_classifier(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten())) is None

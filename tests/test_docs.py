@@ -12,8 +12,10 @@ import cekd_losses.ensemble
 import cekd_losses.losses
 import cekd_losses.mixing
 import cekd_losses.objective
+import cekd_losses.step
 
-MODULES = [cekd_losses.mixing, cekd_losses.cam, cekd_losses.losses, cekd_losses.ensemble, cekd_losses.objective]
+MODULES = [cekd_losses.mixing, cekd_losses.cam, cekd_losses.losses, cekd_losses.ensemble, cekd_losses.objective,
+           cekd_losses.step]
 
 
 @pytest.mark.parametrize("module", MODULES, ids=lambda m: m.__name__)

@@ -38,7 +38,7 @@ def test_mixing_passes_gradcheck(method, same_on_batch):
     mixer = MixingAugmenter(method, 3, same_on_batch=same_on_batch, generator=torch.Generator().manual_seed(4))
     batch = mixer(images, labels, cams)
     batch.images.sum().backward()
-    partners = batch.index[batch.applied]
+    partners = batch.partner[batch.applied]
     assert batch.applied.any() and (images.grad[partners].abs().sum(dim=(1, 2, 3)) > 0).all()
 
 

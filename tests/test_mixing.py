@@ -226,7 +226,7 @@ def test_mixup_cutmix_properties(seed, method, batch, height, width, num_classes
     g = torch.Generator().manual_seed(seed)
     images = torch.rand(batch, 3, height, width, generator=g).to(dtype)
     labels = torch.randint(0, num_classes, (batch,), generator=g)
-    mixer = MixingAugmenter(method, num_classes, alpha=alpha, p=p, same_on_batch=same_on_batch, generator=g)
+    mixer = MixingAugmenter(method, num_classes, mix_alpha=alpha, p=p, same_on_batch=same_on_batch, generator=g)
     out = mixer(images, labels)
 
     assert out.images.dtype == dtype and out.images.shape == images.shape
@@ -234,9 +234,9 @@ def test_mixup_cutmix_properties(seed, method, batch, height, width, num_classes
     assert ((out.lam_a >= 0) & (out.lam_a <= 1)).all() and ((out.lam_b >= 0) & (out.lam_b <= 1)).all()
     assert torch.allclose(out.lam_a + out.lam_b, torch.ones(batch))
     assert torch.allclose(out.targets.sum(1), torch.ones(batch), atol=1e-6)
-    expected = out.lam_a[:, None] * onehot(labels, num_classes) + out.lam_b[:, None] * onehot(labels[out.index], num_classes)
+    expected = out.lam_a[:, None] * onehot(labels, num_classes) + out.lam_b[:, None] * onehot(labels[out.partner], num_classes)
     assert torch.allclose(out.targets, expected)
-    unmixed = out.index == torch.arange(batch)
+    unmixed = out.partner == torch.arange(batch)
     assert torch.equal(out.images[unmixed], images[unmixed])
     assert torch.equal(out.targets[unmixed], onehot(labels, num_classes)[unmixed])
     assert not out.applied[unmixed].any()
@@ -255,12 +255,12 @@ def test_mixup_cutmix_properties(seed, method, batch, height, width, num_classes
 def test_cutmix_lambda_is_pasted_fraction(seed, batch, height, width, alpha, same_on_batch):
     g = torch.Generator().manual_seed(seed)
     images = distinct_images(batch, 2, height, width)
-    out = MixingAugmenter("cutmix", 4, alpha=alpha, same_on_batch=same_on_batch, generator=g)(
+    out = MixingAugmenter("cutmix", 4, mix_alpha=alpha, same_on_batch=same_on_batch, generator=g)(
         images, torch.zeros(batch, dtype=torch.long)
     )
-    partner_value = (out.index + 1).float().view(batch, 1, 1, 1)
+    partner_value = (out.partner + 1).float().view(batch, 1, 1, 1)
     pasted = (out.images == partner_value).float().mean(dim=(1, 2, 3))
-    own = out.index != torch.arange(batch)
+    own = out.partner != torch.arange(batch)
     assert torch.allclose(out.lam_b[own], pasted[own])
     assert torch.equal(out.applied, own & (out.lam_b > 0))
 
@@ -280,11 +280,11 @@ def test_snapmix_augmenter_properties(seed, batch, size, alpha, p, same_on_batch
     labels = torch.randint(0, 3, (batch,), generator=g)
     cams = torch.rand(batch, 4, 4, generator=g)
     mixer = MixingAugmenter(
-        "snapmix", 3, alpha=alpha, p=p, same_on_batch=same_on_batch, normalize_targets=normalize_targets, generator=g
+        "snapmix", 3, mix_alpha=alpha, p=p, same_on_batch=same_on_batch, normalize_targets=normalize_targets, generator=g
     )
     out = mixer(images, labels, cams)
     assert ((out.lam_a >= 0) & (out.lam_a <= 1)).all() and ((out.lam_b >= 0) & (out.lam_b <= 1)).all()
-    expected = out.lam_a[:, None] * onehot(labels, 3) + out.lam_b[:, None] * onehot(labels[out.index], 3)
+    expected = out.lam_a[:, None] * onehot(labels, 3) + out.lam_b[:, None] * onehot(labels[out.partner], 3)
     assert torch.allclose(out.targets, expected)
     if normalize_targets:
         assert torch.allclose(out.targets.sum(1), torch.ones(batch), atol=1e-6)
@@ -302,7 +302,7 @@ def test_p_zero_is_identity(method, device):
     smoothed = onehot(labels, 4) * 0.8 + 0.05
     assert torch.equal(out.images, images)
     assert torch.equal(out.targets, smoothed)
-    assert torch.equal(out.index, torch.arange(5, device=device))
+    assert torch.equal(out.partner, torch.arange(5, device=device))
     assert not out.applied.any()
 
 
@@ -315,7 +315,7 @@ def test_seeded_generator_reproduces(method, device):
         MixingAugmenter(method, 5, p=0.7, generator=torch.Generator(device=device).manual_seed(3))(images, labels, cams)
         for _ in range(2)
     ]
-    for field in ("images", "targets", "index", "lam_a", "lam_b", "applied"):
+    for field in ("images", "targets", "partner", "lam_a", "lam_b", "applied"):
         assert torch.equal(getattr(runs[0], field), getattr(runs[1], field)), field
     other = MixingAugmenter(method, 5, generator=torch.Generator(device=device).manual_seed(4))(images, labels, cams)
     assert not torch.equal(other.images, runs[0].images)
@@ -328,7 +328,7 @@ def test_dtype_and_device_preserved(method, dtype, device):
     cams = torch.rand(4, 8, 8, device=device) if method == "snapmix" else None
     out = MixingAugmenter(method, 3)(images, torch.tensor([0, 1, 2, 0], device=device), cams)
     assert out.images.dtype == dtype
-    for tensor in (out.images, out.targets, out.index, out.lam_a, out.lam_b, out.applied):
+    for tensor in (out.images, out.targets, out.partner, out.lam_a, out.lam_b, out.applied):
         assert tensor.device.type == device.type
 
 
@@ -361,14 +361,14 @@ def test_per_sample_draws_differ():
     ("kwargs", "error", "words"),
     [
         ({"method": "mixcut"}, ValueError, ["method", "'mixup'", "mixcut"]),
-        ({"alpha": 0.0}, ValueError, ["alpha", "> 0", "0.0"]),
-        ({"alpha": -1.0}, ValueError, ["alpha", "-1.0"]),
+        ({"mix_alpha": 0.0}, ValueError, ["mix_alpha", "> 0", "0.0"]),
+        ({"mix_alpha": -1.0}, ValueError, ["mix_alpha", "-1.0"]),
         ({"p": 1.5}, ValueError, ["p", "[0.0, 1.0]", "1.5"]),
         ({"p": -0.1}, ValueError, ["p", "-0.1"]),
         ({"label_smoothing": 1.0}, ValueError, ["label_smoothing", "1.0"]),
         ({"num_classes": 0}, ValueError, ["num_classes", ">= 1", "0"]),
         ({"num_classes": 2.5}, TypeError, ["num_classes", "int", "2.5"]),
-        ({"alpha": "1"}, TypeError, ["alpha", "real number", "'1'"]),
+        ({"mix_alpha": "1"}, TypeError, ["mix_alpha", "real number", "'1'"]),
         ({"normalize_targets": True}, ValueError, ["normalize_targets", "snapmix", "cutmix"]),
         ({"generator": 3}, TypeError, ["generator", "int"]),
     ],
@@ -427,7 +427,7 @@ def test_kernel_parameter_errors():
         cutmix(images, targets, torch.tensor([1, 0]), torch.zeros(2, 2, dtype=torch.long))
     with pytest.raises(TypeError, match="`boxes` must be an integer tensor, got dtype torch.float32"):
         cutmix(images, targets, torch.tensor([1, 0]), torch.zeros(2, 4))
-    with pytest.raises(ValueError, match=r"`index` must hold batch positions in \[0, 2\), got values in \[0, 2\]"):
+    with pytest.raises(ValueError, match=r"`partner` must hold batch positions in \[0, 2\), got values in \[0, 2\]"):
         mixup(images, targets, torch.tensor([2, 0]), torch.tensor([0.5, 0.5]))
     with pytest.raises(ValueError, match=r"`lam` must be in \[0, 1\], got values in \[0.5, 1.5\]"):
         mixup(images, targets, torch.tensor([1, 0]), torch.tensor([0.5, 1.5]))
@@ -494,3 +494,40 @@ def test_same_on_batch_shares_one_box(method):
     mixed = out.applied.nonzero()[:, 0]
     assert mixed.numel() > 1
     assert all(torch.equal(changed[i], changed[mixed[0]]) for i in mixed)
+
+
+@pytest.mark.parametrize("method", ["cutmix", "snapmix"])
+@pytest.mark.parametrize("same_on_batch", [False, True])
+def test_mixed_batch_keeps_its_boxes_so_a_mix_can_be_replayed(method, same_on_batch):
+    g = torch.Generator().manual_seed(5)
+    images, labels = torch.rand(6, 3, 16, 12, generator=g), torch.arange(6) % 4
+    cams = torch.rand(6, 4, 3, generator=g) if method == "snapmix" else None
+    batch = MixingAugmenter(method, 4, same_on_batch=same_on_batch, generator=g)(images, labels, cams)
+    assert batch.boxes.shape == (6, 4) and batch.boxes.dtype == torch.int64
+    assert (batch.source_boxes is not None) == (method == "snapmix")
+    targets = torch.eye(4)[labels]
+    second_view = images.flip(-1)  # another tensor of the same batch
+    if method == "cutmix":
+        replayed = cutmix(images, targets, batch.partner, batch.boxes)
+        assert torch.equal(cutmix(second_view, targets, batch.partner, batch.boxes).images[~batch.applied],
+                           second_view[~batch.applied])
+    else:
+        replayed = snapmix(images, targets, cams, batch.partner, batch.boxes, batch.source_boxes)
+    assert torch.allclose(replayed.images, batch.images) and torch.allclose(replayed.targets, batch.targets)
+    assert MixingAugmenter("mixup", 4)(images, labels).boxes is None
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1.0, 5.0])
+def test_beta_draws_without_private_torch_api(alpha, monkeypatch):
+    """The public Gamma-ratio fallback (used where torch lacks _sample_dirichlet) draws Beta(alpha, alpha)."""
+    from scipy import stats
+
+    from cekd_losses import mixing
+
+    monkeypatch.delattr(torch, "_sample_dirichlet")
+    draws = mixing._sample_beta(alpha, 20000, torch.Generator().manual_seed(0), torch.device("cpu"))
+    again = mixing._sample_beta(alpha, 20000, torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert torch.equal(draws, again) and ((draws >= 0) & (draws <= 1)).all()
+    assert stats.kstest(draws.double().numpy(), stats.beta(alpha, alpha).cdf).pvalue > 1e-3
+    batch = MixingAugmenter("mixup", 3, mix_alpha=alpha)(torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 0]))
+    assert ((batch.lam_a >= 0) & (batch.lam_a <= 1)).all()

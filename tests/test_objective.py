@@ -20,11 +20,12 @@ from cekd_losses import (
     distillation_kl,
     rampup,
     soft_cross_entropy,
+    train_step,
 )
 
 
 def by_hand(members, ensemble, target, temperature, alpha, beta, ramp, supervise_ensemble=True, weights=None):
-    """The objective of DESIGN.md written term by term from the separately tested pieces."""
+    """The objective of docs/method.rst written term by term from the separately tested pieces."""
     weights = torch.ones(members.shape[1]) if weights is None else weights
     supervised = sum(soft_cross_entropy(z, target, "none") for z in members)
     if supervise_ensemble:
@@ -141,8 +142,10 @@ def test_objective_errors():
         CEKDLoss()(good, torch.tensor([0, 1, 2]), weights=torch.ones(4))
 
 
+@pytest.mark.slow
 def test_cekd_with_snapmix_overfits_a_fixed_batch():
-    """torchvision + timm resnet18 on SnapMix batches whose CAMs come from a no-grad forward of member 0."""
+    """torchvision + timm resnet18 on SnapMix batches whose CAMs come from a no-grad forward of member 0
+    (through train_step, the forward half of a step that the quickstarts and the engine use)."""
     torch.manual_seed(0)
     classes, size = 4, 32
     images = torch.rand(8, 3, size, size)
@@ -151,15 +154,12 @@ def test_cekd_with_snapmix_overfits_a_fixed_batch():
                timm.create_model("resnet18", pretrained=False, num_classes=classes)]
     ensemble = CollaborativeEnsemble(members)
     tap = FeatureTap(members[0])
-    mixer = MixingAugmenter("snapmix", classes, alpha=5.0, p=0.5, generator=torch.Generator().manual_seed(0))
+    mixer = MixingAugmenter("snapmix", classes, mix_alpha=5.0, p=0.5, generator=torch.Generator().manual_seed(0))
     criterion = CEKDLoss(temperature=3.0)
     optimizer = torch.optim.Adam(ensemble.parameters(), lr=1e-3)
     losses = []
     for step in range(40):
-        with torch.no_grad():
-            members[0](images)
-        batch = mixer(images, labels, cams=tap.class_activation_maps(labels))
-        loss = criterion(ensemble(batch.images), batch.targets, step=step)
+        loss = train_step(ensemble, criterion, images, labels, mixer=mixer, tap=tap, step=step).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -170,3 +170,26 @@ def test_cekd_with_snapmix_overfits_a_fixed_batch():
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < 0.5 * first, losses
     assert accuracy == 1.0
+
+
+def test_train_step_is_mixing_forward_and_loss():
+    """train_step returns what the three library calls give by hand, and names what it needs."""
+    torch.manual_seed(0)
+    ensemble = CollaborativeEnsemble([torchvision.models.resnet18(num_classes=3) for _ in range(2)])
+    images, labels = torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
+    tap = FeatureTap(ensemble.member(0))
+    criterion = CEKDLoss(rampup_steps=10)
+    mixer = lambda: MixingAugmenter("snapmix", 3, generator=torch.Generator().manual_seed(2))  # noqa: E731
+    ensemble.eval()  # deterministic forwards: the CAM forward must not change what the next one sees
+    out = train_step(ensemble, criterion, images, labels, mixer=mixer(), tap=tap, step=4)
+    batch = mixer()(images, labels, tap.cams(images, labels))
+    parts = criterion.components(ensemble(batch.images), batch.targets, step=4)
+    assert torch.equal(out.batch.images, batch.images)
+    assert all(torch.allclose(out.parts[k], parts[k]) for k in parts) and out.loss is out.parts["total"]
+    plain = train_step(ensemble.member(1), soft_cross_entropy, images, labels)
+    assert plain.batch is None and set(plain.parts) == {"total"}
+    assert torch.allclose(plain.loss, soft_cross_entropy(ensemble.member(1)(images), labels))
+    with pytest.raises(ValueError, match="`tap` is required with a snapmix mixer"):
+        train_step(ensemble, criterion, images, labels, mixer=mixer())
+    with pytest.raises(ValueError, match="`tap` is used by a snapmix mixer only"):
+        train_step(ensemble, criterion, images, labels, tap=tap)

@@ -18,7 +18,14 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from cekd_losses import CEKDLoss, CollaborativeEnsemble, FeatureTap, MixingAugmenter, soft_cross_entropy
+from cekd_losses import (
+    CEKDLoss,
+    CollaborativeEnsemble,
+    FeatureTap,
+    MixingAugmenter,
+    SoftTargetCrossEntropy,
+    train_step,
+)
 
 from .data import Augmented, EpochOrder, SyntheticSpec, file_splits, shift_crop, synthetic_splits
 from .models import build_model, head_parameters
@@ -276,7 +283,7 @@ class Run:
     place: Placement
     mixer: MixingAugmenter | None  # None for the baseline
     tap: FeatureTap | None  # on member 0, for SnapMix's CAMs
-    criterion: CEKDLoss | None  # None: soft-target CE of the single model
+    criterion: CEKDLoss | SoftTargetCrossEntropy  # CEKD, or soft-target CE of the single model
     clip_grad: float | None
 
 
@@ -302,9 +309,9 @@ def build_run(config: RunConfig, num_classes: int, place: Placement, steps_per_e
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.1 ** sum(s >= b for b in boundaries))
     mixer = None
     if config.mixing is not None:
-        mixer = MixingAugmenter(config.mixing, num_classes, alpha=config.mix_alpha, p=config.mix_p,
+        mixer = MixingAugmenter(config.mixing, num_classes, mix_alpha=config.mix_alpha, p=config.mix_p,
                                 same_on_batch=config.same_on_batch, generator=place.generator(config.seed * 7919 + rank))
-    criterion = None
+    criterion: CEKDLoss | SoftTargetCrossEntropy = SoftTargetCrossEntropy()
     if config.method == "cekd":
         criterion = CEKDLoss(config.temperature, 0.0 if config.no_cross else config.alpha,
                              0.0 if config.no_ensemble else config.beta, config.rampup_epochs * steps_per_epoch,
@@ -313,35 +320,22 @@ def build_run(config: RunConfig, num_classes: int, place: Placement, steps_per_e
                place, mixer, FeatureTap(models[0]) if config.mixing == "snapmix" else None, criterion, config.clip_grad)
 
 
-def train_step(run: Run, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
-    """One optimizer step on a device batch (normalised images (B, C, H, W), labels (B,)).
-
-    SnapMix CAMs of the clean batch (a no-grad forward of member 0), mixing, forward, loss, backward,
-    clipping, step. Returns the detached loss terms and the gradient norm before clipping, on the
-    device (no host sync)."""
+def run_step(run: Run, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
+    """One optimizer step on a device batch (normalised images (B, C, H, W), labels (B,)): the library's
+    :func:`~cekd_losses.train_step` (CAMs, mixing, forward, loss) under autocast, then backward,
+    clipping, optimizer and schedule. Returns the detached loss terms and the gradient norm before
+    clipping, on the device (no host sync)."""
     with run.place.autocast():
-        cams = None
-        if run.tap is not None:
-            with torch.no_grad():
-                run.members[0](images)
-            cams = run.tap.class_activation_maps(labels)
-        inputs, targets = images, labels
-        if run.mixer is not None:
-            mixed = run.mixer(images, labels, cams)
-            inputs, targets = mixed.images, mixed.targets
-        output = run.model(inputs)
-        if run.criterion is not None:
-            parts = run.criterion.components(output, targets, step=run.scheduler.last_epoch)
-        else:
-            parts = {"total": soft_cross_entropy(output, targets)}
+        out = train_step(run.model, run.criterion, images, labels, mixer=run.mixer, tap=run.tap,
+                         step=run.scheduler.last_epoch)
     run.optimizer.zero_grad(set_to_none=True)
-    run.scaler.scale(parts["total"]).backward()
+    run.scaler.scale(out.loss).backward()
     run.scaler.unscale_(run.optimizer)
     grad_norm = nn.utils.clip_grad_norm_(run.net.parameters(), run.clip_grad or math.inf)
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.scheduler.step()
-    return {**{name: value.detach().float() for name, value in parts.items()}, "grad_norm": grad_norm.detach().float()}
+    return {**{name: value.detach().float() for name, value in out.parts.items()}, "grad_norm": grad_norm.detach().float()}
 
 
 RUN_FILES = {"config.json", "metrics.jsonl", "checkpoint.pt", "checkpoint.pt.partial", "cams.png"}
@@ -452,7 +446,7 @@ def train(config: RunConfig, run_dir: str | Path, resume: bool = False) -> dict:
         sums: dict[str, Tensor] = {}  # on the device: read once per epoch, not once per step
         seen, steps, start = 0, 0, time.perf_counter()
         for images, labels in _progress(train_loader, config.quiet, desc=f"epoch {epoch + 1}"):
-            parts = train_step(run, *place.batch(images, labels))
+            parts = run_step(run, *place.batch(images, labels))
             for name, value in parts.items():  # per-sample sums of the losses, per-step sum of the norm
                 weighted = value if name == "grad_norm" else value * labels.shape[0]
                 sums[name] = sums[name] + weighted if name in sums else weighted

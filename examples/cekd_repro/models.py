@@ -7,15 +7,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cekd_losses import find_classifier
+
 
 def _classifier(model: nn.Module) -> nn.Linear:
-    get_classifier = getattr(model, "get_classifier", None)
-    head = get_classifier() if callable(get_classifier) else getattr(model, "fc", None)
-    if not isinstance(head, nn.Linear):
-        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-        head = linears[-1] if linears else None
+    head = find_classifier(model)
     if head is None:
-        raise ValueError(f"{type(model).__name__} has no linear classifier head")
+        raise ValueError(f"{type(model).__name__} has no linear classifier head that cekd_losses.find_classifier finds")
     return head
 
 

@@ -1,0 +1,98 @@
+"""train_step: the forward half of a training step (CAMs, mixing, forward, loss), to call in any loop.
+
+It stops at the loss: backward, gradient clipping, the optimizer, AMP scaling and DDP stay the
+caller's, as in timm's task modules. The reproduction engine and the quickstarts use it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+from torch import Tensor, nn
+
+from .cam import FeatureTap
+from .ensemble import EnsembleOutput
+from .mixing import MixedBatch, MixingAugmenter
+from .objective import CEKDLoss
+
+__all__ = ["StepOutput", "train_step"]
+
+Output = EnsembleOutput | Tensor
+
+
+class StepOutput(NamedTuple):
+    """What :func:`train_step` returns.
+
+    Attributes:
+        loss: scalar loss to call ``backward()`` on.
+        parts: named loss terms, not detached (``{"total", "supervised", "cross", "ensemble"}`` for
+            :class:`~cekd_losses.CEKDLoss`, ``{"total"}`` otherwise).
+        output: the model's output: an :class:`~cekd_losses.EnsembleOutput` or (B, K) logits.
+        batch: the :class:`~cekd_losses.MixedBatch` the model saw, or None without a mixer.
+    """
+
+    loss: Tensor
+    parts: dict[str, Tensor]
+    output: Output
+    batch: MixedBatch | None
+
+
+def train_step(
+    model: nn.Module,
+    criterion: CEKDLoss | Callable[[Tensor, Tensor], Tensor],
+    images: Tensor,
+    labels: Tensor,
+    *,
+    mixer: MixingAugmenter | None = None,
+    tap: FeatureTap | None = None,
+    step: int | None = None,
+    eval_mode_cams: bool = False,
+) -> StepOutput:
+    """Mix a batch, run the model on it and compute the loss.
+
+    SnapMix needs the clean images' CAMs: pass the ``tap`` of one member (or of the single model);
+    they come from one no-grad forward, in the model's current mode unless ``eval_mode_cams`` (see
+    :meth:`FeatureTap.cams <cekd_losses.FeatureTap.cams>`).
+
+    Args:
+        model: a :class:`~cekd_losses.CollaborativeEnsemble` (possibly inside DDP) or a classifier.
+        criterion: :class:`~cekd_losses.CEKDLoss` (given ``step`` for its ramp-up), or any
+            ``loss(output, target)`` such as :class:`~cekd_losses.SoftTargetCrossEntropy`.
+        images: (B, C, H, W) floating images on the model's device.
+        labels: (B,) class ids or (B, K) soft targets.
+        mixer: optional :class:`~cekd_losses.MixingAugmenter`; without it the clean batch is used.
+        tap: :class:`~cekd_losses.FeatureTap` for SnapMix's CAMs (required for snapmix only).
+        step: optimizer steps taken so far, for :class:`~cekd_losses.CEKDLoss`'s ramp-up.
+        eval_mode_cams: run the CAM forward in eval mode (BatchNorm statistics left alone).
+
+    Returns:
+        :class:`StepOutput` (loss, named parts, model output, mixed batch).
+
+    Example:
+        >>> import torchvision
+        >>> from cekd_losses import CollaborativeEnsemble
+        >>> ensemble = CollaborativeEnsemble([torchvision.models.resnet18(num_classes=5) for _ in range(2)])
+        >>> mixer = MixingAugmenter("cutmix", 5, generator=torch.Generator().manual_seed(0))
+        >>> out = train_step(ensemble, CEKDLoss(), torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]), mixer=mixer)
+        >>> out.loss.backward()
+        >>> sorted(out.parts), out.batch.targets.shape
+        (['cross', 'ensemble', 'supervised', 'total'], torch.Size([4, 5]))
+    """
+    snapmix = mixer is not None and mixer.method == "snapmix"
+    if snapmix and tap is None:
+        raise ValueError("`tap` is required with a snapmix mixer: pass tap=FeatureTap(<a member or the model>)")
+    if tap is not None and not snapmix:
+        raise ValueError("`tap` is used by a snapmix mixer only; drop it or use MixingAugmenter('snapmix', ...)")
+    batch = None
+    inputs, targets = images, labels
+    if mixer is not None:
+        cams = tap.cams(images, labels, eval_mode=eval_mode_cams) if tap is not None else None
+        batch = mixer(images, labels, cams)
+        inputs, targets = batch.images, batch.targets
+    output = model(inputs)
+    if isinstance(criterion, CEKDLoss):
+        parts = criterion.components(output, targets, step=step)
+    else:
+        parts = {"total": criterion(output, targets)}
+    return StepOutput(parts["total"], parts, output, batch)

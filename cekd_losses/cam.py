@@ -9,8 +9,13 @@ by the sum) to measure how much of a class's evidence a box holds.
 
 from __future__ import annotations
 
+import contextlib
+import math
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -91,8 +96,18 @@ def class_activation_maps(
         >>> cams.shape, cams.sum(dim=(1, 2)).round(decimals=4)
         (torch.Size([2, 32, 32]), tensor([1., 1.]))
     """
+    return normalize_cams(_linear_cams(feature_maps, classifier_weight, labels, classifier_bias), size)
+
+
+def _linear_cams(
+    feature_maps: Tensor,
+    classifier_weight: Tensor,
+    labels: Tensor,
+    classifier_bias: Tensor | None = None,
+    size: None = None,
+) -> Tensor:
+    """Raw (B, h, w) float32 CAMs ``w[label] . F + b`` (checked as :func:`class_activation_maps`)."""
     feature_maps = _checks.check_maps("feature_maps", feature_maps, ("B", "D", "h", "w"))
-    size = _check_size(size)
     batch, depth = feature_maps.shape[:2]
     _checks.check_shape("classifier_weight", classifier_weight, ("K", depth))
     num_classes = classifier_weight.shape[0]
@@ -105,18 +120,61 @@ def class_activation_maps(
         maps = torch.einsum("bd,bdhw->bhw", weights, feature_maps.detach().float())
         if classifier_bias is not None:
             maps = maps + classifier_bias.detach()[labels].float()[:, None, None]
-        return normalize_cams(maps, size)
+        return maps
 
 
-def _find_pooling(model: nn.Module) -> nn.Module | None:
-    """The global pooling module of a torchvision ResNet-style model or a timm model, if any."""
-    for path in ("global_pool", "head.global_pool", "avgpool"):
-        try:
-            module = model.get_submodule(path)
-        except AttributeError:
-            continue
-        return module
-    return None
+Layout = Literal["NCHW", "NHWC", "tokens"]
+
+
+@dataclass(frozen=True)
+class _FeatureSite:
+    """Where a model's last feature map is read and how its head turns features into logits."""
+
+    module: nn.Module  # hooked: its input (a pooling layer) or its output (a token model's encoder/norm)
+    take_input: bool
+    layout: Layout  # NCHW, NHWC (timm Swin), or tokens (B, N, D) with ``prefix`` class/register tokens first
+    head: Callable[[Tensor], Tensor]  # features in ``layout`` -> (N, K) logits: pooling, norm, classifier
+    prefix: int = 0
+    patch: tuple[int, int] = (1, 1)
+
+
+def _submodule(model: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def _find_feature_site(model: nn.Module) -> _FeatureSite | None:
+    """The feature site of a timm model (any family) or a torchvision classifier, or None."""
+    forward_head = getattr(model, "forward_head", None)
+    if callable(forward_head):  # timm: forward = forward_head(forward_features(x))
+        prefix = getattr(model, "num_prefix_tokens", None)
+        patch_embed = getattr(model, "patch_embed", None)
+        patch = tuple(getattr(patch_embed, "patch_size", (1, 1)))
+        pool = _submodule(model, "global_pool") or _submodule(model, "head.global_pool")
+        norm = _submodule(model, "norm")
+        if prefix is not None and norm is not None:  # ViT, DeiT and other token models: the final norm's output
+            return _FeatureSite(norm, False, "tokens", forward_head, int(prefix), (int(patch[0]), int(patch[-1])))
+        if pool is not None:
+            layout: Layout = "NHWC" if getattr(model, "output_fmt", "NCHW") == "NHWC" else "NCHW"
+            return _FeatureSite(pool, True, layout, forward_head)
+        return None
+    vision_transformer = sys.modules.get("torchvision.models.vision_transformer")  # loaded with any torchvision model
+    if vision_transformer is not None and isinstance(model, vision_transformer.VisionTransformer):
+        size = int(model.patch_size)
+        return _FeatureSite(model.encoder, False, "tokens", lambda tokens: model.heads(tokens[:, 0]), 1, (size, size))
+    pool = _submodule(model, "avgpool")
+    head = next((m for m in (getattr(model, n, None) for n in ("fc", "classifier", "head")) if isinstance(m, nn.Module)), None)
+    if pool is None or head is None:
+        return None
+    flattens = any(isinstance(m, nn.Flatten) for m in head.modules())  # ConvNeXt's head flattens itself
+
+    def pool_and_head(features: Tensor) -> Tensor:
+        pooled = pool(features)
+        return head(pooled if flattens else torch.flatten(pooled, 1))
+
+    return _FeatureSite(pool, True, "NCHW", pool_and_head)
 
 
 def find_classifier(model: nn.Module) -> nn.Linear | None:
@@ -146,20 +204,39 @@ def find_classifier(model: nn.Module) -> nn.Linear | None:
     return None
 
 
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """The model in eval mode inside the block; every module's own mode restored after."""
+    modes = {module: module.training for module in model.modules()}
+    try:
+        model.eval()
+        yield
+    finally:
+        for module, training in modes.items():
+            module.training = training
+
+
 class FeatureTap:
-    """Capture a model's last feature map and pooled features during its normal forward.
+    """Capture a model's last feature map and pooled features during its normal forward; read CAMs.
 
-    Forward hooks record, on every forward of ``model``, the (B, D, h, w) feature map the model
-    pools and the (B, D) pooled features its linear classifier receives: no second forward is run.
+    Forward hooks record, on every forward of ``model``, its last feature map and the (B, D) pooled
+    features its linear classifier receives: no second forward is run. Found automatically for timm
+    models (CNNs, NHWC models such as Swin, and token models such as ViT and DeiT) and torchvision
+    classifiers with an ``avgpool`` layer (ResNet, RegNet, EfficientNet, MobileNet v3, ConvNeXt,
+    VGG, Swin) or a class token (ViT); see :doc:`/models`.
 
-    Found automatically for torchvision ResNets (input of ``avgpool``, classifier ``fc``) and timm
-    CNNs (input of ``global_pool`` or ``head.global_pool``, classifier ``get_classifier()``). For
-    any other model, name ``feature_module`` (its *output* is the feature map) and ``classifier``
-    (an ``nn.Linear``).
+    The CAM of a position is the model's own head (its pooling, normalisation and classifier) applied
+    to a feature map holding that position's features everywhere: ``w[label] . F[:, y, x] + b`` for
+    global average pooling and a linear layer (Zhou et al., 2016), whose spatial mean is the logit;
+    the head applied to each normalised patch token for a token model (class and register tokens
+    dropped). The head runs in eval mode (no dropout), without gradient.
+
+    For a custom model name ``feature_module`` (its *output* is the (B, D, h, w) feature map) and
+    ``classifier`` (the ``nn.Linear`` that reads its pooled features): the CAM is then the linear
+    read-out ``w[label] . F + b``.
 
     The captured tensors keep their autograd graph (so pooled features can feed a trainable
-    combiner); :meth:`class_activation_maps` detaches. Call :meth:`remove` (or use the tap as a
-    context manager) to unhook.
+    combiner); CAMs are detached. Call :meth:`remove` (or use the tap as a context manager) to unhook.
 
     Example:
         >>> import torchvision
@@ -199,38 +276,76 @@ class FeatureTap:
         self.classifier: nn.Linear = head
         self._features: Tensor | None = None
         self._pooled: Tensor | None = None
+        self._image_size: tuple[int, int] = (0, 0)
+        self._site: _FeatureSite | None = None
+        self._no_site = ""
+        self._reading = False
+        handles: list[torch.utils.hooks.RemovableHandle] = []
         if feature_module is not None:
             if not isinstance(feature_module, nn.Module):
                 raise TypeError(
                     f"`feature_module` must be a torch.nn.Module, got {type(feature_module).__name__}"
                 )
-            feature_hook = feature_module.register_forward_hook(self._save_output)
+            handles.append(feature_module.register_forward_hook(self._save_output))
         else:
-            pooling = _find_pooling(model)
-            if pooling is None:
-                raise ValueError(
-                    f"could not find the global pooling layer of {type(model).__name__} (looked for "
-                    "`global_pool`, `head.global_pool`, `avgpool`); pass feature_module=<the module "
-                    "whose output is the last (B, D, h, w) feature map>"
+            self._site = _find_feature_site(model)
+            if self._site is None:  # pooled features (for gate/fusion ensembles) still work; CAMs do not
+                self._no_site = (
+                    f"could not find the last feature map of {type(model).__name__} (found for timm models and "
+                    "torchvision classifiers with `avgpool` or a class token); pass feature_module=<the module "
+                    "whose output is the last (B, D, h, w) feature map> and classifier=<its linear head>"
                 )
-            feature_hook = pooling.register_forward_pre_hook(self._save_pool_input)
-        self._handles = [feature_hook, head.register_forward_pre_hook(self._save_classifier_input)]
+            elif self._site.take_input:
+                handles.append(self._site.module.register_forward_pre_hook(self._save_input))
+            else:
+                handles.append(self._site.module.register_forward_hook(self._save_output))
+        handles.append(head.register_forward_pre_hook(self._save_classifier_input))
+        handles.append(model.register_forward_pre_hook(self._save_image_size))
+        self._handles = handles
+
+    # The hooks do nothing while the tap itself runs the head for CAMs (``_reading``).
+    def _save_image_size(self, module: nn.Module, inputs: tuple[Any, ...]) -> None:
+        if not self._reading and inputs and isinstance(inputs[0], Tensor) and inputs[0].ndim == 4:
+            self._image_size = (int(inputs[0].shape[-2]), int(inputs[0].shape[-1]))
 
     def _save_output(self, module: nn.Module, inputs: Any, output: Tensor) -> None:
-        self._features = output
+        if not self._reading:
+            self._features = output
 
-    def _save_pool_input(self, module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
-        self._features = inputs[0]
+    def _save_input(self, module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+        if not self._reading:
+            self._features = inputs[0]
 
     def _save_classifier_input(self, module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
-        self._pooled = inputs[0]
+        if not self._reading:
+            self._pooled = inputs[0]
 
     @property
     def features(self) -> Tensor:
-        """(B, D, h, w) feature map of the last forward."""
+        """(B, D, h, w) feature map of the last forward (NHWC maps permuted; patch tokens on their grid)."""
+        if self._no_site:
+            raise ValueError(self._no_site)
         if self._features is None:
             raise RuntimeError("FeatureTap has captured nothing yet: run a forward of the model first")
-        return self._features
+        features, site = self._features, self._site
+        if site is None or site.layout == "NCHW":
+            return features
+        if site.layout == "NHWC":
+            return features.permute(0, 3, 1, 2)
+        return self._token_grid(features, site)
+
+    def _token_grid(self, tokens: Tensor, site: _FeatureSite) -> Tensor:
+        """(B, N, D) tokens -> (B, D, h, w): prefix (class, register) tokens dropped, patches on their grid."""
+        batch, count, depth = tokens.shape
+        patches = count - site.prefix
+        (height, width), (ph, pw) = self._image_size, site.patch
+        for rows, cols in ((height // ph, width // pw), (math.ceil(height / ph), math.ceil(width / pw))):
+            if rows * cols == patches:
+                return tokens[:, site.prefix :].reshape(batch, rows, cols, depth).permute(0, 3, 1, 2)
+        raise ValueError(
+            f"{patches} patch tokens do not form the patch grid of a {height}x{width} image with "
+            f"{ph}x{pw} patches; pass feature_module= and classifier= for this model"
+        )
 
     @property
     def pooled(self) -> Tensor:
@@ -239,21 +354,49 @@ class FeatureTap:
             raise RuntimeError("FeatureTap has captured nothing yet: run a forward of the model first")
         return self._pooled
 
-    def class_activation_maps(self, labels: Tensor, size: int | tuple[int, int] | None = None) -> Tensor:
-        """(B, H, W) normalised CAMs of the last forward for ``labels`` (B,); see :func:`class_activation_maps`."""
+    def class_activation_maps(
+        self, labels: Tensor, size: int | tuple[int, int] | None = None, *, normalized: bool = True
+    ) -> Tensor:
+        """CAMs of the last forward for ``labels`` (B,): (B, h, w), or (B, H, W) with ``size``.
+
+        Normalised as SnapMix (see :func:`normalize_cams`) unless ``normalized=False``, which gives
+        the raw float32 scores at the feature map's size (``size`` must then be None)."""
         features = self.features
         if features.ndim != 4:
             raise ValueError(
                 f"the tapped feature map must have shape (B, D, h, w), got shape {tuple(features.shape)}; "
                 "pass feature_module=<a module whose output is a spatial feature map>"
             )
-        if features.shape[1] != self.classifier.in_features:
-            raise ValueError(
-                f"the classifier {self.classifier} does not read the tapped feature map ({features.shape[1]} "
-                "channels): the model's head has hidden layers between pooling and logits, so its class "
-                "activation map is not a linear read-out; pass feature_module= and classifier= that match"
-            )
-        return class_activation_maps(features, self.classifier.weight, labels, self.classifier.bias, size)
+        if not normalized and size is not None:
+            raise ValueError(f"`size` is for normalised CAMs only, got size={size!r} with normalized=False")
+        site = self._site
+        if site is None:
+            if features.shape[1] != self.classifier.in_features:
+                raise ValueError(
+                    f"the classifier {self.classifier} does not read the tapped feature map ({features.shape[1]} "
+                    "channels): pass a feature_module whose output the classifier reads after pooling"
+                )
+            raw = class_activation_maps if normalized else _linear_cams
+            return raw(features, self.classifier.weight, labels, self.classifier.bias, size)
+        batch, depth, height, width = features.shape
+        _checks.check_shape("labels", labels, (batch,))
+        _checks.check_class_ids("labels", labels, self.classifier.out_features)
+        positions = features.detach().permute(0, 2, 3, 1).reshape(-1, depth).to(self.classifier.weight.dtype)
+        if site.layout == "NCHW":
+            constant_maps = positions[:, :, None, None]
+        elif site.layout == "NHWC":
+            constant_maps = positions[:, None, None, :]
+        else:  # every token the same: any pooling (class token, mean of patches) returns it
+            constant_maps = positions[:, None, :].expand(-1, site.prefix + 1, -1)
+        self._reading = True
+        try:
+            with torch.no_grad(), _eval_mode(self.model):
+                scores = site.head(constant_maps).float()  # (B * h * w, K)
+        finally:
+            self._reading = False
+        maps = scores.view(batch, height * width, -1).gather(2, labels.long()[:, None, None].expand(-1, height * width, 1))
+        maps = maps.view(batch, height, width)
+        return normalize_cams(maps, size) if normalized else maps
 
     def cams(
         self, images: Tensor, labels: Tensor, *, size: int | tuple[int, int] | None = None, eval_mode: bool = False
@@ -276,15 +419,8 @@ class FeatureTap:
             torch.Size([4, 2, 2])
         """
         images = _checks.check_images("images", images)
-        modes = {module: module.training for module in self.model.modules()} if eval_mode else {}
-        try:
-            if eval_mode:
-                self.model.eval()
-            with torch.no_grad():
-                self.model(images)
-        finally:
-            for module, training in modes.items():
-                module.training = training
+        with torch.no_grad(), _eval_mode(self.model) if eval_mode else contextlib.nullcontext():
+            self.model(images)
         return self.class_activation_maps(labels, size)
 
     def remove(self) -> None:

@@ -52,8 +52,12 @@ class CollaborativeEnsemble(nn.Module):
         members: the N models.
         combine: ``"mean"`` of member logits; ``"gate"``: ``sum_i g_i(x) z_i`` with
             ``g = softmax(Linear(concat pooled features))``; ``"fusion"``: ``Linear(concat pooled
-            features)``. Gate and fusion need members whose pooled features a
-            :class:`~cekd_losses.cam.FeatureTap` finds (torchvision ResNets, timm CNNs).
+            features)``. Gate and fusion read the input of each member's linear classifier
+            through a :class:`~cekd_losses.cam.FeatureTap` (found automatically for timm and
+            torchvision classifiers, see :func:`~cekd_losses.find_classifier`).
+        taps: gate and fusion only: one entry per member, a :class:`~cekd_losses.cam.FeatureTap` of
+            that member (``FeatureTap(member, classifier=...)`` for a custom model) or None to find
+            it automatically.
 
     Call: ``ensemble(x)`` feeds the same (B, C, H, W) input to every member, ``ensemble([x_1, ...,
     x_N])`` one view per member; returns :class:`EnsembleOutput`.
@@ -66,7 +70,12 @@ class CollaborativeEnsemble(nn.Module):
         (torch.Size([2, 4, 5]), torch.Size([4, 5]))
     """
 
-    def __init__(self, members: Sequence[nn.Module], combine: Combine = "mean") -> None:
+    def __init__(
+        self,
+        members: Sequence[nn.Module],
+        combine: Combine = "mean",
+        taps: Sequence[FeatureTap | None] | None = None,
+    ) -> None:
         super().__init__()
         if not isinstance(members, (list, tuple, nn.ModuleList)):
             raise TypeError(f"`members` must be a list of nn.Module, got {type(members).__name__}")
@@ -84,8 +93,22 @@ class CollaborativeEnsemble(nn.Module):
         self.num_classes = known.pop() if known else None
 
         self._taps: list[FeatureTap] = []
+        if taps is not None and combine == "mean":
+            raise ValueError("`taps` are read by combine='gate' or 'fusion' only, got taps with combine='mean'")
+        if taps is not None and (not isinstance(taps, (list, tuple)) or len(taps) != len(members)):
+            raise ValueError(f"`taps` must be a list of N = {len(members)} FeatureTap or None entries, got {taps!r}"[:200])
         if combine != "mean":
-            self._taps = [FeatureTap(member) for member in members]
+            given = list(taps) if taps is not None else [None] * len(members)
+            for i, (member, tap) in enumerate(zip(members, given)):
+                if tap is not None and (not isinstance(tap, FeatureTap) or tap.model is not member):
+                    raise ValueError(f"`taps[{i}]` must be a FeatureTap of members[{i}], got {type(tap).__name__}")
+                if tap is None and find_classifier(member) is None:
+                    raise ValueError(
+                        f"combine={combine!r} reads the input of each member's linear classifier, and none was "
+                        f"found in members[{i}] ({type(member).__name__}); pass taps=[..., "
+                        f"FeatureTap(members[{i}], classifier=<its nn.Linear head>), ...] (None for the others)"
+                    )
+            self._taps = [tap if tap is not None else FeatureTap(member) for member, tap in zip(members, given)]
             depth = sum(tap.classifier.in_features for tap in self._taps)
             out = len(members) if combine == "gate" else self._taps[0].classifier.out_features
             self.head = nn.Linear(depth, out)

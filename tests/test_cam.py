@@ -133,14 +133,17 @@ def test_tap_errors():
     unnamed_head = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
     with pytest.raises(ValueError, match="could not find the linear classifier of Sequential.*classifier="):
         FeatureTap(unnamed_head)
-    with pytest.raises(ValueError, match="could not find the global pooling layer of TinyNet.*feature_module="):
-        FeatureTap(TinyNet(), classifier=nn.Linear(4, 3))
+    tap = FeatureTap(TinyNet())  # its head is found, its feature map is not: pooled features work, CAMs say why not
+    TinyNet.forward(tap.model, torch.rand(2, 3, 8, 8))
+    assert tap.pooled.shape == (2, 4)
+    with pytest.raises(ValueError, match="could not find the last feature map of TinyNet.*feature_module="):
+        tap.class_activation_maps(torch.tensor([0, 1]))
     mobilenet = torchvision.models.mobilenet_v3_small(num_classes=3)
-    tap = FeatureTap(mobilenet)  # head found (classifier[-1]); its pooled input serves gate/fusion ensembles
+    tap = FeatureTap(mobilenet, feature_module=mobilenet.features)  # a linear read-out that does not fit
     mobilenet(torch.rand(2, 3, 32, 32))
     assert tap.pooled.shape == (2, 1024) and tap.features.shape[1] == 576
     with pytest.raises(ValueError, match=r"Linear\(in_features=1024, out_features=3.*does not read the tapped "
-                                         r"feature map \(576 channels\).*hidden layers"):
+                                         r"feature map \(576 channels\)"):
         tap.class_activation_maps(torch.tensor([0, 1]))
     with pytest.raises(TypeError, match="`classifier` must be the model's linear head.*got Sequential"):
         FeatureTap(mobilenet, classifier=mobilenet.classifier)

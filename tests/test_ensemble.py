@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from cekd_losses import CollaborativeEnsemble, EnsembleOutput
+from cekd_losses import CollaborativeEnsemble, EnsembleOutput, FeatureTap
 
 
 def tiny_resnets(n: int, classes: int = 4) -> list[nn.Module]:
@@ -127,8 +127,17 @@ def test_ensemble_errors():
         CollaborativeEnsemble([Flat(3), Flat(5)])
     with pytest.raises(ValueError, match=r"`combine` must be one of 'mean', 'gate', 'fusion', got 'max'"):
         CollaborativeEnsemble([Flat(), Flat()], combine="max")
-    with pytest.raises(ValueError, match=r"could not find the global pooling layer of Flat"):
-        CollaborativeEnsemble([Flat(), Flat()], combine="gate")
+    headless = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))  # no named head: the error says how to give one
+    with pytest.raises(ValueError, match=r"none was found in members\[1\] \(Sequential\); pass taps=\[..., "
+                                         r"FeatureTap\(members\[1\], classifier="):
+        CollaborativeEnsemble([Flat(), headless], combine="gate")
+    ensemble = CollaborativeEnsemble([Flat(), headless], combine="fusion",
+                                     taps=[None, FeatureTap(headless, classifier=headless[1])])
+    assert ensemble(torch.rand(2, 3, 2, 2)).ensemble_logits.shape == (2, 3)
+    with pytest.raises(ValueError, match=r"`taps\[0\]` must be a FeatureTap of members\[0\]"):
+        CollaborativeEnsemble([Flat(), headless], combine="gate", taps=[FeatureTap(headless, classifier=headless[1]), None])
+    with pytest.raises(ValueError, match=r"`taps` are read by combine='gate' or 'fusion' only"):
+        CollaborativeEnsemble([Flat(), Flat()], taps=[None, None])
     with pytest.raises(ValueError, match=r"member 1 must return \(B, K\) logits, got shape \(2, 3, 1\)"):
         CollaborativeEnsemble([Flat(), Broken()])(torch.rand(2, 3, 2, 2))
     with pytest.raises(ValueError, match=r"`x` must be one input tensor or a sequence of N = 2 inputs, got a sequence of 3"):

@@ -104,7 +104,6 @@ def _linear_cams(
     classifier_weight: Tensor,
     labels: Tensor,
     classifier_bias: Tensor | None = None,
-    size: None = None,
 ) -> Tensor:
     """Raw (B, h, w) float32 CAMs ``w[label] . F + b`` (checked as :func:`class_activation_maps`)."""
     feature_maps = _checks.check_maps("feature_maps", feature_maps, ("B", "D", "h", "w"))
@@ -172,7 +171,8 @@ def _find_feature_site(model: nn.Module) -> _FeatureSite | None:
 
     def pool_and_head(features: Tensor) -> Tensor:
         pooled = pool(features)
-        return head(pooled if flattens else torch.flatten(pooled, 1))
+        logits: Tensor = head(pooled if flattens else torch.flatten(pooled, 1))
+        return logits
 
     return _FeatureSite(pool, True, "NCHW", pool_and_head)
 
@@ -376,8 +376,8 @@ class FeatureTap:
                     f"the classifier {self.classifier} does not read the tapped feature map ({features.shape[1]} "
                     "channels): pass a feature_module whose output the classifier reads after pooling"
                 )
-            raw = class_activation_maps if normalized else _linear_cams
-            return raw(features, self.classifier.weight, labels, self.classifier.bias, size)
+            maps = _linear_cams(features, self.classifier.weight, labels, self.classifier.bias)
+            return normalize_cams(maps, size) if normalized else maps
         batch, depth, height, width = features.shape
         _checks.check_shape("labels", labels, (batch,))
         _checks.check_class_ids("labels", labels, self.classifier.out_features)

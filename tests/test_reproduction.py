@@ -288,7 +288,9 @@ def test_build_model_and_local_pretrained_weights(tmp_path):
     [{"method": "baseline"}, {"method": "mixup"}, {"method": "cutmix"}, {"method": "snapmix"},
      {"method": "cekd", "mix": "cutmix"}, {"method": "cekd", "mix": "snapmix", "combine": "gate"},
      {"method": "cekd", "no_cross": True, "arch": "resnet18,timm:resnet18"},
-     {"method": "cekd", "no_ensemble": True, "amp": "bf16", "channels_last": True}],
+     {"method": "cekd", "no_ensemble": True, "amp": "bf16", "channels_last": True},
+     {"method": "snapmix", "arch": "timm:vit_tiny_patch16_224"},
+     {"method": "cekd", "mix": "snapmix", "combine": "fusion", "arch": "resnet18,timm:deit_tiny_patch16_224"}],
     ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()),
 )
 def test_smoke_every_method(overrides, tmp_path):
@@ -526,6 +528,16 @@ def test_cli_ablation_resumes_from_its_saved_plan(tmp_path, monkeypatch):
     assert cli_module.main(["--resume", "abl", "--ablation", "--quiet"]) == 0
     assert calls == [("baseline", False), ("cutmix", False)]
     assert "| cutmix |" in (tmp_path / "abl" / "results.md").read_text()
+
+
+def test_cli_trains_a_token_model_beside_a_cnn(tmp_path, monkeypatch, capsys):
+    import reproduce_cekd as cli_module
+
+    monkeypatch.chdir(tmp_path)
+    assert cli_module.main([*TINY_ARGS, "--arch", "resnet18,timm:vit_tiny_patch16_224", "--mix", "snapmix",
+                            "--run-dir", "run"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("results in run")
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["arch"] == "resnet18,timm:vit_tiny_patch16_224"
 
 
 def test_cli_paper_preset_without_pretrained_warns(tmp_path, monkeypatch, capsys):

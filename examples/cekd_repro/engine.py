@@ -290,7 +290,7 @@ class Run:
 def build_run(config: RunConfig, num_classes: int, place: Placement, steps_per_epoch: int, rank: int = 0,
               world: int = 1) -> Run:
     """Models on the device, optimizer (10x head lr as the paper), schedule, mixer, CAM tap and loss of a run."""
-    models = [build_model(arch, num_classes, config.pretrained) for arch in config.archs()]
+    models = [build_model(arch, num_classes, config.pretrained, config.image_size) for arch in config.archs()]
     net = place.module(CollaborativeEnsemble(models, config.combine) if config.method == "cekd" else models[0])
     if config.compile:
         for model in models:

@@ -17,11 +17,13 @@ def _classifier(model: nn.Module) -> nn.Linear:
     return head
 
 
-def build_model(arch: str, num_classes: int, pretrained: str | None = None) -> nn.Module:
+def build_model(arch: str, num_classes: int, pretrained: str | None = None, image_size: int | None = None) -> nn.Module:
     """``arch``: a torchvision classification model name (resnet18, resnet50, ...) or ``timm:<name>``.
 
-    The head is built for ``num_classes``. ``pretrained`` is a local state-dict file (no download):
-    every weight but the head's must match the architecture.
+    The head is built for ``num_classes``. ``image_size`` reaches the models that fix it at creation
+    (timm ViT, DeiT, Swin and the like as ``img_size``; torchvision ViT as ``image_size``).
+    ``pretrained`` is a local state-dict file (no download): every weight but the head's must match
+    the architecture (position embeddings included, so their image size too).
     """
     if arch.startswith("timm:"):
         import timm
@@ -29,13 +31,18 @@ def build_model(arch: str, num_classes: int, pretrained: str | None = None) -> n
         name = arch[len("timm:"):]
         if name not in timm.list_models():
             raise ValueError(f"unknown timm model {name!r} in --arch {arch!r}")
-        model = timm.create_model(name, pretrained=False, num_classes=num_classes)
+        try:
+            model = timm.create_model(name, pretrained=False, num_classes=num_classes,
+                                      **({"img_size": image_size} if image_size else {}))
+        except TypeError:  # a model without a fixed input size (CNNs) takes no img_size
+            model = timm.create_model(name, pretrained=False, num_classes=num_classes)
     else:
         import torchvision
 
         if arch not in torchvision.models.list_models(module=torchvision.models):
             raise ValueError(f"unknown torchvision classification model {arch!r} in --arch; for timm use 'timm:<name>'")
-        model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+        sized = {"image_size": image_size} if arch.startswith("vit_") and image_size else {}
+        model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **sized)
     if pretrained is not None:
         load_pretrained(model, pretrained)
     return model

@@ -460,23 +460,22 @@ def test_cutmix_box_side_is_sqrt_of_one_minus_lambda(seed, height, width):
     dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]),
 )
 def test_shared_box_slicing_path_equals_general_kernels(seed, batch, height, width, dtype):
-    """same_on_batch draws its one box on the host and pastes by slicing: same result as the vectorised kernels."""
-    from cekd_losses.mixing import _cutmix, _snapmix
-
+    """same_on_batch draws its one box on the host and pastes by slicing; replaying the boxes it returns
+    through the vectorised public kernels gives the same batch."""
     g = torch.Generator().manual_seed(seed)
     images = torch.rand(batch, 3, height, width, generator=g).to(dtype)
-    targets = onehot(torch.randint(0, 3, (batch,), generator=g), 3)
+    labels = torch.randint(0, 3, (batch,), generator=g)
+    targets = onehot(labels, 3)
     cams = torch.rand(batch, height, width, generator=g)
-    index = torch.randint(0, batch, (batch,), generator=g)
-    target_box, source_box = random_box(g, height, width), random_box(g, height, width)
-    target_boxes, source_boxes = torch.tensor([target_box] * batch), torch.tensor([source_box] * batch)
 
-    general = cutmix(images, targets, index, target_boxes)
-    sliced = _cutmix(images, targets, index, target_boxes, tuple(target_box))
+    mixer = MixingAugmenter("cutmix", 3, same_on_batch=True, generator=torch.Generator().manual_seed(seed))
+    sliced = mixer(images, labels)
+    general = cutmix(images, targets, sliced.partner, sliced.boxes)
     assert torch.equal(general.images, sliced.images) and torch.equal(general.targets, sliced.targets)
 
-    general = snapmix(images, targets, cams, index, target_boxes, source_boxes)
-    sliced = _snapmix(images, targets, cams, index, target_boxes, source_boxes, False, (tuple(target_box), tuple(source_box)))
+    mixer = MixingAugmenter("snapmix", 3, same_on_batch=True, generator=torch.Generator().manual_seed(seed))
+    sliced = mixer(images, labels, cams)
+    general = snapmix(images, targets, cams, sliced.partner, sliced.boxes, sliced.source_boxes)
     tolerance = 1e-2 if dtype == torch.bfloat16 else 1e-5  # bilinear via grid_sample vs interpolate, one rounding apart
     assert torch.allclose(general.images.double(), sliced.images.double(), atol=tolerance)
     assert torch.equal(general.targets, sliced.targets) and torch.equal(general.applied, sliced.applied)

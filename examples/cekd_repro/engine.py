@@ -338,6 +338,35 @@ def run_step(run: Run, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
     return {**{name: value.detach().float() for name, value in out.parts.items()}, "grad_norm": grad_norm.detach().float()}
 
 
+def save_checkpoint(run: Run, path: Path, epoch: int, history: list[dict]) -> None:
+    """Everything a resume needs after ``epoch`` epochs, written atomically (a kill mid-write leaves the
+    previous checkpoint whole)."""
+    _write_atomic(path, {
+        "epoch": epoch, "model": run.net.state_dict(), "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(), "rng": _rng_states(),
+        "mixer_generator": run.mixer.generator.get_state() if run.mixer is not None and run.mixer.generator else None,
+        "history": history,
+    })
+
+
+def load_checkpoint(run: Run, path: Path) -> tuple[int, list[dict]]:
+    """Restore ``run`` and the RNGs from :func:`save_checkpoint`'s file; returns (epochs done, history)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # unpickling raises many types
+        raise ValueError(f"--resume {path.parent}: {path} is not a readable checkpoint ({type(error).__name__}); "
+                         "it is written atomically, so it was damaged after the run: delete it to restart from "
+                         "epoch 0") from None
+    run.net.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.scaler.load_state_dict(state["scaler"])
+    if run.mixer is not None and run.mixer.generator is not None:
+        run.mixer.generator.set_state(state["mixer_generator"])
+    _set_rng_states(state["rng"])
+    return state["epoch"], state["history"]
+
+
 RUN_FILES = {"config.json", "metrics.jsonl", "checkpoint.pt", "checkpoint.pt.partial", "cams.png"}
 RESUME_CHANGES = ("epochs", "workers", "device", "quiet")  # what --resume may change; the rest is the run
 
@@ -415,26 +444,12 @@ def train(config: RunConfig, run_dir: str | Path, resume: bool = False) -> dict:
         raise ValueError(f"--batch-size {config.batch_size} is larger than this rank's {len(train_loader.sampler)} "
                          "training images: no full batch to train on")
     run = build_run(config, num_classes, place, len(train_loader), rank, world)
-    net, optimizer, scheduler, scaler, mixer = run.net, run.optimizer, run.scheduler, run.scaler, run.mixer
 
     history: list[dict] = []
     start_epoch = 0
     checkpoint_path = run_dir / "checkpoint.pt"
     if resume and checkpoint_path.exists():
-        try:
-            state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
-        except Exception as error:  # unpickling raises many types
-            raise ValueError(f"--resume {run_dir}: {checkpoint_path} is not a readable checkpoint ({type(error).__name__}); "
-                             "it is written atomically, so it was damaged after the run: delete it to restart from "
-                             "epoch 0") from None
-        net.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        if mixer is not None:
-            mixer.generator.set_state(state["mixer_generator"])
-        _set_rng_states(state["rng"])
-        history, start_epoch = state["history"], state["epoch"]
+        start_epoch, history = load_checkpoint(run, checkpoint_path)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
@@ -457,17 +472,13 @@ def train(config: RunConfig, run_dir: str | Path, resume: bool = False) -> dict:
         sums_read = place.read(sums)
         record = {"epoch": epoch + 1, **{f"loss_{k}": v[0] / seen for k, v in sums_read.items() if k != "grad_norm"},
                   "grad_norm": sums_read["grad_norm"][0] / steps,
-                  **{f"top1_{k}": v for k, v in top1.items()}, "lr": optimizer.param_groups[0]["lr"],
+                  **{f"top1_{k}": v for k, v in top1.items()}, "lr": run.optimizer.param_groups[0]["lr"],
                   "images_per_s": seen * world / train_time, "epoch_s": time.perf_counter() - start}
         history.append(record)
         if rank == 0:
             with open(run_dir / "metrics.jsonl", "a") as log:
                 log.write(json.dumps(record) + "\n")
-            _write_atomic(checkpoint_path, {
-                "epoch": epoch + 1, "model": net.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": _rng_states(),
-                "mixer_generator": mixer.generator.get_state() if mixer is not None else None, "history": history,
-            })
+            save_checkpoint(run, checkpoint_path, epoch + 1, history)
             if not config.quiet:
                 _print_line(epoch_line(record, config.epochs))
     if rank == 0 and config.visualize_cams:
@@ -475,7 +486,7 @@ def train(config: RunConfig, run_dir: str | Path, resume: bool = False) -> dict:
 
         save_cam_figure(run.members, test_set, place, config.visualize_cams, run_dir / "cams.png")
     if rank == 0 and config.keep == "weights" and history and history[-1]["epoch"] == config.epochs:
-        _write_atomic(run_dir / "weights.pt", net.state_dict())
+        _write_atomic(run_dir / "weights.pt", run.net.state_dict())
         checkpoint_path.unlink(missing_ok=True)
     if run.tap is not None:
         run.tap.remove()

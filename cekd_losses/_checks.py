@@ -8,6 +8,7 @@ indexing that uses them.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -144,3 +145,10 @@ def check_boxes(name: str, value: object, batch: int, height: int, width: int) -
                 f"0 <= y1 <= y2 <= {height}, got {boxes[bad].tolist()} at row {bad}"
             )
     return boxes
+
+
+def without_autocast(device: torch.device) -> contextlib.AbstractContextManager[None]:
+    """A region where autocast is off on ``device`` (CPU and CUDA; other devices have none to turn off)."""
+    if device.type in ("cpu", "cuda"):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()

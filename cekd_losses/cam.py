@@ -390,8 +390,8 @@ class FeatureTap:
             constant_maps = positions[:, None, :].expand(-1, site.prefix + 1, -1)
         self._reading = True
         try:
-            with torch.no_grad(), _eval_mode(self.model):
-                scores = site.head(constant_maps).float()  # (B * h * w, K)
+            with torch.no_grad(), _eval_mode(self.model), _checks.without_autocast(positions.device):
+                scores = site.head(constant_maps).float()  # (B * h * w, K), in the head's own precision
         finally:
             self._reading = False
         maps = scores.view(batch, height * width, -1).gather(2, labels.long()[:, None, None].expand(-1, height * width, 1))

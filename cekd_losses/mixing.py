@@ -498,8 +498,15 @@ class MixingAugmenter(nn.Module):
 
     def forward(self, images: Tensor, labels: Tensor, cams: Tensor | None = None) -> MixedBatch:
         """Mix ``images`` (B, C, H, W) with ``labels`` (B,) ids or (B, K) soft targets; ``cams`` (B, h, w)
-        for snapmix only. Returns the :class:`MixedBatch`."""
+        for snapmix only. Returns the :class:`MixedBatch`.
+
+        Runs outside any autocast region (its own precision rules hold under AMP), so a mix is the
+        same with and without ``torch.autocast``."""
         images = _checks.check_images("images", images)
+        with _checks.without_autocast(images.device):
+            return self._mix(images, labels, cams)
+
+    def _mix(self, images: Tensor, labels: Tensor, cams: Tensor | None) -> MixedBatch:
         batch, _, height, width = images.shape
         _checks.check_same_device("labels", _checks.check_tensor("labels", labels), "images", images)
         targets = self.soft_targets(labels, batch)

@@ -530,3 +530,16 @@ def test_beta_draws_without_private_torch_api(alpha, monkeypatch):
     assert stats.kstest(draws.double().numpy(), stats.beta(alpha, alpha).cdf).pvalue > 1e-3
     batch = MixingAugmenter("mixup", 3, mix_alpha=alpha)(torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 0]))
     assert ((batch.lam_a >= 0) & (batch.lam_a <= 1)).all()
+
+
+@pytest.mark.parametrize("method", ["mixup", "cutmix", "snapmix"])
+def test_a_mix_is_the_same_under_autocast(method):
+    """The engine mixes inside its AMP region: the mixer's own precision rules must hold there."""
+    images, labels = torch.rand(6, 3, 20, 20), torch.arange(6) % 3
+    cams = torch.rand(6, 5, 5) if method == "snapmix" else None
+    mixer = lambda: MixingAugmenter(method, 3, generator=torch.Generator().manual_seed(1))  # noqa: E731
+    plain = mixer()(images, labels, cams)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_amp = mixer()(images, labels, cams)
+    assert under_amp.images.dtype == torch.float32
+    assert torch.equal(plain.images, under_amp.images) and torch.equal(plain.targets, under_amp.targets)

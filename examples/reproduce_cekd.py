@@ -168,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.resume:
             run_dir = Path(args.resume)
+            if (run_dir / "ablation.json").exists():
+                raise ValueError(f"--resume {run_dir} holds an ablation: add --ablation")
             config = resumed_config(run_dir, **changes)
             if not config.quiet:
                 print(f"resuming {run_dir}" + (f" with {changes}" if changes else ""))

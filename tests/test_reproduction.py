@@ -525,6 +525,8 @@ def test_cli_ablation_resumes_from_its_saved_plan(tmp_path, monkeypatch):
     monkeypatch.setattr(ablation, "train", real_train)
     with pytest.raises(SystemExit, match="already holds an ablation"):
         cli_module.main([*TINY_ARGS, "--ablation", "--seeds", "1", "--run-dir", "abl"])
+    with pytest.raises(SystemExit, match="holds an ablation: add --ablation"):
+        cli_module.main(["--resume", "abl"])
     assert cli_module.main(["--resume", "abl", "--ablation", "--quiet"]) == 0
     assert calls == [("baseline", False), ("cutmix", False)]
     assert "| cutmix |" in (tmp_path / "abl" / "results.md").read_text()

@@ -104,7 +104,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     add("--run-dir", dest="run_dir", help="where to write (default runs/<method>-<time>); never overwritten")
     add("--resume", metavar="RUN_DIR",
         help="continue the run (or ablation) in RUN_DIR with its saved config; may change --epochs (multistep "
-             "schedule only), --workers, --device, --quiet")
+             "schedule only), --workers, --device (same kind), --quiet")
     add("--ablation", action="store_true", help="run the ablation table instead of one method")
     add("--seeds", type=int, help="ablation: seeds per method [default: 3]")
     return parser.parse_args(argv)

@@ -399,6 +399,8 @@ def test_resume_changes_only_what_it_may(tmp_path):
     train(config, tmp_path / "run")
     with pytest.raises(ValueError, match=r"cannot change --batch-size, --lr \(it may change --epochs"):
         engine.resumed_config(tmp_path / "run", lr=0.5, batch_size=2)
+    with pytest.raises(ValueError, match=r"--device cuda: this run trains on cpu and resumes on that kind of device"):
+        engine.resumed_config(tmp_path / "run", device="cuda")
     with pytest.raises(ValueError, match=r"--epochs 0: a resumed run keeps its 1 epochs"):
         engine.resumed_config(tmp_path / "run", epochs=0)
     record = train(engine.resumed_config(tmp_path / "run", epochs=2), tmp_path / "run", resume=True)

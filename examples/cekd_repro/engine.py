@@ -369,6 +369,7 @@ def load_checkpoint(run: Run, path: Path) -> tuple[int, list[dict]]:
 
 RUN_FILES = {"config.json", "metrics.jsonl", "checkpoint.pt", "checkpoint.pt.partial", "cams.png"}
 RESUME_CHANGES = ("epochs", "workers", "device", "quiet")  # what --resume may change; the rest is the run
+# (--device only within its kind: cuda:0 -> cuda:1, not cuda -> cpu)
 
 
 def _read_config(run_dir: Path) -> dict:
@@ -398,6 +399,10 @@ def apply_resume_changes(saved: RunConfig, changes: dict, source: Path) -> RunCo
         raise ValueError(f"--resume continues the run as saved in {source}; it cannot change "
                          + ", ".join("--" + name.replace("_", "-") for name in refused)
                          + f" (it may change {', '.join('--' + n for n in RESUME_CHANGES)})")
+    device = changes.get("device", saved.device)
+    if device.split(":")[0] != saved.device.split(":")[0]:
+        raise ValueError(f"--device {device}: this run trains on {saved.device} and resumes on that kind of device "
+                         "(its mixer's random stream lives there); another index of it is fine")
     epochs = changes.get("epochs", saved.epochs)
     if epochs < saved.epochs or (epochs != saved.epochs and saved.schedule == "onecycle"):
         raise ValueError(f"--epochs {epochs}: a resumed run keeps its {saved.epochs} epochs, or extends them with "

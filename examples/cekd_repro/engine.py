@@ -161,7 +161,7 @@ class Placement:
         self.device = device
         # x / 255 normalised = x * scale - shift, one fused multiply-add on the device
         self.scale = (1.0 / (255.0 * torch.tensor(std))).view(1, -1, 1, 1).to(device)
-        self.shift = (torch.tensor(mean) / torch.tensor(std)).view(1, -1, 1, 1).to(device)
+        self.neg_shift = (-torch.tensor(mean) / torch.tensor(std)).view(1, -1, 1, 1).to(device)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
 
@@ -170,10 +170,11 @@ class Placement:
 
     def images(self, images: Tensor) -> Tensor:
         """uint8 (or [0, 1] float) host images -> normalised float32 images on the device."""
-        images = images.to(self.device, non_blocking=True)
+        # the memory format is applied to the small uint8 batch; the float ops below keep it
+        images = images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
         scale = self.scale if images.dtype == torch.uint8 else self.scale * 255.0
-        normalised = torch.addcmul(-self.shift, images.float(), scale)
-        return normalised.contiguous(memory_format=self.memory_format)
+        normalised = torch.addcmul(self.neg_shift, images.float(), scale)
+        return normalised.contiguous(memory_format=self.memory_format)  # a no-op when the layout was kept
 
     def batch(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         return self.images(images), labels.to(self.device, non_blocking=True)

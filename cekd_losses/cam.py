@@ -303,6 +303,18 @@ class FeatureTap:
         handles.append(model.register_forward_pre_hook(self._save_image_size))
         self._handles = handles
 
+    def __repr__(self) -> str:
+        site = self._site
+        if self._no_site:
+            where = "not found (pooled features only)"
+        elif site is None:
+            where = "the given feature_module"
+        else:
+            side = "input" if site.take_input else "output"
+            where = f"{site.layout} {side} of {type(site.module).__name__}"
+        state = "" if self._handles else ", removed"
+        return f"FeatureTap(model={type(self.model).__name__}, feature_map={where}, classifier={self.classifier}{state})"
+
     # The hooks do nothing while the tap itself runs the head for CAMs (``_reading``).
     def _save_image_size(self, module: nn.Module, inputs: tuple[Any, ...]) -> None:
         if not self._reading and inputs and isinstance(inputs[0], Tensor) and inputs[0].ndim == 4:

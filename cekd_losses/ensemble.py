@@ -117,7 +117,7 @@ class CollaborativeEnsemble(nn.Module):
         return len(self.members)
 
     def extra_repr(self) -> str:
-        return f"combine={self.combine!r}"
+        return f"members={len(self.members)}, num_classes={self.num_classes}, combine={self.combine!r}"
 
     def member(self, i: int) -> nn.Module:
         """The i-th wrapped model, as given (for export or single-model inference)."""

@@ -20,7 +20,7 @@ from dataclasses import fields, replace
 from pathlib import Path
 
 from cekd_repro.ablation import run_ablation
-from cekd_repro.engine import METHODS, RunConfig, RunDirExists, resumed_config, train
+from cekd_repro.engine import METHODS, Diverged, RunConfig, RunDirExists, resumed_config, train
 
 PRESETS = {
     # Synthetic set, torchvision resnet18 from scratch at 64 px; see docs/reproduction.rst for why these values.
@@ -104,7 +104,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     add("--run-dir", dest="run_dir", help="where to write (default runs/<method>-<time>); never overwritten")
     add("--resume", metavar="RUN_DIR",
         help="continue the run (or ablation) in RUN_DIR with its saved config; may change --epochs (multistep "
-             "schedule only), --workers, --device (same kind), --quiet")
+             "schedule only), --workers, --device (same kind), --quiet, --clip-grad, --amp")
     add("--ablation", action="store_true", help="run the ablation table instead of one method")
     add("--seeds", type=int, help="ablation: seeds per method [default: 3]")
     return parser.parse_args(argv)
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             run_dir = Path(args.run_dir or f"runs/{config.method}-{time.strftime('%Y%m%d-%H%M%S')}")
         record = train(config, run_dir, resume=bool(args.resume))
-    except (RunDirExists, OSError, ValueError) as error:
+    except (RunDirExists, Diverged, OSError, ValueError) as error:
         raise SystemExit(f"error: {_one_line(error)}") from None
     print_table(record)
     print(f"results in {run_dir} ({time.time() - start:.0f} s)")

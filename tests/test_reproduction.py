@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
+import re
 import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -147,7 +151,8 @@ def test_every_tensor_of_a_run_stays_on_its_device(overrides, tmp_path, monkeypa
 
     def read(values):
         reads.append({name: value.device.type for name, value in values.items()})
-        return {name: [1.0] * value.numel() for name, value in values.items()}
+        # every count and sum 1, and a clean divergence verdict (all zeros: nothing non-finite)
+        return {name: [0.0 if name == "verdict" else 1.0] * value.numel() for name, value in values.items()}
 
     monkeypatch.setattr(Placement, "read", staticmethod(read))
     record = train(replace(TINY, device="meta", **overrides), tmp_path / "run")
@@ -613,3 +618,136 @@ def test_presets_and_explicit_arguments():
     assert config("--preset", "paper", "--dataset", "cub", "--data-root", "x", "--method", "cutmix").mix_alpha == 3.0
     assert config("--preset", "paper", "--dataset", "cub", "--data-root", "x", "--mix-alpha", "2").mix_alpha == 2.0
     assert config("--epochs", "3", "--no-cross").epochs == 3 and config("--no-cross").no_cross
+
+
+# ---------------------------------------------------------------- divergence, safe checkpoints, what a run says
+
+
+def plant(path: str) -> None:
+    """What a malicious checkpoint would run on load."""
+    Path(path).write_text("ran")
+
+
+class Planted:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return plant, (self.path,)
+
+
+def diverging_from_epoch_two(monkeypatch) -> None:
+    """From the second epoch on, the training images hold NaN (a bad data file): loss, gradient and weights follow."""
+    real_step = engine.run_step
+
+    def run_step(run, images, labels):
+        if run.scheduler.last_epoch >= 3:  # TINY: 24 images, batch 8, 3 steps per epoch
+            images = images * float("nan")
+        return real_step(run, images, labels)
+
+    monkeypatch.setattr(engine, "run_step", run_step)
+
+
+def test_a_diverging_epoch_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    config = replace(TINY, method="cekd", epochs=3, schedule="multistep", milestones=[9])
+    good = train(replace(config, epochs=1), tmp_path / "run")  # epoch 1's checkpoint, then extend
+    saved = (tmp_path / "run" / "checkpoint.pt").read_bytes()
+    with monkeypatch.context() as patch:
+        diverging_from_epoch_two(patch)
+        with pytest.raises(engine.Diverged, match=r"^epoch 2 diverged: loss total, supervised, cross, ensemble went "
+                                                  r"non-finite; checkpoint.pt of epoch 1 is kept: --resume .*run "
+                                                  r"--clip-grad 5 continues from it"):
+            train(engine.resumed_config(tmp_path / "run", epochs=3), tmp_path / "run", resume=True)
+    assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == saved  # untouched: no checkpoint of a bad epoch
+    records = history(tmp_path / "run")
+    assert records[0] == good and records[1]["epoch"] == 2
+    assert records[1]["diverged"] == ["total", "supervised", "cross", "ensemble", "grad_norm"]
+    # the last good state goes on, with what a resume may change after a divergence
+    resumed = train(engine.resumed_config(tmp_path / "run", epochs=3, clip_grad=5.0), tmp_path / "run", resume=True)
+    assert [r["epoch"] for r in history(tmp_path / "run")] == [1, 2, 3] and resumed["epoch"] == 3
+    assert all(math.isfinite(v) for k, v in resumed.items() if k.startswith(("loss_", "top1_")))
+
+
+def test_weights_that_overflow_with_finite_losses_are_caught(tmp_path):
+    """lr 1e5 without clipping: the first epoch's losses stay finite while the weights overflow."""
+    with pytest.raises(engine.Diverged, match=r"^epoch 1 diverged: .*no epoch finished: start again with a lower --lr"):
+        train(replace(TINY, lr=1e5, clip_grad=None), tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    assert history(tmp_path / "run")[-1]["epoch"] == 1 and "diverged" in history(tmp_path / "run")[-1]
+    assert train(TINY, tmp_path / "run")["epoch"] == 1  # no dead end: the dir is reused
+
+
+def test_cli_divergence_is_one_line_and_a_failure(tmp_path):
+    """The issue's command: it used to print nan losses, exit 0 and overwrite the checkpoint with NaN weights."""
+    result = cli("--lr", "1e5", "--epochs", "3", "--classes", "4", "--train-per-class", "8", "--test-per-class", "4",
+                 "--image-size", "32", "--batch-size", "8", "--run-dir", "run", cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    error = result.stderr.strip().splitlines()
+    assert len(error) == 1 and re.match(r"error: epoch \d diverged: .* went non-finite", error[0])
+    checkpoint = tmp_path / "run" / "checkpoint.pt"
+    if checkpoint.exists():  # whatever epoch diverged, what was kept is finite
+        state = torch.load(checkpoint, weights_only=True)
+        assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+
+
+def test_checkpoints_load_safely(tmp_path):
+    train(TINY, tmp_path / "run")
+    path = tmp_path / "run" / "checkpoint.pt"
+    state = torch.load(path, weights_only=True)  # tensors and plain types only
+    # a checkpoint of the previous format (NumPy's RNG state as an array) still resumes
+    state["rng"]["numpy"] = np.random.RandomState(3).get_state()
+    torch.save(state, path)
+    resumed = engine.resumed_config(tmp_path / "run", epochs=1)
+    assert train(resumed, tmp_path / "run", resume=True)["epoch"] == 1
+    # a crafted one is refused by name, and its code never runs
+    marker = tmp_path / "planted"
+    state["history"] = [Planted(str(marker))]
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"checkpoint.pt holds pickled objects \(.*plant\) that a safe load refuses"):
+        train(resumed, tmp_path / "run", resume=True)
+    assert not marker.exists()
+
+
+def test_config_json_records_the_options_that_apply(tmp_path):
+    train(replace(TINY, method="baseline"), tmp_path / "baseline")
+    saved = json.loads((tmp_path / "baseline" / "config.json").read_text())
+    assert {"resize", "data_root", "milestones", "mix", "mix_alpha", "temperature", "alpha"}.isdisjoint(saved)
+    assert saved["classes"] == 4 and saved["schedule"] == "onecycle"
+    cekd = replace(TINY, method="cekd", mix="snapmix", schedule="multistep", milestones=[5])
+    assert {"mix", "mix_alpha", "temperature", "milestones"} <= set(cekd.saved()) and "resize" not in cekd.saved()
+    real = replace(TINY, dataset="cub", data_root="/data/cub")
+    assert {"resize", "data_root"} <= set(real.saved()) and "classes" not in real.saved()
+    # a run dir written before (every option recorded) still resumes
+    (tmp_path / "baseline" / "config.json").write_text(json.dumps(dataclasses.asdict(replace(TINY, method="baseline"))))
+    assert engine.resumed_config(tmp_path / "baseline") == replace(TINY, method="baseline")
+
+
+def test_a_run_says_what_it_trains_at_once_and_shows_progress_in_a_log(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(engine, "HEARTBEAT_S", 0.0)  # every batch is "slow": one progress line each
+    train(replace(TINY, method="cekd", quiet=False), tmp_path / "run")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == (f"training cekd over cutmix: 2 x resnet18, synthetic 4 classes, 24 train / 12 test images at "
+                        f"32 px, cpu, 1 epochs of batch 8 -> {tmp_path / 'run'}")
+    assert [re.sub(r"\d+ s$", "T", line) for line in lines[1:4]] == [
+        f"  epoch 1/1: {step}/3 batches, T" for step in (1, 2, 3)]
+    assert lines[4].startswith("epoch 1/1  loss total") and len(lines) == 5
+
+
+def test_epoch_line_shows_skipped_fp16_steps():
+    record = {"epoch": 2, "loss_total": 1.0, "top1_model": 50.0, "images_per_s": 10.0, "epoch_s": 3.0}
+    assert "skipped" not in engine.epoch_line({**record, "skipped_steps": 0}, 5)
+    assert engine.epoch_line({**record, "skipped_steps": 3}, 5).endswith("3 s  3 steps skipped (fp16 overflow)")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fp16_steps_the_scaler_skips_are_counted_not_taken_for_divergence(tmp_path, monkeypatch):
+    real_build = engine.build_run
+
+    def build_run(*args, **kwargs):  # a loss scale far too high: the first steps overflow in fp16 and are skipped
+        run = real_build(*args, **kwargs)
+        run.scaler = torch.amp.GradScaler("cuda", init_scale=2.0**40)
+        return run
+
+    monkeypatch.setattr(engine, "build_run", build_run)
+    record = train(replace(TINY, device="cuda", amp="fp16", train_per_class=40), tmp_path / "run")  # 20 steps
+    assert 1 <= record["skipped_steps"] < 20 and math.isfinite(record["loss_total"])

@@ -26,8 +26,10 @@ COLUMNS = ("member0", "member1", "ensemble")
 
 
 def _epochs_done(metrics: Path) -> int:
-    lines = metrics.read_text().splitlines()
-    return json.loads(lines[-1])["epoch"] if lines else 0
+    """Epochs finished and checkpointed (a diverged epoch's record does not count)."""
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    finished = [record["epoch"] for record in records if "diverged" not in record]
+    return finished[-1] if finished else 0
 
 
 def _cell(values: list[float]) -> str:

@@ -7,8 +7,10 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -31,6 +33,8 @@ from .data import Augmented, EpochOrder, SyntheticSpec, file_splits, shift_crop,
 from .models import build_model, head_parameters
 
 METHODS = ("baseline", "mixup", "cutmix", "snapmix", "cekd")
+CEKD_OPTIONS = ("mix", "members", "temperature", "alpha", "beta", "combine", "rampup_epochs", "no_cross", "no_ensemble")
+MIXING_OPTIONS = ("mix_alpha", "mix_p", "same_on_batch")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -78,6 +82,26 @@ class RunConfig:
     visualize_cams: int = 0
     keep: str = "checkpoint"  # at the end: "checkpoint" (resumable) or "weights" (weights.pt only)
     quiet: bool = False
+
+    def applies(self, name: str) -> bool:
+        """Whether the option ``name`` takes part in this run (config.json records only those)."""
+        synthetic = self.dataset == "synthetic"
+        if name in ("classes", "train_per_class", "test_per_class"):
+            return synthetic
+        if name in ("data_root", "resize"):
+            return not synthetic
+        if name in CEKD_OPTIONS:
+            return self.method == "cekd"
+        if name in MIXING_OPTIONS:
+            return self.mixing is not None
+        if name == "milestones":
+            return self.schedule == "multistep"
+        return True
+
+    def saved(self) -> dict:
+        """The options that apply to this run, as written to config.json (a resume fills the rest
+        with their defaults, which this run never reads)."""
+        return {name: value for name, value in asdict(self).items() if self.applies(name)}
 
     def archs(self) -> list[str]:
         names = self.arch.split(",")
@@ -230,8 +254,9 @@ def epoch_line(record: dict, epochs: int) -> str:
     """One readable line per epoch: losses, top-1 of every member and the ensemble, speed."""
     losses = " ".join(f"{k[len('loss_'):]} {v:.3f}" for k, v in record.items() if k.startswith("loss_"))
     top1 = " ".join(f"{k[len('top1_'):]} {v:.1f}" for k, v in record.items() if k.startswith("top1_"))
+    skipped = f"  {record['skipped_steps']} steps skipped (fp16 overflow)" if record.get("skipped_steps") else ""
     return (f"epoch {record['epoch']}/{epochs}  loss {losses}  top-1 {top1}  "
-            f"{record['images_per_s']:.0f} img/s  {record['epoch_s']:.0f} s")
+            f"{record['images_per_s']:.0f} img/s  {record['epoch_s']:.0f} s{skipped}")
 
 
 class RunDirExists(FileExistsError):
@@ -245,10 +270,12 @@ def _write_atomic(path: Path, payload: object) -> None:
 
 
 def _rng_states() -> dict:
+    """Every random stream of the process, as tensors and plain Python values (a weights_only load reads them)."""
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": np.random.get_state(),
+        "numpy": [kind, keys.tolist(), position, has_gauss, gauss],
         "python": random.getstate(),
     }
 
@@ -257,7 +284,8 @@ def _set_rng_states(states: dict) -> None:
     torch.set_rng_state(states["torch"])
     if states["cuda"]:
         torch.cuda.set_rng_state_all(states["cuda"])
-    np.random.set_state(states["numpy"])
+    kind, keys, position, has_gauss, gauss = states["numpy"]  # older checkpoints hold an array of keys
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), position, has_gauss, gauss))
     random.setstate(states["python"])
 
 
@@ -350,18 +378,39 @@ def save_checkpoint(run: Run, path: Path, epoch: int, history: list[dict]) -> No
     })
 
 
-def load_checkpoint(run: Run, path: Path) -> tuple[int, list[dict]]:
-    """Restore ``run`` and the RNGs from :func:`save_checkpoint`'s file; returns (epochs done, history)."""
+# Checkpoints written before they held plain types keep NumPy's RNG state as an array: rebuilding an
+# array runs no code, so a safe load may accept these globals.
+_OLD_CHECKPOINT_GLOBALS = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), np.zeros(1).__reduce__()[0]]
+
+
+def read_checkpoint(path: Path, flag: str) -> dict:
+    """A checkpoint's contents, loaded with ``weights_only=True`` (tensors and plain types only: a
+    file that holds any other pickled object is refused by name, and none of its code runs)."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # unpickling raises many types
-        raise ValueError(f"--resume {path.parent}: {path} is not a readable checkpoint ({type(error).__name__}); "
+        with torch.serialization.safe_globals(_OLD_CHECKPOINT_GLOBALS):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated, corrupted or foreign files raise many types
+        objects = list(dict.fromkeys(re.findall(r"GLOBAL (\S+)", str(error))))
+        if objects:
+            raise ValueError(f"{flag} {path.parent}: {path} holds pickled objects ({', '.join(objects)}) that a safe "
+                             "load refuses; it was not written by this program: do not resume it") from None
+        raise ValueError(f"{flag} {path.parent}: {path} is not a readable checkpoint ({type(error).__name__}); "
                          "it is written atomically, so it was damaged after the run: delete it to restart from "
                          "epoch 0") from None
+    if not isinstance(state, dict) or not {"epoch", "model", "optimizer", "history"} <= set(state):
+        raise ValueError(f"{flag} {path.parent}: {path} is not a checkpoint of this program (no epoch, model, "
+                         "optimizer and history)")
+    return state
+
+
+def load_checkpoint(run: Run, path: Path) -> tuple[int, list[dict]]:
+    """Restore ``run`` and the RNGs from :func:`save_checkpoint`'s file; returns (epochs done, history)."""
+    state = read_checkpoint(path, flag="--resume")
     run.net.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
-    run.scaler.load_state_dict(state["scaler"])
+    if state["scaler"]:  # empty when saved without fp16 (a resume may switch --amp)
+        run.scaler.load_state_dict(state["scaler"])
     if run.mixer is not None and run.mixer.generator is not None:
         run.mixer.generator.set_state(state["mixer_generator"])
     _set_rng_states(state["rng"])
@@ -369,7 +418,8 @@ def load_checkpoint(run: Run, path: Path) -> tuple[int, list[dict]]:
 
 
 RUN_FILES = {"config.json", "metrics.jsonl", "checkpoint.pt", "checkpoint.pt.partial", "cams.png"}
-RESUME_CHANGES = ("epochs", "workers", "device", "quiet")  # what --resume may change; the rest is the run
+# what --resume may change; the rest is the run. --clip-grad and --amp let a diverged run go on from its last good epoch
+RESUME_CHANGES = ("epochs", "workers", "device", "quiet", "clip_grad", "amp")
 # (--device only within its kind: cuda:0 -> cuda:1, not cuda -> cpu)
 
 
@@ -427,11 +477,78 @@ def _prepare_run_dir(run_dir: Path, resume: bool) -> None:
         raise RunDirExists(f"run dir {run_dir} holds other files ({', '.join(foreign[:3])}); choose another --run-dir")
 
 
+HEARTBEAT_S = 30.0  # without a terminal (a log file), a progress line once an epoch runs this long unreported
+
+
+class Diverged(RuntimeError):
+    """An epoch whose losses, gradients or weights went non-finite: the run stopped before checkpointing it."""
+
+
+def describe_run(config: RunConfig, run_dir: Path, train_size: int, test_size: int, num_classes: int) -> str:
+    """The run's first line: what is trained, on which data, on which device, and where the results go."""
+    archs = config.archs()
+    models = f"{len(archs)} x {archs[0]}" if len(set(archs)) == 1 else " + ".join(archs)
+    what = {"baseline": "baseline (no mixing)", "cekd": f"cekd over {config.mix}"}.get(config.method, config.method)
+    data = "synthetic" if config.dataset == "synthetic" else f"{config.dataset} ({config.data_root})"
+    return (f"training {what}: {models}, {data} {num_classes} classes, {train_size} train / {test_size} test images "
+            f"at {config.image_size} px, {config.device}, {config.epochs} epochs of batch {config.batch_size} "
+            f"-> {run_dir}")
+
+
+@dataclass
+class EpochTotals:
+    """One epoch's training sums, kept on the device and read once at its end (no per-step host sync).
+
+    A step counts where its loss terms and gradient norm are all finite; the others are skipped steps
+    (with fp16, the GradScaler skipped them; otherwise the run diverged)."""
+
+    names: list[str]  # the loss terms, then "grad_norm"
+    sums: Tensor  # (P,): per-sample sums of the loss terms, per-step sum of the gradient norm, over counted steps
+    counted: Tensor  # (): steps counted
+    nonfinite: Tensor  # (P,) bool: the term was non-finite in some step
+    steps: int = 0
+    seen: int = 0
+
+
+def train_one_epoch(run: Run, loader: DataLoader, epoch: int, config: RunConfig, heartbeat: Callable[[str], None]) -> EpochTotals:
+    """One pass over ``loader`` (the sampler already set to ``epoch``); ``heartbeat`` gets a progress
+    line it may print."""
+    run.model.train()
+    started = time.perf_counter()
+    totals: EpochTotals | None = None
+    for images, labels in _progress(loader, config.quiet, desc=f"epoch {epoch + 1}"):
+        parts = run_step(run, *run.place.batch(images, labels))
+        values = torch.stack(list(parts.values()))
+        finite = torch.isfinite(values)
+        counted = finite.all()
+        if totals is None:  # per-sample weights of the loss terms (the last batch of an epoch is dropped: B is fixed)
+            scale = torch.full_like(values, float(labels.shape[0]))
+            scale[-1] = 1.0
+            totals = EpochTotals(list(parts), torch.zeros_like(values), torch.zeros_like(values[0]), ~finite)
+        totals.sums = totals.sums + torch.where(counted, values * scale, 0.0)
+        totals.counted = totals.counted + counted
+        totals.nonfinite = totals.nonfinite | ~finite
+        totals.steps += 1
+        totals.seen += labels.shape[0]
+        heartbeat(f"  epoch {epoch + 1}/{config.epochs}: {totals.steps}/{len(loader)} batches, "
+                  f"{time.perf_counter() - started:.0f} s")
+    assert totals is not None, "the loader yields at least one batch (checked when it is built)"
+    return totals
+
+
+def finite_weights(module: nn.Module) -> Tensor:
+    """() bool on the device: every parameter and buffer of ``module`` is finite."""
+    tensors = [t for t in [*module.parameters(), *module.buffers()] if t.is_floating_point()]
+    return torch.stack([torch.isfinite(t).all() for t in tensors]).all()
+
+
 def train(config: RunConfig, run_dir: str | Path, resume: bool = False) -> dict:
     """Run (or resume) one training run; returns its final epoch record. Only rank 0 writes.
 
     To resume, pass :func:`resumed_config` of the run dir. A resumed run dir without a checkpoint
-    (killed before its first epoch ended) starts again from epoch 0."""
+    (killed before its first epoch ended) starts again from epoch 0. An epoch whose loss, gradient or
+    weights go non-finite raises :class:`Diverged` on every rank, after recording it in metrics.jsonl
+    and before any checkpoint of it: the last good checkpoint stays."""
     run_dir = Path(run_dir)
     config.validate()
     rank, world, local_rank = _distributed(config.device)
@@ -443,6 +560,9 @@ def train(config: RunConfig, run_dir: str | Path, resume: bool = False) -> dict:
     np.random.seed(config.seed)
 
     train_set, test_set, num_classes, mean, std = load_data(config)
+    speaks = rank == 0 and not config.quiet
+    if speaks:
+        _print_line(describe_run(config, run_dir, len(train_set), len(test_set), num_classes))
     place = Placement(device, mean, std, config.channels_last, config.amp)
     train_loader = make_loader(train_set, config, True, device, rank, world)
     test_loader = make_loader(test_set, config, False, device, rank, world)
@@ -458,35 +578,56 @@ def train(config: RunConfig, run_dir: str | Path, resume: bool = False) -> dict:
         start_epoch, history = load_checkpoint(run, checkpoint_path)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
+        (run_dir / "config.json").write_text(json.dumps(config.saved(), indent=2))
         (run_dir / "metrics.jsonl").write_text("".join(json.dumps(record) + "\n" for record in history))
 
+    last_line = time.perf_counter()
+
+    def heartbeat(line: str) -> None:  # progress in a log without a terminal, where tqdm's bars are off
+        nonlocal last_line
+        if speaks and not sys.stderr.isatty() and time.perf_counter() - last_line >= HEARTBEAT_S:
+            _print_line(line)
+            last_line = time.perf_counter()
+
     for epoch in _progress(range(start_epoch, config.epochs), config.quiet, desc="epochs", initial=start_epoch, total=config.epochs):
-        run.model.train()
         train_loader.sampler.set_epoch(epoch)
-        sums: dict[str, Tensor] = {}  # on the device: read once per epoch, not once per step
-        seen, steps, start = 0, 0, time.perf_counter()
-        for images, labels in _progress(train_loader, config.quiet, desc=f"epoch {epoch + 1}"):
-            parts = run_step(run, *place.batch(images, labels))
-            for name, value in parts.items():  # per-sample sums of the losses, per-step sum of the norm
-                weighted = value if name == "grad_norm" else value * labels.shape[0]
-                sums[name] = sums[name] + weighted if name in sums else weighted
-            steps += 1
-            seen += labels.shape[0]
+        start = time.perf_counter()
+        totals = train_one_epoch(run, train_loader, epoch, config, heartbeat)
         train_time = time.perf_counter() - start
         top1 = evaluate(run.model, test_loader, place, world)
-        sums_read = place.read(sums)
-        record = {"epoch": epoch + 1, **{f"loss_{k}": v[0] / seen for k, v in sums_read.items() if k != "grad_norm"},
-                  "grad_norm": sums_read["grad_norm"][0] / steps,
-                  **{f"top1_{k}": v for k, v in top1.items()}, "lr": run.optimizer.param_groups[0]["lr"],
-                  "images_per_s": seen * world / train_time, "epoch_s": time.perf_counter() - start}
+        # what every rank must agree on: non-finite terms, skipped steps, non-finite weights
+        verdict = torch.cat([totals.nonfinite.double(), (totals.steps - totals.counted)[None].double(),
+                             (~finite_weights(run.net))[None].double()])
+        if world > 1:
+            dist.all_reduce(verdict)
+        read = place.read({"sums": totals.sums, "counted": totals.counted, "verdict": verdict})
+        terms = len(totals.names)
+        bad = [name for name, flag in zip(totals.names, read["verdict"][:terms]) if flag]
+        skipped, bad_weights = int(read["verdict"][terms]), read["verdict"][terms + 1] > 0
+        counted = read["counted"][0]
+        record: dict = {"epoch": epoch + 1}
+        if bad_weights or (skipped and config.amp != "fp16") or counted == 0:
+            record.update(diverged=bad or ["weights"], epoch_s=time.perf_counter() - start)
+            if rank == 0:
+                with open(run_dir / "metrics.jsonl", "a") as log:
+                    log.write(json.dumps(record) + "\n")
+            raise Diverged(_divergence_message(epoch + 1, bad, config, run_dir))
+        per_sample = counted * config.batch_size
+        record.update({
+            **{f"loss_{k}": v / per_sample for k, v in zip(totals.names[:-1], read["sums"])},
+            "grad_norm": read["sums"][-1] / counted,
+            **({"skipped_steps": skipped} if config.amp == "fp16" else {}),
+            **{f"top1_{k}": v for k, v in top1.items()}, "lr": run.optimizer.param_groups[0]["lr"],
+            "images_per_s": totals.seen * world / train_time, "epoch_s": time.perf_counter() - start,
+        })
         history.append(record)
         if rank == 0:
             with open(run_dir / "metrics.jsonl", "a") as log:
                 log.write(json.dumps(record) + "\n")
             save_checkpoint(run, checkpoint_path, epoch + 1, history)
-            if not config.quiet:
-                _print_line(epoch_line(record, config.epochs))
+        if speaks:
+            _print_line(epoch_line(record, config.epochs))
+            last_line = time.perf_counter()
     if rank == 0 and config.visualize_cams:
         from .cams import save_cam_figure
 
@@ -497,6 +638,29 @@ def train(config: RunConfig, run_dir: str | Path, resume: bool = False) -> dict:
     if run.tap is not None:
         run.tap.remove()
     return history[-1] if history else {}
+
+
+def _divergence_message(epoch: int, bad: list[str], config: RunConfig, run_dir: Path) -> str:
+    """One line: which epoch and term went non-finite, what was kept, how to go on."""
+    losses = [name for name in bad if name != "grad_norm"]
+    if losses:
+        what = f"loss {', '.join(losses)} went non-finite"
+    else:
+        what = f"the {'gradient' if bad else 'weights'} went non-finite"
+    if config.amp == "fp16":
+        change = "--amp bf16"
+    elif config.clip_grad is None:
+        change = "--clip-grad 5"
+    else:
+        change = ""
+    if epoch == 1:
+        return f"epoch 1 diverged: {what}; no epoch finished: start again with a lower --lr" + (
+            f" or {change}" if change else "")
+    if change:
+        return (f"epoch {epoch} diverged: {what}; checkpoint.pt of epoch {epoch - 1} is kept: --resume {run_dir} "
+                f"{change} continues from it, or start again with a lower --lr")
+    return (f"epoch {epoch} diverged: {what}; checkpoint.pt of epoch {epoch - 1} is kept in {run_dir}: start "
+            "again with a lower --lr (a resume keeps the run's learning rate)")
 
 
 def _print_line(line: str) -> None:

@@ -7,6 +7,11 @@ per batch, per-image CAM normalisation loops). All candidates run interleaved, r
 and each one's median milliseconds per call is reported.
 
     python benchmarks/bench_mixing.py [--batch 32] [--size 224] [--rounds 30] [--device cpu|cuda]
+
+Two CPU proxies of the launch-bound GPU cost (see docs/benchmarks.rst):
+
+    python benchmarks/bench_mixing.py --ops        # kernel-launching ops and host reads per call, 32x3x64x64
+    python benchmarks/bench_mixing.py --overhead   # median us per call on a tiny batch, 32x3x8x8, one thread
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import os
 import platform
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -82,6 +88,78 @@ def time_interleaved(candidates: dict[str, Callable[[], object]], rounds: int, d
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
+CONFIGS = [(method, same) for method in ("mixup", "cutmix", "snapmix") for same in (False, True)]
+OP_BUDGETS = {"mixup": 16, "cutmix": 28, "snapmix": 60}
+
+
+def peer_calls(images: torch.Tensor, labels: torch.Tensor, classes: int) -> dict[str, Callable[[], object]]:
+    """timm Mixup (elem and batch modes), torchvision v2 and Kornia on the same batch, p = 1."""
+    import kornia.augmentation as KA
+    from timm.data import Mixup
+    from torchvision.transforms import v2
+
+    calls: dict[str, Callable[[], object]] = {}
+    for mode in ("elem", "batch"):
+        for name, alphas in (("mixup", (1.0, 0.0)), ("cutmix", (0.0, 1.0))):
+            mixer = Mixup(mixup_alpha=alphas[0], cutmix_alpha=alphas[1], mode=mode, label_smoothing=0.0,
+                          num_classes=classes)
+            calls[f"timm {name} {mode}"] = lambda m=mixer: m(images.clone(), labels.clone())  # timm mixes in place
+    calls["torchvision v2 mixup batch"] = lambda a=v2.MixUp(num_classes=classes): a(images, labels)
+    calls["torchvision v2 cutmix batch"] = lambda a=v2.CutMix(num_classes=classes): a(images, labels)
+    calls["kornia mixup elem"] = lambda a=KA.RandomMixUpV2(p=1.0, data_keys=["input", "class"]): a(images, labels)
+    calls["kornia cutmix elem"] = lambda a=KA.RandomCutMixV2(p=1.0, data_keys=["input", "class"]): a(images, labels)
+    return calls
+
+
+def our_calls(images: torch.Tensor, labels: torch.Tensor, cams: torch.Tensor, classes: int) -> dict[str, Callable[[], object]]:
+    calls: dict[str, Callable[[], object]] = {}
+    for method, same in CONFIGS:
+        mixer = MixingAugmenter(method, classes, same_on_batch=same)
+        calls[f"ours {method} {'batch' if same else 'elem'}"] = (
+            lambda m=mixer, c=(cams if method == "snapmix" else None): m(images, labels, c))
+    return calls
+
+
+def print_ops() -> None:
+    """Kernel-launching ops and host reads per call at 32x3x64x64 on CPU, value checks off (as on a GPU)."""
+    from cekd_losses import _checks
+    from cekd_losses._launches import count_launches
+
+    _checks.can_read_values = lambda tensor: False  # CPU-only value checks: not what a CUDA call runs
+    torch.manual_seed(0)
+    images, labels, cams = torch.rand(32, 3, 64, 64), torch.randint(0, 200, (32,)), torch.rand(32, 2, 2)
+    print(f"kernel-launching aten ops and host reads per call, 32x3x64x64, 200 classes; torch {torch.__version__}")
+    for name, call in {**our_calls(images, labels, cams, 200), **peer_calls(images, labels, 200)}.items():
+        launches = count_launches(call)
+        budget = f"  (budget {OP_BUDGETS[name.split()[1]]}, 0 reads)" if name.startswith("ours") else ""
+        print(f"{name:30} {len(launches.ops):4d} ops {launches.reads:3d} host reads{budget}")
+
+
+def print_overhead(rounds: int) -> None:
+    """Median us per call on a tiny batch, interleaved with the peers, and the ratios against the goals."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    images, labels, cams = torch.rand(32, 3, 8, 8), torch.randint(0, 10, (32,)), torch.rand(32, 2, 2)
+    calls = {**our_calls(images, labels, cams, 10), **peer_calls(images, labels, 10)}
+    batched = {name: (lambda f=f: [f() for _ in range(20)]) for name, f in calls.items()}  # 20 calls a sample
+    us = {name: ms * 1000 / 20 for name, ms in time_interleaved(batched, rounds, torch.device("cpu")).items()}
+    print(f"median us per call, 32x3x8x8, 10 classes, one thread, {rounds} interleaved rounds; torch {torch.__version__}")
+    for name, value in us.items():
+        print(f"{name:30} {value:8.0f}")
+    print("\nratio                                   value   goal")
+    for method, same in CONFIGS:
+        ours = us[f"ours {method} {'batch' if same else 'elem'}"]
+        if method == "snapmix":
+            label, peer, goal = f"snapmix {'same_on_batch' if same else 'per-sample'} / timm cutmix batch", \
+                us["timm cutmix batch"], 3.0
+        elif same:
+            label, peer, goal = f"{method} same_on_batch / timm batch", us[f"timm {method} batch"], 1.0
+        else:
+            fastest = min((v, k) for k, v in us.items() if k.split()[-1] == "elem" and method in k and "ours" not in k)
+            label, peer, goal = f"{method} per-sample / {fastest[1]}", fastest[0], 0.5
+        print(f"{label:38} {ours / peer:6.2f}x  <= {goal}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=32)
@@ -89,7 +167,16 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--ops", action="store_true", help="count kernel-launching ops and host reads per call")
+    parser.add_argument("--overhead", action="store_true", help="per-call time on a tiny batch against the peers")
     args = parser.parse_args()
+    warnings.filterwarnings("ignore")  # the peers' deprecation notices
+    if args.ops:
+        print_ops()
+        return
+    if args.overhead:
+        print_overhead(args.rounds)
+        return
 
     import kornia.augmentation as KA
     from timm.data import Mixup

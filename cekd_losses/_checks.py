@@ -78,7 +78,8 @@ def can_read_values(tensor: Tensor) -> bool:
 def check_class_ids(name: str, value: Tensor, num_classes: int, *, what: str = "class ids") -> Tensor:
     check_integer(name, value)
     if can_read_values(value):
-        low, high = int(value.min()), int(value.max())
+        bounds = torch.aminmax(value)
+        low, high = int(bounds.min), int(bounds.max)
         if low < 0 or high >= num_classes:
             raise ValueError(f"`{name}` must hold {what} in [0, {num_classes}), got values in [{low}, {high}]")
     return value
@@ -149,6 +150,6 @@ def check_boxes(name: str, value: object, batch: int, height: int, width: int) -
 
 def without_autocast(device: torch.device) -> contextlib.AbstractContextManager[None]:
     """A region where autocast is off on ``device`` (CPU and CUDA; other devices have none to turn off)."""
-    if device.type in ("cpu", "cuda"):
+    if device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type):
         return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()

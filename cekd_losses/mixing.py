@@ -2,8 +2,11 @@
 
 The functional kernels :func:`mixup`, :func:`cutmix` and :func:`snapmix` take every random choice
 as an explicit tensor (partners, lambdas, boxes) and are deterministic; :class:`MixingAugmenter`
-draws those parameters (from an optional ``torch.Generator``) and calls them. Everything is
-vectorised over the batch: no Python loop over samples and no host sync.
+draws those parameters (from an optional ``torch.Generator``, in three or four kernels) and calls
+the kernel of its method from one table. Everything is vectorised over the batch: no Python loop
+over samples and no host sync. SnapMix pastes with one ``grid_sample`` over a separable grid and
+weighs labels with box sums of the resized CAMs; small constants (positions, resize matrices) are
+built once per shape and device.
 
 Mixing is differentiable: where the images require grad, gradients reach both images of each pair
 (mixing feature maps, adversarial inputs, learned augmentation).
@@ -15,10 +18,11 @@ box (``x1 == x2`` or ``y1 == y2``) pastes nothing.
 from __future__ import annotations
 
 import math
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
-import kornia.geometry.transform
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -76,27 +80,49 @@ def _check_pairing(images: object, targets: object, partner: object) -> tuple[Te
 
 
 def _mix_targets(targets: Tensor, partner: Tensor, lam_a: Tensor, lam_b: Tensor) -> Tensor:
+    """``lam_a * own + lam_b * partner's`` rows (float32)."""
     own = targets.float()
-    return lam_a[:, None] * own + lam_b[:, None] * own[partner]
+    return torch.addcmul(lam_a[:, None] * own, lam_b[:, None], own.index_select(0, partner))
 
 
-def _box_area(boxes: Tensor) -> Tensor:
-    return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+def _blend_targets(targets: Tensor, partner: Tensor, lam_a: Tensor) -> Tensor:
+    """``lam_a * own + (1 - lam_a) * partner's`` rows (float32), exactly ``own`` where ``lam_a == 1``."""
+    own = targets.float()
+    return torch.lerp(own.index_select(0, partner), own, lam_a[:, None])
 
 
-def _box_indicators(boxes: Tensor, height: int, width: int) -> tuple[Tensor, Tensor]:
-    """(B, H) bool rows and (B, W) bool columns inside each box."""
-    rows = torch.arange(height, device=boxes.device)
-    cols = torch.arange(width, device=boxes.device)
-    inside_rows = (rows >= boxes[:, 1, None]) & (rows < boxes[:, 3, None])
-    inside_cols = (cols >= boxes[:, 0, None]) & (cols < boxes[:, 2, None])
-    return inside_rows, inside_cols
+# Small constant tensors (positions, sizes, resize matrices) are built once per shape and device: on a GPU
+# each build would be kernel launches on every call. Under torch.compile they are built in the graph.
+_CONSTANTS: dict[tuple[object, ...], Tensor] = {}
+
+
+def _constant(key: tuple[object, ...], build: Callable[[], Tensor]) -> Tensor:
+    if torch.compiler.is_compiling():
+        return build()
+    value = _CONSTANTS.get(key)
+    if value is None:
+        if len(_CONSTANTS) > 512:  # many shapes seen (tests, varying sizes): start again rather than grow
+            _CONSTANTS.clear()
+        value = _CONSTANTS[key] = build()
+    return value
+
+
+def _positions(size: int, device: torch.device) -> Tensor:
+    """(size,) int64 ``arange``."""
+    return _constant(("arange", size, device), lambda: torch.arange(size, device=device))
+
+
+def _box_indicators(lo: Tensor, hi: Tensor, height: int, width: int) -> Tensor:
+    """(..., 2, L) bool, True at positions ``lo <= i < hi``; ``lo``/``hi`` (..., 2) int64 as (x, y), so that
+    ``[..., 0, :W]`` marks the box's columns and ``[..., 1, :H]`` its rows (L = max(H, W))."""
+    positions = _positions(max(height, width), lo.device)
+    return (positions >= lo[..., None]) & (positions < hi[..., None])
 
 
 def _box_masks(boxes: Tensor, height: int, width: int) -> Tensor:
-    """(B, 1, H, W) bool masks, True inside each box."""
-    rows, cols = _box_indicators(boxes, height, width)
-    return rows[:, None, :, None] & cols[:, None, None, :]
+    """(B, 1, H, W) bool masks, True inside each (B, 4) box."""
+    inside = _box_indicators(boxes[:, :2], boxes[:, 2:], height, width)
+    return inside[:, None, 1, :height, None] & inside[:, None, 0, None, :width]
 
 
 def _paste(mask: Tensor, pasted: Tensor, images: Tensor) -> Tensor:
@@ -135,12 +161,18 @@ def mixup(images: Tensor, targets: Tensor, partner: Tensor, lam: Tensor) -> Mixe
     _checks.check_same_device("lam", lam, "images", images)
     if _checks.can_read_values(lam) and not bool(((lam >= 0) & (lam <= 1)).all()):
         raise ValueError(f"`lam` must be in [0, 1], got values in [{float(lam.min())}, {float(lam.max())}]")
+    return _mixup(images, targets, partner.long(), lam)
+
+
+def _mixup(images: Tensor, targets: Tensor, partner: Tensor, lam: Tensor) -> MixedBatch:
+    """:func:`mixup` on checked input (``partner`` int64)."""
+    batch = images.shape[0]
     weight = lam.to(images.dtype)
-    mixed = torch.lerp(images[partner], images, weight.view(batch, 1, 1, 1))
+    mixed = torch.lerp(images.index_select(0, partner), images, weight.view(batch, 1, 1, 1))
     lam_a = weight.float()
     lam_b = 1.0 - lam_a
-    applied = (partner != torch.arange(batch, device=partner.device)) & (lam_a < 1)
-    return MixedBatch(mixed, _mix_targets(targets, partner, lam_a, lam_b), partner.long(), lam_a, lam_b, applied)
+    applied = torch.logical_and(partner != _positions(batch, partner.device), lam_b)
+    return MixedBatch(mixed, _blend_targets(targets, partner, lam_a), partner, lam_a, lam_b, applied)
 
 
 def cutmix(images: Tensor, targets: Tensor, partner: Tensor, boxes: Tensor) -> MixedBatch:
@@ -169,90 +201,46 @@ def cutmix(images: Tensor, targets: Tensor, partner: Tensor, boxes: Tensor) -> M
     batch, _, height, width = images.shape
     boxes = _checks.check_boxes("boxes", boxes, batch, height, width)
     _checks.check_same_device("boxes", boxes, "images", images)
-    return _cutmix(images, targets, partner, boxes, shared_box=None)
+    return _cutmix(images, targets, partner.long(), boxes.long())
 
 
-def _cutmix(
-    images: Tensor, targets: Tensor, partner: Tensor, boxes: Tensor, shared_box: tuple[int, ...] | None
-) -> MixedBatch:
-    """:func:`cutmix` on checked input; ``shared_box``, every row of ``boxes`` known on the host, pastes by slicing."""
+def _cutmix(images: Tensor, targets: Tensor, partner: Tensor, boxes: Tensor) -> MixedBatch:
+    """:func:`cutmix` on checked input (``partner`` and ``boxes`` int64)."""
     batch, _, height, width = images.shape
-    if shared_box is None:
-        mixed = _paste(_box_masks(boxes, height, width), images[partner], images)
-    else:
-        x1, y1, x2, y2 = shared_box
-        mixed = images.clone()
-        mixed[:, :, y1:y2, x1:x2] = images[partner, :, y1:y2, x1:x2]
-    area = _box_area(boxes)
-    lam_b = area.float() / (height * width)
+    mixed = _paste(_box_masks(boxes, height, width), images.index_select(0, partner), images)
+    area = (boxes[:, 2:] - boxes[:, :2]).prod(dim=1)
+    lam_b = area / (height * width)
     lam_a = 1.0 - lam_b
-    applied = (partner != torch.arange(batch, device=partner.device)) & (area > 0)
-    return MixedBatch(
-        mixed, _mix_targets(targets, partner, lam_a, lam_b), partner.long(), lam_a, lam_b, applied, boxes.long()
-    )
-
-
-def _box_to_box_grid(target_boxes: Tensor, source_boxes: Tensor, height: int, width: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """Normalised sampling maps (B, H, W) sending each target box's pixels onto its source box, as
-    bilinear resizing with ``align_corners=True`` does (corners onto corners; a 1-pixel side reads
-    the first pixel). Built per axis and normalised before expanding: cheap."""
-
-    def axis(dst_start: Tensor, dst_len: Tensor, src_start: Tensor, src_len: Tensor, size: int) -> Tensor:
-        scale = torch.where(dst_len > 1, (src_len - 1) / (dst_len - 1).clamp(min=1), torch.zeros_like(dst_len))
-        positions = torch.arange(size, device=dst_start.device, dtype=dtype)
-        pixels = src_start[:, None] + (positions[None] - dst_start[:, None]) * scale[:, None]
-        return pixels * (2.0 / max(size - 1, 1)) - 1.0
-
-    t = target_boxes.to(dtype)
-    s = source_boxes.to(dtype)
-    grid_x = axis(t[:, 0], t[:, 2] - t[:, 0], s[:, 0], s[:, 2] - s[:, 0], width)
-    grid_y = axis(t[:, 1], t[:, 3] - t[:, 1], s[:, 1], s[:, 3] - s[:, 1], height)
-    batch = target_boxes.shape[0]
-    return grid_x[:, None, :].expand(batch, height, width), grid_y[:, :, None].expand(batch, height, width)
+    applied = torch.logical_and(partner != _positions(batch, partner.device), area)
+    return MixedBatch(mixed, _blend_targets(targets, partner, lam_a), partner, lam_a, lam_b, applied, boxes)
 
 
 def _bilinear_weights(out_size: int, in_size: int, device: torch.device) -> Tensor:
-    """(out, in) float64 matrix of 1-D bilinear resizing with ``align_corners=False`` (as
-    ``F.interpolate``); its rows sum to 1. The identity when the sizes agree."""
-    if out_size == in_size:
-        return torch.eye(in_size, dtype=torch.float64, device=device)
-    source = ((torch.arange(out_size, dtype=torch.float64, device=device) + 0.5) * (in_size / out_size) - 0.5).clamp(min=0)
-    low = source.floor().long().clamp(max=in_size - 1)
-    high = (low + 1).clamp(max=in_size - 1)
-    fraction = source - low
-    rows = torch.arange(out_size, device=device)
-    weights = torch.zeros(out_size, in_size, dtype=torch.float64, device=device)
-    weights.index_put_((rows, low), 1.0 - fraction, accumulate=True)
-    weights.index_put_((rows, high), fraction, accumulate=True)
-    return weights
+    """(out, in) float32 matrix of 1-D bilinear resizing with ``align_corners=False`` (as
+    ``F.interpolate``); its rows sum to 1. Built in float64 once per shape and device."""
+
+    def build() -> Tensor:
+        source = ((torch.arange(out_size, dtype=torch.float64, device=device) + 0.5) * (in_size / out_size) - 0.5)
+        source = source.clamp(min=0)
+        low = source.floor().long().clamp(max=in_size - 1)
+        high = (low + 1).clamp(max=in_size - 1)
+        fraction = source - low
+        rows = torch.arange(out_size, device=device)
+        weights = torch.zeros(out_size, in_size, dtype=torch.float64, device=device)
+        weights.index_put_((rows, low), 1.0 - fraction, accumulate=True)
+        weights.index_put_((rows, high), fraction, accumulate=True)
+        return weights.float()
+
+    return _constant(("bilinear", out_size, in_size, device), build)
 
 
-def _cam_box_fractions(
-    cams: Tensor, partner: Tensor, target_boxes: Tensor, source_boxes: Tensor, height: int, width: int
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Own CAM mass inside the target box and partner CAM mass inside the source box, as fractions
-    of each SnapMix-normalised (resized to H x W, minimum subtracted, divided by the sum) map, and
-    whether each map has finite positive mass at all.
-
-    Resizing is linear and separable, ``up = Uy @ cam @ Ux^T`` with rows of ``Uy``, ``Ux`` summing
-    to 1, so box sums of ``up - min`` are taken on the small map in float64: the full-size map is
-    formed only for its minimum."""
+def _resized(cams: Tensor, height: int, width: int) -> Tensor:
+    """(B, H, W) float32 bilinear resize (``align_corners=False``) of (B, h, w) maps, as two matrix products."""
     maps = cams.float()
     h, w = maps.shape[-2:]
-    uy = _bilinear_weights(height, h, maps.device)
-    ux = _bilinear_weights(width, w, maps.device)
-    full = maps if (h, w) == (height, width) else uy.float() @ maps @ ux.float().T
-    shifted = maps.double() - full.amin(dim=(1, 2)).double()[:, None, None]
-
-    def box_sums(small: Tensor, boxes: Tensor) -> Tensor:
-        rows, cols = _box_indicators(boxes, height, width)
-        return torch.einsum("bi,bij,bj->b", rows.double() @ uy, small, cols.double() @ ux)
-
-    total = torch.einsum("i,bij,j->b", uy.sum(0), shifted, ux.sum(0))
-    has_mass = torch.isfinite(total) & (total > 0)
-    own = box_sums(shifted, target_boxes) / total
-    partner_mass = box_sums(shifted[partner], source_boxes) / total[partner]
-    return own.float(), partner_mass.float(), has_mass
+    if (h, w) == (height, width):
+        return maps
+    return _bilinear_weights(height, h, maps.device) @ maps @ _bilinear_weights(width, w, maps.device).T
 
 
 def snapmix(
@@ -308,7 +296,8 @@ def snapmix(
     for name, tensor in (("cams", cams), ("target_boxes", target_boxes), ("source_boxes", source_boxes)):
         _checks.check_same_device(name, tensor, "images", images)
 
-    return _snapmix(images, targets, cams, partner, target_boxes, source_boxes, normalize_targets, shared_boxes=None)
+    boxes = torch.stack([target_boxes, source_boxes], dim=1).long()
+    return _snapmix(images, targets, cams, partner.long(), boxes, boxes.float(), normalize_targets)
 
 
 def _snapmix(
@@ -316,51 +305,60 @@ def _snapmix(
     targets: Tensor,
     cams: Tensor,
     partner: Tensor,
-    target_boxes: Tensor,
-    source_boxes: Tensor,
+    boxes: Tensor,
+    boxes_float: Tensor,
     normalize_targets: bool,
-    shared_boxes: tuple[tuple[int, ...], tuple[int, ...]] | None,
 ) -> MixedBatch:
-    """:func:`snapmix` on checked input; ``shared_boxes``, the (target, source) box of every row known
-    on the host, pastes by slicing and resizing just the boxes."""
+    """:func:`snapmix` on checked input: ``partner`` int64, ``boxes`` (B, 2, 4) int64 (target box, then the
+    partner's source box) and the same boxes as float32."""
     batch, _, height, width = images.shape
-    target_area = _box_area(target_boxes)
-    active = (partner != torch.arange(batch, device=partner.device)) & (target_area > 0) & (_box_area(source_boxes) > 0)
+    lo, hi = boxes[..., :2], boxes[..., 2:]  # (B, 2 boxes, 2 axes (x, y))
+    inside = _box_indicators(lo, hi, height, width)  # (B, 2 boxes, 2 axes, L)
+    sides = boxes_float[..., 2:] - boxes_float[..., :2]
+    area = sides.prod(dim=2)  # (B, 2) float
+    active = torch.logical_and(partner != _positions(batch, partner.device), area.prod(dim=1))
+    mask = inside[:, None, 0, 1, :height, None] & inside[:, None, 0, 0, None, :width] & active[:, None, None, None]
 
-    # resample in float32 (float64 images: float64): half-precision pixel coordinates are inexact past 256 px
-    sample_dtype = torch.float64 if images.dtype == torch.float64 else torch.float32
-    if shared_boxes is None:
-        grid_x, grid_y = _box_to_box_grid(target_boxes, source_boxes, height, width, sample_dtype)
-        patches = kornia.geometry.transform.remap(
-            images[partner].to(sample_dtype), grid_x, grid_y, mode="bilinear", align_corners=True,
-            normalized_coordinates=True,
-        ).to(images.dtype)
-        mixed = _paste(_box_masks(target_boxes, height, width) & active[:, None, None, None], patches, images)
-    else:
-        (tx1, ty1, tx2, ty2), (sx1, sy1, sx2, sy2) = shared_boxes
-        mixed = images.clone()
-        if tx2 > tx1 and ty2 > ty1 and sx2 > sx1 and sy2 > sy1:
-            source = images[partner, :, sy1:sy2, sx1:sx2].to(sample_dtype)
-            patch = F.interpolate(source, size=(ty2 - ty1, tx2 - tx1), mode="bilinear", align_corners=True)
-            region = mixed[:, :, ty1:ty2, tx1:tx2]
-            region.copy_(torch.where(active[:, None, None, None], patch.to(images.dtype), region))
+    # The paste: target pixel i of each axis reads source pixel lo_s + (i - lo_t) * (side_s - 1) / (side_t - 1),
+    # bilinear resizing with corners aligned (a 1-pixel target side reads the first source pixel), as one
+    # grid_sample over a separable grid in normalised coordinates n = p * 2 / (size - 1) - 1.
+    to_normal = _constant(("to_normal", height, width, images.device), lambda: torch.tensor(
+        [[2.0 / max(width - 1, 1), 2.0 / max(height - 1, 1)], [-1.0, -1.0]], device=images.device))
+    steps = sides - 1
+    scale = steps[:, 1] / steps[:, 0].clamp(min=1)  # (B, 2 axes): source pixels per target pixel
+    offset = torch.addcmul(boxes_float[:, 1, :2], boxes_float[:, 0, :2], scale, value=-1)  # source at target pixel 0
+    sample_dtype = torch.float64 if images.dtype == torch.float64 else torch.float32  # half: inexact past 256 px
+    coordinates = torch.addcmul(torch.addcmul(to_normal[1], offset, to_normal[0])[..., None],
+                                _positions(max(height, width), images.device), (scale * to_normal[0])[..., None])
+    grid = torch.stack([coordinates[:, 0, None, :width].expand(batch, height, width),
+                        coordinates[:, 1, :height, None].expand(batch, height, width)], dim=-1).to(sample_dtype)
+    patches = F.grid_sample(images.index_select(0, partner).to(sample_dtype), grid, mode="bilinear", padding_mode="zeros",
+                            align_corners=True).to(images.dtype)
+    mixed = _paste(mask, patches, images)
 
-    own_inside, partner_inside, has_mass = _cam_box_fractions(cams, partner, target_boxes, source_boxes, height, width)
-    area_fraction = target_area.float() / (height * width)
-    lam_a = torch.where(has_mass, 1.0 - own_inside, 1.0 - area_fraction).clamp(0.0, 1.0)
-    lam_b = torch.where(has_mass[partner], partner_inside, area_fraction).clamp(0.0, 1.0)
-    lam_a = torch.where(active, lam_a, 1.0)
-    lam_b = torch.where(active, lam_b, 0.0)
+    # Label weights: each map resized to the image (bilinear), minimum subtracted; the share of its mass in the
+    # target box (own map) and in the source box (partner's map). No mass (flat, NaN, inf): the target box's
+    # area fraction, as the SnapMix reference code.
+    full = _resized(cams, height, width)
+    shifted = full - full.amin(dim=(1, 2), keepdim=True)
+    totals = shifted.sum(dim=(1, 2))
+    pair = torch.stack([_positions(batch, partner.device), partner], dim=1)  # (B, 2): own map, partner's map
+    weights = inside.to(shifted.dtype)
+    box_mass = torch.einsum("bkh,bkhw,bkw->bk", weights[:, :, 1, :height], shifted[pair], weights[:, :, 0, :width])
+    pair_totals = totals[pair]
+    fraction = box_mass / pair_totals
+    has_mass = (fraction * pair_totals).abs() < math.inf  # False for a total of 0, inf or NaN
+    share = torch.where(has_mass, fraction, area[:, :1] / (height * width)).clamp(0.0, 1.0) * active[:, None]
+    lam_a, lam_b = 1.0 - share[:, 0], share[:, 1]
     if normalize_targets:
         total = lam_a + lam_b
+        area_fraction = area[:, 0] / (height * width)
         some = total > 0
-        safe_total = torch.where(some, total, torch.ones_like(total))
+        safe_total = torch.where(some, total, 1.0)
         lam_a = torch.where(some, lam_a / safe_total, 1.0 - area_fraction)
         lam_b = torch.where(some, lam_b / safe_total, area_fraction)
-    return MixedBatch(
-        mixed, _mix_targets(targets, partner, lam_a, lam_b), partner.long(), lam_a, lam_b, active,
-        target_boxes.long(), source_boxes.long(),
-    )
+    return MixedBatch(mixed, _mix_targets(targets, partner, lam_a, lam_b), partner, lam_a, lam_b, active,
+                      boxes[:, 0], boxes[:, 1])
 
 
 def _sample_beta(alpha: float, count: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
@@ -369,7 +367,8 @@ def _sample_beta(alpha: float, count: int, generator: torch.Generator | None, de
     PyTorch's Dirichlet sampler (one kernel) where this torch has it; it is private API, so otherwise
     two Gamma draws with public ops: Beta = G1 / (G1 + G2)."""
     if hasattr(torch, "_sample_dirichlet"):
-        concentration = torch.full((count, 2), alpha, device=device)
+        concentration = _constant(("concentration", alpha, count, device),
+                                  lambda: torch.full((count, 2), alpha, device=device))
         return torch._sample_dirichlet(concentration, generator=generator)[:, 0]
     gammas = _sample_gamma(alpha, 2 * count, generator, device).view(count, 2)
     return gammas[:, 0] / gammas.sum(dim=1)
@@ -393,17 +392,96 @@ def _sample_gamma(shape: float, count: int, generator: torch.Generator | None, d
     return draws
 
 
-def _sample_boxes(lam: Tensor, height: int, width: int, generator: torch.Generator | None) -> Tensor:
-    """CutMix boxes: side ``int(size * sqrt(1 - lam))`` around a uniform centre, clipped (as timm)."""
-    ratio = torch.sqrt(1.0 - lam)
-    count, device = lam.shape[0], lam.device
-    boxes = []
-    for size in (width, height):
-        cut = (size * ratio).long()
-        centre = torch.randint(0, size, (count,), generator=generator, device=device)
-        boxes.append(((centre - cut // 2).clamp(0, size), (centre + (cut + 1) // 2).clamp(0, size)))
-    (x1, x2), (y1, y2) = boxes
-    return torch.stack([x1, y1, x2, y2], 1)
+def _random_draws(
+    batch: int, draws: int, lambdas: int, boxes: int, uniform: bool, alpha: float,
+    generator: torch.Generator | None, device: torch.device,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """Every random choice of one call, made on ``device`` with ``generator`` in three or four kernels:
+    a permutation (B,) of partners, (draws, lambdas) Beta(alpha, alpha) values, (draws, boxes, 2) int64
+    box centres uniform in [0, 2**62) (reduced modulo the image size later), and (draws,) uniforms for
+    the mixing decision."""
+    partner = torch.randperm(batch, generator=generator, device=device)
+    lam = _sample_beta(alpha, draws * lambdas, generator, device).view(draws, lambdas)
+    centres = torch.randint(0, 2**62, (draws, boxes, 2), generator=generator, device=device) if boxes else None
+    decision = torch.rand(draws, generator=generator, device=device) if uniform else None
+    return partner, lam, centres, decision
+
+
+# torch.compile cannot take a torch.Generator into a graph. Under compile the draws run as one opaque
+# custom op that finds the mixer's generator by key, so a compiled mixer makes exactly the eager draws.
+_GENERATORS: weakref.WeakValueDictionary[int, torch.Generator] = weakref.WeakValueDictionary()
+
+
+@torch.library.custom_op("cekd_losses::random_draws", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+def _compiled_draws(
+    batch: int, draws: int, lambdas: int, boxes: int, uniform: bool, alpha: float, generator_key: int,
+    device: torch.device,
+) -> list[Tensor]:
+    found = _random_draws(batch, draws, lambdas, boxes, uniform, alpha, _GENERATORS.get(generator_key), device)
+    return [t.contiguous() if t is not None else torch.empty(0, device=device) for t in found]
+
+
+@_compiled_draws.register_fake
+def _(batch: int, draws: int, lambdas: int, boxes: int, uniform: bool, alpha: float, generator_key: int,
+      device: torch.device) -> list[Tensor]:
+    return [torch.empty(batch, dtype=torch.long, device=device), torch.empty(draws, lambdas, device=device),
+            torch.empty((draws, boxes, 2) if boxes else (0,), dtype=torch.long if boxes else torch.float32,
+                        device=device),
+            torch.empty(draws if uniform else 0, device=device)]
+
+
+def _boxes_from_draws(side_draws: Tensor, centres: Tensor, height: int, width: int) -> Tensor:
+    """(n, k, 4) float32 boxes ``(x1, y1, x2, y2)`` from (n, k) Beta draws ``u`` and (n, k, 2) raw centres:
+    sides ``floor(size * sqrt(u))`` around a centre uniform over the pixels, clipped to the image. As
+    CutMix (timm), with ``u`` in the place of ``1 - lam``: the Beta(alpha, alpha) law is symmetric."""
+    device = side_draws.device
+
+    def constants() -> Tensor:  # rows: sizes (x, y), then the half-side offsets of the low and high corners
+        return torch.tensor([[width, height], [-0.5, -0.5], [0.5, 0.5]], dtype=torch.float32, device=device)
+
+    table = _constant(("box constants", height, width, device), constants)
+    sizes = _constant(("box sizes", height, width, device),
+                      lambda: torch.tensor([width, height], dtype=torch.long, device=device))
+    zero = _constant(("zero", device), lambda: torch.zeros((), device=device))
+    sides = (table[0] * side_draws.sqrt()[..., None]).floor()  # (n, k, 2)
+    corners = torch.addcmul((centres % sizes)[..., None, :], sides[..., None, :], table[1:])  # (n, k, 2, 2)
+    return corners.ceil().clamp(min=zero, max=table[0]).flatten(-2)
+
+
+class _Draw(NamedTuple):
+    """One call's parameters on the images' device, expanded to the batch; unmixed samples already folded in."""
+
+    partner: Tensor  # (B,) int64, a sample left unmixed is its own partner
+    lam: Tensor  # (B, lambdas) float32
+    boxes: Tensor | None  # (B, k, 4) int64
+    boxes_float: Tensor | None  # (B, k, 4) float32
+
+
+def _apply_mixup(images: Tensor, targets: Tensor, cams: Tensor | None, draw: _Draw, normalize: bool) -> MixedBatch:
+    return _mixup(images, targets, draw.partner, draw.lam[:, 0])
+
+
+def _apply_cutmix(images: Tensor, targets: Tensor, cams: Tensor | None, draw: _Draw, normalize: bool) -> MixedBatch:
+    assert draw.boxes is not None
+    return _cutmix(images, targets, draw.partner, draw.boxes[:, 0])
+
+
+def _apply_snapmix(images: Tensor, targets: Tensor, cams: Tensor | None, draw: _Draw, normalize: bool) -> MixedBatch:
+    assert cams is not None and draw.boxes is not None and draw.boxes_float is not None
+    return _snapmix(images, targets, cams, draw.partner, draw.boxes, draw.boxes_float, normalize)
+
+
+class _Method(NamedTuple):
+    lambdas: int  # Beta draws per sample (mixup: its lam; cutmix, snapmix: one per box)
+    boxes: int  # boxes per sample
+    apply: Callable[[Tensor, Tensor, Tensor | None, _Draw, bool], MixedBatch]  # the kernel on its draw
+
+
+_KERNELS: dict[str, _Method] = {
+    "mixup": _Method(1, 0, _apply_mixup),
+    "cutmix": _Method(1, 1, _apply_cutmix),
+    "snapmix": _Method(2, 2, _apply_snapmix),  # the target box, then the partner's source box
+}
 
 
 class MixingAugmenter(nn.Module):
@@ -427,8 +505,7 @@ class MixingAugmenter(nn.Module):
         p: per-sample probability of mixing, in [0, 1].
         label_smoothing: in [0, 1): targets become ``t * (1 - s) + s / K`` before mixing.
         same_on_batch: one lambda, box and decision for the whole batch (the SnapMix code base's
-            setting). The draw is made on the host unless a CUDA ``generator`` is given, so the box
-            is known without a device sync and only it is pasted.
+            setting), drawn as the per-sample ones and broadcast: the same kernels, no host read.
         normalize_targets: snapmix only: rescale the two label weights to sum to 1.
         generator: optional ``torch.Generator`` for reproducible draws. Per-sample draws are made on
             its device (put it on the images' device to avoid a transfer), else on the images' device.
@@ -436,6 +513,11 @@ class MixingAugmenter(nn.Module):
     Call: ``mixer(images (B, C, H, W) float, labels (B,) int or (B, K) float, cams (B, h, w) | None)``
     returns a :class:`MixedBatch`. ``cams`` is required for snapmix: the CAM of each clean image
     for its own label, e.g. from :class:`~cekd_losses.cam.FeatureTap`.
+
+    A call launches few kernels and never reads a tensor value back to the host (on CPU tensors
+    only, argument values are checked): per call 11 kernels for MixUp, 27 for CutMix and 57 for
+    SnapMix, in either mode. ``torch.compile(mixer, fullgraph=True)`` traces every configuration
+    whole and makes the same draws as eager for the same generator state (see :doc:`/benchmarks`).
 
     Example:
         >>> mixer = MixingAugmenter("cutmix", num_classes=10, generator=torch.Generator().manual_seed(0))
@@ -469,9 +551,20 @@ class MixingAugmenter(nn.Module):
                 f"sum to 1), got normalize_targets=True with method {method!r}"
             )
         self.normalize_targets = bool(normalize_targets)
+        self.generator = generator
+
+    @property
+    def generator(self) -> torch.Generator | None:
+        """The ``torch.Generator`` of the draws, or None for PyTorch's default one."""
+        return self._generator
+
+    @generator.setter
+    def generator(self, generator: torch.Generator | None) -> None:
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"`generator` must be a torch.Generator or None, got {type(generator).__name__}")
-        self.generator = generator
+        if generator is not None:
+            _GENERATORS[id(generator)] = generator
+        self._generator = generator
 
     def extra_repr(self) -> str:
         return (
@@ -483,18 +576,16 @@ class MixingAugmenter(nn.Module):
     def soft_targets(self, labels: Tensor, batch: int) -> Tensor:
         """(B, K) float32 targets from (B,) class ids or (B, K) soft targets, label smoothing applied."""
         labels = _checks.check_tensor("labels", labels)
+        smoothing, classes = self.label_smoothing, self.num_classes
         if labels.ndim == 1:
             _checks.check_shape("labels", labels, (batch,))
-            _checks.check_class_ids("labels", labels, self.num_classes)
-            targets = torch.zeros(batch, self.num_classes, device=labels.device)
-            targets.scatter_(1, labels.long()[:, None], 1.0)
-        else:
-            _checks.check_shape("labels", labels, (batch, self.num_classes))
-            _checks.check_floating("labels", labels)
-            targets = labels.float()
-        if self.label_smoothing > 0:
-            targets = targets * (1.0 - self.label_smoothing) + self.label_smoothing / self.num_classes
-        return targets
+            _checks.check_class_ids("labels", labels, classes)
+            targets = torch.full((batch, classes), smoothing / classes, device=labels.device)
+            return targets.scatter_(1, labels.long()[:, None], 1.0 - smoothing + smoothing / classes)
+        _checks.check_shape("labels", labels, (batch, classes))
+        _checks.check_floating("labels", labels)
+        targets = labels.float()
+        return targets * (1.0 - smoothing) + smoothing / classes if smoothing > 0 else targets
 
     def forward(self, images: Tensor, labels: Tensor, cams: Tensor | None = None) -> MixedBatch:
         """Mix ``images`` (B, C, H, W) with ``labels`` (B,) ids or (B, K) soft targets; ``cams`` (B, h, w)
@@ -507,49 +598,50 @@ class MixingAugmenter(nn.Module):
             return self._mix(images, labels, cams)
 
     def _mix(self, images: Tensor, labels: Tensor, cams: Tensor | None) -> MixedBatch:
-        batch, _, height, width = images.shape
+        batch = images.shape[0]
         _checks.check_same_device("labels", _checks.check_tensor("labels", labels), "images", images)
         targets = self.soft_targets(labels, batch)
-        if self.method == "snapmix" and cams is None:
+        kernel = _KERNELS[self.method]
+        needs_cams = kernel.boxes == 2
+        if needs_cams and cams is None:
             raise ValueError(
                 "`cams` is required for snapmix: pass the (B, h, w) class activation map of each clean "
                 "image for its own label, e.g. tap = FeatureTap(model); with torch.no_grad(): model(images); "
                 "cams = tap.class_activation_maps(labels)"
             )
-        if self.method != "snapmix" and cams is not None:
+        if not needs_cams and cams is not None:
             raise ValueError(f"`cams` is used by method 'snapmix' only, got cams with method {self.method!r}")
+        if cams is not None:
+            cams = _checks.check_maps("cams", cams, (batch, "h", "w"))
+            _checks.check_same_device("cams", cams, "images", images)
+        return kernel.apply(images, targets, cams, self._draw(images, kernel), self.normalize_targets)
 
-        generator = self.generator
-        # One shared draw is made on the host (as the SnapMix and CutMix reference code does), so its
-        # box is known without a device sync and the kernels paste by slicing just that box.
-        on_host = self.same_on_batch and (generator is None or generator.device.type == "cpu")
-        device = generator.device if generator is not None else torch.device("cpu") if on_host else images.device
+    def _draw(self, images: Tensor, kernel: _Method) -> _Draw:
+        """This call's random parameters (one set with ``same_on_batch``), on the images' device."""
+        batch, _, height, width = images.shape
+        device, generator = images.device, self.generator
         draws = 1 if self.same_on_batch else batch
-        apply = torch.rand(draws, generator=generator, device=device) < self.p
-        partner = torch.randperm(batch, generator=generator, device=device)
-        if self.method == "mixup":
-            lam = _sample_beta(self.mix_alpha, draws, generator, device)
+        arguments = (batch, draws, kernel.lambdas, kernel.boxes, self.p < 1, self.mix_alpha)
+        draw_device = generator.device if generator is not None else device
+        if torch.compiler.is_compiling():
+            found = _compiled_draws(*arguments, id(generator) if generator is not None else 0, draw_device)
+            partner, lam = found[0], found[1]
+            centres = found[2] if kernel.boxes else None
+            decision = found[3] if self.p < 1 else None
         else:
-            target_boxes = _sample_boxes(_sample_beta(self.mix_alpha, draws, generator, device), height, width, generator)
-            target_boxes = torch.where(apply[:, None], target_boxes, 0)
-        if self.method == "snapmix":
-            source_boxes = _sample_boxes(_sample_beta(self.mix_alpha, draws, generator, device), height, width, generator)
-            source_boxes = torch.where(apply[:, None], source_boxes, 0)
-
-        def to_batch(tensor: Tensor) -> Tensor:
-            """Broadcast a shared draw over the batch and move it next to the images."""
-            return tensor.expand(batch, *tensor.shape[1:]).to(images.device, non_blocking=True)
-
-        apply = to_batch(apply)
-        partner = torch.where(apply, partner.to(images.device, non_blocking=True), torch.arange(batch, device=images.device))
-        if self.method == "mixup":
-            return mixup(images, targets, partner, torch.where(apply, to_batch(lam), 1.0))
-        shared_target = tuple(target_boxes[0].tolist()) if on_host else None
-        if self.method == "cutmix":
-            return _cutmix(images, targets, partner, to_batch(target_boxes), shared_target)
-        cams = _checks.check_maps("cams", cams, (batch, "h", "w"))
-        _checks.check_same_device("cams", cams, "images", images)
-        shared = (tuple(target_boxes[0].tolist()), tuple(source_boxes[0].tolist())) if on_host else None
-        return _snapmix(
-            images, targets, cams, partner, to_batch(target_boxes), to_batch(source_boxes), self.normalize_targets, shared
-        )
+            partner, lam, centres, decision = _random_draws(*arguments, generator, draw_device)
+        partner, lam = partner.to(device, non_blocking=True), lam.to(device, non_blocking=True)
+        boxes_float = None
+        if centres is not None:
+            boxes_float = _boxes_from_draws(lam, centres.to(device, non_blocking=True), height, width)
+            boxes_float = boxes_float.expand(batch, -1, -1)
+        lam = lam.expand(batch, -1)
+        if decision is not None:  # unmixed samples: their own partner, lam 1, empty boxes
+            mixed = (decision.to(device, non_blocking=True) < self.p).expand(batch)
+            partner = torch.where(mixed, partner, _positions(batch, device))
+            if boxes_float is not None:
+                boxes_float = torch.where(mixed[:, None, None], boxes_float, 0.0)
+            else:
+                lam = torch.where(mixed[:, None], lam, 1.0)
+        boxes = boxes_float.long() if boxes_float is not None else None
+        return _Draw(partner, lam, boxes, boxes_float)

@@ -439,17 +439,25 @@ def test_kernel_parameter_errors():
 
 
 @given(seed=st.integers(0, 2**31 - 1), height=st.integers(1, 64), width=st.integers(1, 64))
-def test_cutmix_box_side_is_sqrt_of_one_minus_lambda(seed, height, width):
-    from cekd_losses.mixing import _sample_boxes
+def test_boxes_are_timm_cutmix_boxes(seed, height, width):
+    """Side int(size * sqrt(u)) (u ~ Beta, in the place of 1 - lam), centred on a uniform pixel, clipped: the
+    vectorised float construction equals the integer recipe of timm's rand_bbox, written here per box."""
+    from cekd_losses.mixing import _boxes_from_draws
 
     g = torch.Generator().manual_seed(seed)
-    lam = torch.rand(64, generator=g)
-    x1, y1, x2, y2 = _sample_boxes(lam, height, width, g).unbind(1)
-    assert ((0 <= x1) & (x1 <= x2) & (x2 <= width) & (0 <= y1) & (y1 <= y2) & (y2 <= height)).all()
-    cut_w, cut_h = (width * (1 - lam).sqrt()).long(), (height * (1 - lam).sqrt()).long()
-    inside_x, inside_y = (x1 > 0) & (x2 < width), (y1 > 0) & (y2 < height)
-    assert torch.equal((x2 - x1)[inside_x], cut_w[inside_x])
-    assert torch.equal((y2 - y1)[inside_y], cut_h[inside_y])
+    u = torch.rand(64, 2, generator=g)
+    centres = torch.randint(0, 2**62, (64, 2, 2), generator=g)
+    boxes = _boxes_from_draws(u, centres, height, width)
+    assert boxes.shape == (64, 2, 4) and boxes.dtype == torch.float32
+    for n in range(64):
+        for k in range(2):
+            expected = []
+            for axis, size in ((0, width), (1, height)):
+                cut = int(torch.tensor(size, dtype=torch.float32) * u[n, k].sqrt())  # float32, as the mixer
+                centre = int(centres[n, k, axis]) % size
+                expected.append((min(max(centre - cut // 2, 0), size), min(max(centre + (cut + 1) // 2, 0), size)))
+            (x1, x2), (y1, y2) = expected
+            assert boxes[n, k].tolist() == [x1, y1, x2, y2]
 
 
 @given(

@@ -668,12 +668,25 @@ def test_a_diverging_epoch_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
     assert all(math.isfinite(v) for k, v in resumed.items() if k.startswith(("loss_", "top1_")))
 
 
-def test_weights_that_overflow_with_finite_losses_are_caught(tmp_path):
-    """lr 1e5 without clipping: the first epoch's losses stay finite while the weights overflow."""
-    with pytest.raises(engine.Diverged, match=r"^epoch 1 diverged: .*no epoch finished: start again with a lower --lr"):
-        train(replace(TINY, lr=1e5, clip_grad=None), tmp_path / "run")
+def test_weights_that_overflow_with_finite_losses_are_caught(tmp_path, monkeypatch):
+    """The last step of epoch 1 overflows a weight (its loss was finite): no checkpoint of that state."""
+    real_step = engine.run_step
+
+    def run_step(run, images, labels):
+        parts = real_step(run, images, labels)
+        if run.scheduler.last_epoch == 3:  # TINY: 3 steps per epoch
+            with torch.no_grad():
+                next(run.net.parameters()).mul_(float("inf"))
+        return parts
+
+    monkeypatch.setattr(engine, "run_step", run_step)
+    with pytest.raises(engine.Diverged, match=r"^epoch 1 diverged: the weights went non-finite; no epoch finished: "
+                                              r"start again with a lower --lr"):
+        train(replace(TINY, clip_grad=None), tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
-    assert history(tmp_path / "run")[-1]["epoch"] == 1 and "diverged" in history(tmp_path / "run")[-1]
+    assert history(tmp_path / "run") == [{"epoch": 1, "diverged": ["weights"],
+                                          "epoch_s": history(tmp_path / "run")[0]["epoch_s"]}]
+    monkeypatch.setattr(engine, "run_step", real_step)
     assert train(TINY, tmp_path / "run")["epoch"] == 1  # no dead end: the dir is reused
 
 

@@ -1,0 +1,106 @@
+"""The mixer at the launch floor: few kernels per call, no host reads, one whole graph under torch.compile.
+
+On a GPU a mixing call costs its kernel launches (10-30 us each on an H100), not its bytes. These tests count,
+on CPU, the aten ops that would launch a kernel (view and other metadata-only ops excluded) and the host reads
+of tensor values (each a sync on CUDA), with the value checks that only run on CPU tensors switched off as on
+a GPU; and they compile every configuration with ``fullgraph=True``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cekd_losses import MixingAugmenter, _checks
+from cekd_losses._launches import Launches, count_launches
+
+BUDGETS = {"mixup": 16, "cutmix": 28, "snapmix": 60}
+
+
+def count_call(call, monkeypatch) -> Launches:
+    monkeypatch.setattr(_checks, "can_read_values", lambda tensor: False)  # what a CUDA call does
+    return count_launches(call)
+
+
+def mixer_call(method: str, same_on_batch: bool, p: float, device: str = "cpu", seed: int = 0):
+    generator = torch.Generator(device=device).manual_seed(seed)
+    mixer = MixingAugmenter(method, 200, mix_alpha=1.0, p=p, same_on_batch=same_on_batch, generator=generator)
+    images = torch.rand(32, 3, 64, 64, device=device)
+    labels = torch.randint(0, 200, (32,), device=device)
+    cams = torch.rand(32, 2, 2, device=device) if method == "snapmix" else None
+    return mixer, (images, labels, cams)
+
+
+@pytest.mark.parametrize("same_on_batch", [False, True], ids=["per-sample", "same_on_batch"])
+@pytest.mark.parametrize("method", list(BUDGETS))
+def test_op_budget_and_no_host_reads(method, same_on_batch, monkeypatch):
+    mixer, inputs = mixer_call(method, same_on_batch, p=1.0)
+    counter = count_call(lambda: mixer(*inputs), monkeypatch)
+    assert counter.reads == 0
+    assert len(counter.ops) <= BUDGETS[method], counter.ops
+
+
+@pytest.mark.parametrize("method", list(BUDGETS))
+def test_mixing_some_samples_only_costs_a_few_ops_more(method, monkeypatch):
+    """p < 1: one uniform draw, a comparison and the selections that leave unmixed samples alone."""
+    mixer, inputs = mixer_call(method, False, p=0.5)
+    counter = count_call(lambda: mixer(*inputs), monkeypatch)
+    assert counter.reads == 0 and len(counter.ops) <= BUDGETS[method] + 4, counter.ops
+
+
+def test_the_counter_sees_ops_and_host_reads(monkeypatch):
+    """The counter itself: kernels and reads where the code makes them, views free."""
+    x = torch.rand(4, 2)
+    counter = count_call(lambda: (float((x.t()[0] + 1).sum()), x.tolist()), monkeypatch)
+    assert counter.ops == ["add", "sum"] and counter.reads == 2
+
+
+FIELDS = ("images", "targets", "partner", "lam_a", "lam_b", "applied", "boxes", "source_boxes")
+
+
+def assert_same_batch(a, b, atol: float = 0.0) -> None:
+    for field in FIELDS:
+        x, y = getattr(a, field), getattr(b, field)
+        assert (x is None) == (y is None), field
+        if x is not None:
+            assert torch.allclose(x.double(), y.double(), rtol=0.0, atol=atol), field
+
+
+@pytest.mark.parametrize("p", [1.0, 0.5])
+@pytest.mark.parametrize("same_on_batch", [False, True], ids=["per-sample", "same_on_batch"])
+@pytest.mark.parametrize("method", list(BUDGETS))
+def test_every_configuration_compiles_whole_and_draws_as_eager(method, same_on_batch, p):
+    """fullgraph=True: no graph break. Same generator state, same batch as eager, call after call."""
+    torch._dynamo.reset()
+    mixer, inputs = mixer_call(method, same_on_batch, p, seed=7)
+    compiled = torch.compile(mixer, fullgraph=True, backend="eager")
+    eager = [mixer(*inputs) for _ in range(2)]
+    after_eager = mixer.generator.get_state()
+    mixer.generator.manual_seed(7)
+    traced = [compiled(*inputs) for _ in range(2)]
+    for a, b in zip(eager, traced):
+        assert_same_batch(a, b)  # backend "eager" runs the traced ops themselves: equal to the bit
+    assert torch.equal(mixer.generator.get_state(), after_eager)  # and the generator moved on alike
+
+
+@pytest.mark.slow
+def test_inductor_compiled_snapmix_matches_eager():
+    torch._dynamo.reset()
+    mixer, inputs = mixer_call("snapmix", False, 0.5, seed=3)
+    eager = mixer(*inputs)
+    mixer.generator.manual_seed(3)
+    # inductor fuses the float32 sampling arithmetic differently: pixels read at positions that differ by
+    # a few float32 roundings of a 64 px coordinate (~1e-5 of a pixel) and sums taken in another order
+    assert_same_batch(eager, torch.compile(mixer, fullgraph=True)(*inputs), atol=1e-4)
+
+
+def test_global_rng_draws_compile_too():
+    """Without a generator the draws come from PyTorch's default one, in the compiled mixer as in eager."""
+    torch._dynamo.reset()
+    mixer = MixingAugmenter("cutmix", 5)
+    images, labels = torch.rand(6, 3, 16, 16), torch.arange(6) % 5
+    compiled = torch.compile(mixer, fullgraph=True, backend="eager")
+    torch.manual_seed(11)
+    eager = mixer(images, labels)
+    torch.manual_seed(11)
+    assert_same_batch(eager, compiled(images, labels))

@@ -344,7 +344,8 @@ def _snapmix(
     totals = shifted.sum(dim=(1, 2))
     pair = torch.stack([_positions(batch, partner.device), partner], dim=1)  # (B, 2): own map, partner's map
     weights = inside.to(shifted.dtype)
-    box_mass = torch.einsum("bkh,bkhw,bkw->bk", weights[:, :, 1, :height], shifted[pair], weights[:, :, 0, :width])
+    rows, columns = weights[:, :, 1, None, :height], weights[:, :, 0, :width, None]  # (B, 2, 1, H), (B, 2, W, 1)
+    box_mass = torch.matmul(torch.matmul(rows, shifted[pair]), columns)[..., 0, 0]  # (B, 2)
     pair_totals = totals[pair]
     fraction = box_mass / pair_totals
     has_mass = (fraction * pair_totals).abs() < math.inf  # False for a total of 0, inf or NaN
@@ -579,9 +580,13 @@ class MixingAugmenter(nn.Module):
         smoothing, classes = self.label_smoothing, self.num_classes
         if labels.ndim == 1:
             _checks.check_shape("labels", labels, (batch,))
-            _checks.check_class_ids("labels", labels, classes)
+            _checks.check_integer("labels", labels)
             targets = torch.full((batch, classes), smoothing / classes, device=labels.device)
-            return targets.scatter_(1, labels.long()[:, None], 1.0 - smoothing + smoothing / classes)
+            try:  # on CPU scatter_ checks the ids itself: the range check costs nothing until it fails
+                return targets.scatter_(1, labels.long()[:, None], 1.0 - smoothing + smoothing / classes)
+            except RuntimeError:
+                _checks.check_class_ids("labels", labels, classes)  # names the argument and the values
+                raise
         _checks.check_shape("labels", labels, (batch, classes))
         _checks.check_floating("labels", labels)
         targets = labels.float()

@@ -475,13 +475,14 @@ def _apply_snapmix(images: Tensor, targets: Tensor, cams: Tensor | None, draw: _
 class _Method(NamedTuple):
     lambdas: int  # Beta draws per sample (mixup: its lam; cutmix, snapmix: one per box)
     boxes: int  # boxes per sample
+    needs_cams: bool  # the call takes the clean images' CAMs
     apply: Callable[[Tensor, Tensor, Tensor | None, _Draw, bool], MixedBatch]  # the kernel on its draw
 
 
 _KERNELS: dict[str, _Method] = {
-    "mixup": _Method(1, 0, _apply_mixup),
-    "cutmix": _Method(1, 1, _apply_cutmix),
-    "snapmix": _Method(2, 2, _apply_snapmix),  # the target box, then the partner's source box
+    "mixup": _Method(1, 0, False, _apply_mixup),
+    "cutmix": _Method(1, 1, False, _apply_cutmix),
+    "snapmix": _Method(2, 2, True, _apply_snapmix),  # the target box, then the partner's source box
 }
 
 
@@ -607,14 +608,13 @@ class MixingAugmenter(nn.Module):
         _checks.check_same_device("labels", _checks.check_tensor("labels", labels), "images", images)
         targets = self.soft_targets(labels, batch)
         kernel = _KERNELS[self.method]
-        needs_cams = kernel.boxes == 2
-        if needs_cams and cams is None:
+        if kernel.needs_cams and cams is None:
             raise ValueError(
                 "`cams` is required for snapmix: pass the (B, h, w) class activation map of each clean "
                 "image for its own label, e.g. tap = FeatureTap(model); with torch.no_grad(): model(images); "
                 "cams = tap.class_activation_maps(labels)"
             )
-        if not needs_cams and cams is not None:
+        if not kernel.needs_cams and cams is not None:
             raise ValueError(f"`cams` is used by method 'snapmix' only, got cams with method {self.method!r}")
         if cams is not None:
             cams = _checks.check_maps("cams", cams, (batch, "h", "w"))

@@ -30,8 +30,10 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 
-from cekd_repro.data import draw_birds  # noqa: E402
-from cekd_repro.engine import Placement, RunConfig, build_run, load_data, make_loader, run_step  # noqa: E402
+from cekd_repro.config import RunConfig  # noqa: E402
+from cekd_repro.data import draw_birds, load_data, make_loader  # noqa: E402
+from cekd_repro.device import Placement  # noqa: E402
+from cekd_repro.engine import build_run, run_step  # noqa: E402
 
 
 def write_jpeg_folder(root: Path, count: int, classes: int = 4, seed: int = 0) -> float:
@@ -62,8 +64,14 @@ def previous_loader(config: RunConfig, epoch: int) -> DataLoader:
     from cekd_repro.data import file_splits
 
     train, _, _ = file_splits("imagefolder", config.data_root)
-    transform = T.Compose([T.Resize((config.resize, config.resize)), T.RandomCrop(config.image_size),
-                           T.RandomHorizontalFlip(), T.ToTensor()])
+    transform = T.Compose(
+        [
+            T.Resize((config.resize, config.resize)),
+            T.RandomCrop(config.image_size),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+        ]
+    )
 
     class Transformed(torch.utils.data.Dataset):
         def __len__(self) -> int:
@@ -74,8 +82,9 @@ def previous_loader(config: RunConfig, epoch: int) -> DataLoader:
             return transform(image), label
 
     generator = torch.Generator().manual_seed(epoch)
-    return DataLoader(Transformed(), config.batch_size, shuffle=True, generator=generator,
-                      num_workers=config.workers, drop_last=True)
+    return DataLoader(
+        Transformed(), config.batch_size, shuffle=True, generator=generator, num_workers=config.workers, drop_last=True
+    )
 
 
 def loader_rate(config: RunConfig, previous: bool) -> float:
@@ -147,18 +156,40 @@ def main() -> None:
     args = parser.parse_args()
     import torchvision
 
-    print(f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-          f"torchvision {torchvision.__version__}, device {args.device}"
-          + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else ""))
+    print(
+        f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"torchvision {torchvision.__version__}, device {args.device}"
+        + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else "")
+    )
     with tempfile.TemporaryDirectory() as folder:
         kb = write_jpeg_folder(Path(folder), args.images)
-        print(f"{args.images} JPEG files, 300-600 px, mean {kb:.0f} KB; resize {args.resize}, crop {args.size}, "
-              f"batch {args.batch}")
-        config = RunConfig(method="cekd", mix="snapmix", dataset="imagefolder", data_root=folder, arch=args.arch,
-                           image_size=args.size, resize=args.resize, batch_size=args.batch, epochs=1,
-                           lr=0.001, head_lr=0.01, weight_decay=1e-4, schedule="multistep", mix_p=1.0,
-                           mix_alpha=5.0, same_on_batch=True, rampup_epochs=0, amp=args.amp,
-                           channels_last=args.device.startswith("cuda"), device=args.device, quiet=True)
+        print(
+            f"{args.images} JPEG files, 300-600 px, mean {kb:.0f} KB; resize {args.resize}, crop {args.size}, "
+            f"batch {args.batch}"
+        )
+        config = RunConfig(
+            method="cekd",
+            mix="snapmix",
+            dataset="imagefolder",
+            data_root=folder,
+            arch=args.arch,
+            image_size=args.size,
+            resize=args.resize,
+            batch_size=args.batch,
+            epochs=1,
+            lr=0.001,
+            head_lr=0.01,
+            weight_decay=1e-4,
+            schedule="multistep",
+            mix_p=1.0,
+            mix_alpha=5.0,
+            same_on_batch=True,
+            rampup_epochs=0,
+            amp=args.amp,
+            channels_last=args.device.startswith("cuda"),
+            device=args.device,
+            quiet=True,
+        )
         print("\nloader alone, images/s (second epoch)")
         print(f"{'workers':>8} {'this engine':>12} {'previous':>10} {'ratio':>7}")
         for workers in [int(w) for w in args.workers.split(",")]:
@@ -168,9 +199,14 @@ def main() -> None:
         if args.step or args.device.startswith("cuda"):
             workers = max(int(w) for w in args.workers.split(","))
             memory, loaded = step_rates(replace(config, workers=workers), args.steps)
-            print(f"\nCEKD step (2 x {args.arch}, SnapMix, amp {args.amp}), images/s over "
-                  f"{args.steps} steps after 3 warm-up steps, {workers} workers")
-            print(f"  in-memory batch {memory:.1f}; from the loader {loaded:.1f}; ratio {loaded / memory:.2f} (goal >= 0.95)")
+            print(
+                f"\nCEKD step (2 x {args.arch}, SnapMix, amp {args.amp}), images/s over "
+                f"{args.steps} steps after 3 warm-up steps, {workers} workers"
+            )
+            print(
+                f"  in-memory batch {memory:.1f}; from the loader {loaded:.1f}; "
+                f"ratio {loaded / memory:.2f} (goal >= 0.95)"
+            )
 
 
 if __name__ == "__main__":

@@ -71,7 +71,9 @@ def reference_snapmix(images, labels, raw_cams, alpha):
     return images, labels, labels_b, lam_a, lam_b
 
 
-def time_interleaved(candidates: dict[str, Callable[[], object]], rounds: int, device: torch.device) -> dict[str, float]:
+def time_interleaved(
+    candidates: dict[str, Callable[[], object]], rounds: int, device: torch.device
+) -> dict[str, float]:
     """Median ms per call of every candidate, timed one call each per round, rounds interleaved."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for fn in candidates.values():  # warm-up
@@ -101,22 +103,30 @@ def peer_calls(images: torch.Tensor, labels: torch.Tensor, classes: int) -> dict
     calls: dict[str, Callable[[], object]] = {}
     for mode in ("elem", "batch"):
         for name, alphas in (("mixup", (1.0, 0.0)), ("cutmix", (0.0, 1.0))):
-            mixer = Mixup(mixup_alpha=alphas[0], cutmix_alpha=alphas[1], mode=mode, label_smoothing=0.0,
-                          num_classes=classes)
+            mixer = Mixup(
+                mixup_alpha=alphas[0], cutmix_alpha=alphas[1], mode=mode, label_smoothing=0.0, num_classes=classes
+            )
             calls[f"timm {name} {mode}"] = lambda m=mixer: m(images.clone(), labels.clone())  # timm mixes in place
-    calls["torchvision v2 mixup batch"] = lambda a=v2.MixUp(num_classes=classes): a(images, labels)
-    calls["torchvision v2 cutmix batch"] = lambda a=v2.CutMix(num_classes=classes): a(images, labels)
-    calls["kornia mixup elem"] = lambda a=KA.RandomMixUpV2(p=1.0, data_keys=["input", "class"]): a(images, labels)
-    calls["kornia cutmix elem"] = lambda a=KA.RandomCutMixV2(p=1.0, data_keys=["input", "class"]): a(images, labels)
+    others = {
+        "torchvision v2 mixup batch": v2.MixUp(num_classes=classes),
+        "torchvision v2 cutmix batch": v2.CutMix(num_classes=classes),
+        "kornia mixup elem": KA.RandomMixUpV2(p=1.0, data_keys=["input", "class"]),
+        "kornia cutmix elem": KA.RandomCutMixV2(p=1.0, data_keys=["input", "class"]),
+    }
+    for name, augmentation in others.items():
+        calls[name] = lambda a=augmentation: a(images, labels)
     return calls
 
 
-def our_calls(images: torch.Tensor, labels: torch.Tensor, cams: torch.Tensor, classes: int) -> dict[str, Callable[[], object]]:
+def our_calls(
+    images: torch.Tensor, labels: torch.Tensor, cams: torch.Tensor, classes: int
+) -> dict[str, Callable[[], object]]:
     calls: dict[str, Callable[[], object]] = {}
     for method, same in CONFIGS:
         mixer = MixingAugmenter(method, classes, same_on_batch=same)
         calls[f"ours {method} {'batch' if same else 'elem'}"] = (
-            lambda m=mixer, c=(cams if method == "snapmix" else None): m(images, labels, c))
+            lambda m=mixer, c=(cams if method == "snapmix" else None): m(images, labels, c)
+        )
     return calls
 
 
@@ -143,15 +153,20 @@ def print_overhead(rounds: int) -> None:
     calls = {**our_calls(images, labels, cams, 10), **peer_calls(images, labels, 10)}
     batched = {name: (lambda f=f: [f() for _ in range(20)]) for name, f in calls.items()}  # 20 calls a sample
     us = {name: ms * 1000 / 20 for name, ms in time_interleaved(batched, rounds, torch.device("cpu")).items()}
-    print(f"median us per call, 32x3x8x8, 10 classes, one thread, {rounds} interleaved rounds; torch {torch.__version__}")
+    print(
+        f"median us per call, 32x3x8x8, 10 classes, one thread, {rounds} interleaved rounds; torch {torch.__version__}"
+    )
     for name, value in us.items():
         print(f"{name:30} {value:8.0f}")
     print("\nratio                                   value   goal")
     for method, same in CONFIGS:
         ours = us[f"ours {method} {'batch' if same else 'elem'}"]
         if method == "snapmix":
-            label, peer, goal = f"snapmix {'same_on_batch' if same else 'per-sample'} / timm cutmix batch", \
-                us["timm cutmix batch"], 3.0
+            label, peer, goal = (
+                f"snapmix {'same_on_batch' if same else 'per-sample'} / timm cutmix batch",
+                us["timm cutmix batch"],
+                3.0,
+            )
         elif same:
             label, peer, goal = f"{method} same_on_batch / timm batch", us[f"timm {method} batch"], 1.0
         else:
@@ -195,8 +210,13 @@ def main() -> None:
         return lambda: mixer(images, labels, cams)
 
     def timm_mixup(mode: str, cutmix: bool) -> Callable[[], object]:
-        mixer = Mixup(mixup_alpha=0.0 if cutmix else 1.0, cutmix_alpha=1.0 if cutmix else 0.0,
-                      mode=mode, label_smoothing=0.0, num_classes=k)
+        mixer = Mixup(
+            mixup_alpha=0.0 if cutmix else 1.0,
+            cutmix_alpha=1.0 if cutmix else 0.0,
+            mode=mode,
+            label_smoothing=0.0,
+            num_classes=k,
+        )
         scratch = images.clone()  # timm mixes in place
         return lambda: mixer(scratch, labels)
 
@@ -221,9 +241,15 @@ def main() -> None:
     }
     medians = time_interleaved(candidates, args.rounds, device)
 
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
-    print(f"batch {args.batch}x3x{args.size}x{args.size} float32 on {device} ({name}); torch {torch.__version__}; "
-          f"median of {args.rounds} rounds")
+    name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+    )
+    print(
+        f"batch {args.batch}x3x{args.size}x{args.size} float32 on {device} ({name}); torch {torch.__version__}; "
+        f"median of {args.rounds} rounds"
+    )
     print(f"{'candidate':32} {'ms/call':>9}")
     for candidate, ms in medians.items():
         print(f"{candidate:32} {ms:9.2f}")

@@ -28,7 +28,11 @@ import torchvision
 
 from cekd_losses import CEKDLoss, CollaborativeEnsemble, FeatureTap, MixingAugmenter, soft_cross_entropy
 
-CONFIGS = {"a": "plain resnet18 + cutmix + soft CE", "b": "CEKD 2 x resnet18 + cutmix", "c": "CEKD 2 x resnet18 + snapmix"}
+CONFIGS = {
+    "a": "plain resnet18 + cutmix + soft CE",
+    "b": "CEKD 2 x resnet18 + cutmix",
+    "c": "CEKD 2 x resnet18 + snapmix",
+}
 
 
 def resident_mib() -> float:
@@ -114,22 +118,43 @@ def main() -> None:
 
     results = {}
     for config in CONFIGS:
-        command = [sys.executable, __file__, "--config", config, "--batch", str(args.batch), "--size", str(args.size),
-                   "--steps", str(args.steps), "--device", args.device]
+        command = [
+            sys.executable,
+            __file__,
+            "--config",
+            config,
+            "--batch",
+            str(args.batch),
+            "--size",
+            str(args.size),
+            "--steps",
+            str(args.steps),
+            "--device",
+            args.device,
+        ]
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         results[config] = json.loads(output.strip().splitlines()[-1])
 
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()}, {torch.get_num_threads()} threads"
+    name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"{platform.machine()}, {torch.get_num_threads()} threads"
+    )
     memory = "peak allocated" if device.type == "cuda" else "peak RSS above set-up"
-    print(f"batch {args.batch}x3x{args.size}x{args.size}, 200 classes, on {device} ({name}); torch {torch.__version__}; "
-          f"median of {args.steps} steps")
+    print(
+        f"batch {args.batch}x3x{args.size}x{args.size}, 200 classes, on {device} ({name}); torch {torch.__version__}; "
+        f"median of {args.steps} steps"
+    )
     print(f"{'step':36} {'ms':>9} {memory + ' MiB':>28}")
     for config, label in CONFIGS.items():
         print(f"({config}) {label:32} {results[config]['ms']:9.1f} {results[config]['peak_mib']:28.0f}")
     a, b, c = (results[k] for k in "abc")
     print(f"\n(b) / (2 x a) time:   {b['ms'] / (2 * a['ms']):.3f}   (goal <= 1.05)")
     print(f"(b) / (2 x a) memory: {b['peak_mib'] / (2 * a['peak_mib']):.3f}")
-    print(f"(c): CAM forward {c['cam_ms']:.1f} ms = {c['cam_ms'] / c['ms']:.1%} of the step; (c) / (b) = {c['ms'] / b['ms']:.3f}")
+    print(
+        f"(c): CAM forward {c['cam_ms']:.1f} ms = {c['cam_ms'] / c['ms']:.1%} of the step; "
+        f"(c) / (b) = {c['ms'] / b['ms']:.3f}"
+    )
 
 
 if __name__ == "__main__":

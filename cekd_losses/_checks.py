@@ -36,7 +36,7 @@ def check_shape(name: str, value: object, expected: Sequence[int | str]) -> Tens
     tensor = check_tensor(name, value)
     wanted = "(" + ", ".join(str(e) for e in expected) + ("," if len(expected) == 1 else "") + ")"
     if tensor.ndim != len(expected) or any(
-        isinstance(e, int) and s != e for s, e in zip(tensor.shape, expected)
+        isinstance(e, int) and s != e for s, e in zip(tensor.shape, expected, strict=True)
     ):
         raise ValueError(f"`{name}` must have shape {wanted}, got shape {tuple(tensor.shape)}")
     return tensor

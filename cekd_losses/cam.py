@@ -31,8 +31,11 @@ def _check_size(size: object) -> tuple[int, int] | None:
     if size is None:
         return None
     pair = (size, size) if isinstance(size, int) and not isinstance(size, bool) else size
-    if (not isinstance(pair, (tuple, list)) or len(pair) != 2
-            or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in pair)):
+    if (
+        not isinstance(pair, (tuple, list))
+        or len(pair) != 2
+        or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in pair)
+    ):
         raise ValueError(f"`size` must be None, an int >= 1 or a pair (H, W) of ints >= 1, got {size!r}")
     return int(pair[0]), int(pair[1])
 
@@ -164,7 +167,9 @@ def _find_feature_site(model: nn.Module) -> _FeatureSite | None:
         size = int(model.patch_size)
         return _FeatureSite(model.encoder, False, "tokens", lambda tokens: model.heads(tokens[:, 0]), 1, (size, size))
     pool = _submodule(model, "avgpool")
-    head = next((m for m in (getattr(model, n, None) for n in ("fc", "classifier", "head")) if isinstance(m, nn.Module)), None)
+    head = next(
+        (m for m in (getattr(model, n, None) for n in ("fc", "classifier", "head")) if isinstance(m, nn.Module)), None
+    )
     if pool is None or head is None:
         return None
     flattens = any(isinstance(m, nn.Flatten) for m in head.modules())  # ConvNeXt's head flattens itself
@@ -283,9 +288,7 @@ class FeatureTap:
         handles: list[torch.utils.hooks.RemovableHandle] = []
         if feature_module is not None:
             if not isinstance(feature_module, nn.Module):
-                raise TypeError(
-                    f"`feature_module` must be a torch.nn.Module, got {type(feature_module).__name__}"
-                )
+                raise TypeError(f"`feature_module` must be a torch.nn.Module, got {type(feature_module).__name__}")
             handles.append(feature_module.register_forward_hook(self._save_output))
         else:
             self._site = _find_feature_site(model)
@@ -313,7 +316,9 @@ class FeatureTap:
             side = "input" if site.take_input else "output"
             where = f"{site.layout} {side} of {type(site.module).__name__}"
         state = "" if self._handles else ", removed"
-        return f"FeatureTap(model={type(self.model).__name__}, feature_map={where}, classifier={self.classifier}{state})"
+        return (
+            f"FeatureTap(model={type(self.model).__name__}, feature_map={where}, classifier={self.classifier}{state})"
+        )
 
     # The hooks do nothing while the tap itself runs the head for CAMs (``_reading``).
     def _save_image_size(self, module: nn.Module, inputs: tuple[Any, ...]) -> None:
@@ -406,7 +411,9 @@ class FeatureTap:
                 scores = site.head(constant_maps).float()  # (B * h * w, K), in the head's own precision
         finally:
             self._reading = False
-        maps = scores.view(batch, height * width, -1).gather(2, labels.long()[:, None, None].expand(-1, height * width, 1))
+        maps = scores.view(batch, height * width, -1).gather(
+            2, labels.long()[:, None, None].expand(-1, height * width, 1)
+        )
         maps = maps.view(batch, height, width)
         return normalize_cams(maps, size) if normalized else maps
 

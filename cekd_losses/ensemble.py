@@ -96,10 +96,12 @@ class CollaborativeEnsemble(nn.Module):
         if taps is not None and combine == "mean":
             raise ValueError("`taps` are read by combine='gate' or 'fusion' only, got taps with combine='mean'")
         if taps is not None and (not isinstance(taps, (list, tuple)) or len(taps) != len(members)):
-            raise ValueError(f"`taps` must be a list of N = {len(members)} FeatureTap or None entries, got {taps!r}"[:200])
+            raise ValueError(
+                f"`taps` must be a list of N = {len(members)} FeatureTap or None entries, got {taps!r}"[:200]
+            )
         if combine != "mean":
             given = list(taps) if taps is not None else [None] * len(members)
-            for i, (member, tap) in enumerate(zip(members, given)):
+            for i, (member, tap) in enumerate(zip(members, given, strict=True)):
                 if tap is not None and (not isinstance(tap, FeatureTap) or tap.model is not member):
                     raise ValueError(f"`taps[{i}]` must be a FeatureTap of members[{i}], got {type(tap).__name__}")
                 if tap is None and find_classifier(member) is None:
@@ -108,7 +110,9 @@ class CollaborativeEnsemble(nn.Module):
                         f"found in members[{i}] ({type(member).__name__}); pass taps=[..., "
                         f"FeatureTap(members[{i}], classifier=<its nn.Linear head>), ...] (None for the others)"
                     )
-            self._taps = [tap if tap is not None else FeatureTap(member) for member, tap in zip(members, given)]
+            self._taps = [
+                tap if tap is not None else FeatureTap(member) for member, tap in zip(members, given, strict=True)
+            ]
             depth = sum(tap.classifier.in_features for tap in self._taps)
             out = len(members) if combine == "gate" else self._taps[0].classifier.out_features
             self.head = nn.Linear(depth, out)
@@ -134,7 +138,7 @@ class CollaborativeEnsemble(nn.Module):
         else:
             got = f"a sequence of {len(x)} inputs" if isinstance(x, Sequence) else type(x).__name__
             raise ValueError(f"`x` must be one input tensor or a sequence of N = {len(self.members)} inputs, got {got}")
-        outputs = [member(view) for member, view in zip(self.members, views)]
+        outputs = [member(view) for member, view in zip(self.members, views, strict=True)]
         reference = None
         for i, logits in enumerate(outputs):
             if not isinstance(logits, Tensor) or logits.ndim != 2:

@@ -220,7 +220,7 @@ def _bilinear_weights(out_size: int, in_size: int, device: torch.device) -> Tens
     ``F.interpolate``); its rows sum to 1. Built in float64 once per shape and device."""
 
     def build() -> Tensor:
-        source = ((torch.arange(out_size, dtype=torch.float64, device=device) + 0.5) * (in_size / out_size) - 0.5)
+        source = (torch.arange(out_size, dtype=torch.float64, device=device) + 0.5) * (in_size / out_size) - 0.5
         source = source.clamp(min=0)
         low = source.floor().long().clamp(max=in_size - 1)
         high = (low + 1).clamp(max=in_size - 1)
@@ -322,18 +322,33 @@ def _snapmix(
     # The paste: target pixel i of each axis reads source pixel lo_s + (i - lo_t) * (side_s - 1) / (side_t - 1),
     # bilinear resizing with corners aligned (a 1-pixel target side reads the first source pixel), as one
     # grid_sample over a separable grid in normalised coordinates n = p * 2 / (size - 1) - 1.
-    to_normal = _constant(("to_normal", height, width, images.device), lambda: torch.tensor(
-        [[2.0 / max(width - 1, 1), 2.0 / max(height - 1, 1)], [-1.0, -1.0]], device=images.device))
+    to_normal = _constant(
+        ("to_normal", height, width, images.device),
+        lambda: torch.tensor([[2.0 / max(width - 1, 1), 2.0 / max(height - 1, 1)], [-1.0, -1.0]], device=images.device),
+    )
     steps = sides - 1
     scale = steps[:, 1] / steps[:, 0].clamp(min=1)  # (B, 2 axes): source pixels per target pixel
     offset = torch.addcmul(boxes_float[:, 1, :2], boxes_float[:, 0, :2], scale, value=-1)  # source at target pixel 0
     sample_dtype = torch.float64 if images.dtype == torch.float64 else torch.float32  # half: inexact past 256 px
-    coordinates = torch.addcmul(torch.addcmul(to_normal[1], offset, to_normal[0])[..., None],
-                                _positions(max(height, width), images.device), (scale * to_normal[0])[..., None])
-    grid = torch.stack([coordinates[:, 0, None, :width].expand(batch, height, width),
-                        coordinates[:, 1, :height, None].expand(batch, height, width)], dim=-1).to(sample_dtype)
-    patches = F.grid_sample(images.index_select(0, partner).to(sample_dtype), grid, mode="bilinear", padding_mode="zeros",
-                            align_corners=True).to(images.dtype)
+    coordinates = torch.addcmul(
+        torch.addcmul(to_normal[1], offset, to_normal[0])[..., None],
+        _positions(max(height, width), images.device),
+        (scale * to_normal[0])[..., None],
+    )
+    grid = torch.stack(
+        [
+            coordinates[:, 0, None, :width].expand(batch, height, width),
+            coordinates[:, 1, :height, None].expand(batch, height, width),
+        ],
+        dim=-1,
+    ).to(sample_dtype)
+    patches = F.grid_sample(
+        images.index_select(0, partner).to(sample_dtype),
+        grid,
+        mode="bilinear",
+        padding_mode="zeros",
+        align_corners=True,
+    ).to(images.dtype)
     mixed = _paste(mask, patches, images)
 
     # Label weights: each map resized to the image (bilinear), minimum subtracted; the share of its mass in the
@@ -358,8 +373,9 @@ def _snapmix(
         safe_total = torch.where(some, total, 1.0)
         lam_a = torch.where(some, lam_a / safe_total, 1.0 - area_fraction)
         lam_b = torch.where(some, lam_b / safe_total, area_fraction)
-    return MixedBatch(mixed, _mix_targets(targets, partner, lam_a, lam_b), partner, lam_a, lam_b, active,
-                      boxes[:, 0], boxes[:, 1])
+    return MixedBatch(
+        mixed, _mix_targets(targets, partner, lam_a, lam_b), partner, lam_a, lam_b, active, boxes[:, 0], boxes[:, 1]
+    )
 
 
 def _sample_beta(alpha: float, count: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
@@ -368,8 +384,9 @@ def _sample_beta(alpha: float, count: int, generator: torch.Generator | None, de
     PyTorch's Dirichlet sampler (one kernel) where this torch has it; it is private API, so otherwise
     two Gamma draws with public ops: Beta = G1 / (G1 + G2)."""
     if hasattr(torch, "_sample_dirichlet"):
-        concentration = _constant(("concentration", alpha, count, device),
-                                  lambda: torch.full((count, 2), alpha, device=device))
+        concentration = _constant(
+            ("concentration", alpha, count, device), lambda: torch.full((count, 2), alpha, device=device)
+        )
         return torch._sample_dirichlet(concentration, generator=generator)[:, 0]
     gammas = _sample_gamma(alpha, 2 * count, generator, device).view(count, 2)
     return gammas[:, 0] / gammas.sum(dim=1)
@@ -394,8 +411,14 @@ def _sample_gamma(shape: float, count: int, generator: torch.Generator | None, d
 
 
 def _random_draws(
-    batch: int, draws: int, lambdas: int, boxes: int, uniform: bool, alpha: float,
-    generator: torch.Generator | None, device: torch.device,
+    batch: int,
+    draws: int,
+    lambdas: int,
+    boxes: int,
+    uniform: bool,
+    alpha: float,
+    generator: torch.Generator | None,
+    device: torch.device,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """Every random choice of one call, made on ``device`` with ``generator`` in three or four kernels:
     a permutation (B,) of partners, (draws, lambdas) Beta(alpha, alpha) values, (draws, boxes, 2) int64
@@ -415,7 +438,13 @@ _GENERATORS: weakref.WeakValueDictionary[int, torch.Generator] = weakref.WeakVal
 
 @torch.library.custom_op("cekd_losses::random_draws", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
 def _compiled_draws(
-    batch: int, draws: int, lambdas: int, boxes: int, uniform: bool, alpha: float, generator_key: int,
+    batch: int,
+    draws: int,
+    lambdas: int,
+    boxes: int,
+    uniform: bool,
+    alpha: float,
+    generator_key: int,
     device: torch.device,
 ) -> list[Tensor]:
     found = _random_draws(batch, draws, lambdas, boxes, uniform, alpha, _GENERATORS.get(generator_key), device)
@@ -423,12 +452,22 @@ def _compiled_draws(
 
 
 @_compiled_draws.register_fake
-def _(batch: int, draws: int, lambdas: int, boxes: int, uniform: bool, alpha: float, generator_key: int,
-      device: torch.device) -> list[Tensor]:
-    return [torch.empty(batch, dtype=torch.long, device=device), torch.empty(draws, lambdas, device=device),
-            torch.empty((draws, boxes, 2) if boxes else (0,), dtype=torch.long if boxes else torch.float32,
-                        device=device),
-            torch.empty(draws if uniform else 0, device=device)]
+def _(
+    batch: int,
+    draws: int,
+    lambdas: int,
+    boxes: int,
+    uniform: bool,
+    alpha: float,
+    generator_key: int,
+    device: torch.device,
+) -> list[Tensor]:
+    return [
+        torch.empty(batch, dtype=torch.long, device=device),
+        torch.empty(draws, lambdas, device=device),
+        torch.empty((draws, boxes, 2) if boxes else (0,), dtype=torch.long if boxes else torch.float32, device=device),
+        torch.empty(draws if uniform else 0, device=device),
+    ]
 
 
 def _boxes_from_draws(side_draws: Tensor, centres: Tensor, height: int, width: int) -> Tensor:
@@ -441,8 +480,9 @@ def _boxes_from_draws(side_draws: Tensor, centres: Tensor, height: int, width: i
         return torch.tensor([[width, height], [-0.5, -0.5], [0.5, 0.5]], dtype=torch.float32, device=device)
 
     table = _constant(("box constants", height, width, device), constants)
-    sizes = _constant(("box sizes", height, width, device),
-                      lambda: torch.tensor([width, height], dtype=torch.long, device=device))
+    sizes = _constant(
+        ("box sizes", height, width, device), lambda: torch.tensor([width, height], dtype=torch.long, device=device)
+    )
     zero = _constant(("zero", device), lambda: torch.zeros((), device=device))
     sides = (table[0] * side_draws.sqrt()[..., None]).floor()  # (n, k, 2)
     corners = torch.addcmul((centres % sizes)[..., None, :], sides[..., None, :], table[1:])  # (n, k, 2, 2)

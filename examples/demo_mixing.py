@@ -27,7 +27,9 @@ def draw_batch(batch: int, size: int, generator: torch.Generator) -> tuple[torch
     images = 0.3 * torch.rand(batch, 3, size, size, generator=generator)
     ys, xs = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
     centre = size * (0.3 + 0.4 * torch.rand(batch, 2, generator=generator))
-    body = ((ys - centre[:, 0, None, None]) / (0.25 * size)) ** 2 + ((xs - centre[:, 1, None, None]) / (0.18 * size)) ** 2 < 1
+    body = ((ys - centre[:, 0, None, None]) / (0.25 * size)) ** 2 + (
+        (xs - centre[:, 1, None, None]) / (0.18 * size)
+    ) ** 2 < 1
     images = torch.where(body[:, None], torch.full_like(images, 0.6), images)
     head = (ys - (centre[:, 0, None, None] - 0.2 * size)).abs().le(2) & (xs - centre[:, 1, None, None]).abs().le(2)
     return torch.where(head[:, None], MARK_COLOURS[labels][:, :, None, None], images), labels
@@ -55,7 +57,9 @@ def main() -> None:
     print(f"batch {tuple(images.shape)} on {device}, {num_classes} classes")
     print(f"{'method':8} {'mixed':>6} {'mean lam_a':>10} {'mean lam_b':>10} {'row sum':>12} {'ms/call':>8}")
     for method in ("mixup", "cutmix", "snapmix"):
-        mixer = MixingAugmenter(method, num_classes, mix_alpha=1.0, generator=torch.Generator(device=device).manual_seed(1))
+        mixer = MixingAugmenter(
+            method, num_classes, mix_alpha=1.0, generator=torch.Generator(device=device).manual_seed(1)
+        )
         extra = cams if method == "snapmix" else None
         start = time.perf_counter()
         out = mixer(images, labels, extra)

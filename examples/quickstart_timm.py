@@ -18,8 +18,9 @@ parser.add_argument("--steps", type=int, default=5)
 steps = parser.parse_args().steps
 
 num_classes = 10
-members = [timm.create_model(name, pretrained=False, num_classes=num_classes)
-           for name in ("resnet18", "mobilenetv3_small_100")]
+members = [
+    timm.create_model(name, pretrained=False, num_classes=num_classes) for name in ("resnet18", "mobilenetv3_small_100")
+]
 ensemble = CollaborativeEnsemble(members)
 tap = FeatureTap(members[0])
 mixer = MixingAugmenter("snapmix", num_classes, mix_alpha=5.0)

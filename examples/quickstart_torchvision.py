@@ -1,6 +1,6 @@
 """CEKD in a few lines with torchvision models: two resnet18 trained together on CutMix batches.
 
-    python examples/quickstart_torchvision.py [--steps 5]
+python examples/quickstart_torchvision.py [--steps 5]
 """
 
 import argparse

@@ -16,29 +16,20 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import fields, replace
+from dataclasses import fields
 from pathlib import Path
 
 from cekd_repro.ablation import run_ablation
-from cekd_repro.engine import METHODS, Diverged, RunConfig, RunDirExists, resumed_config, train
+from cekd_repro.config import METHODS, PAPER_MIX_ALPHA, PRESETS, RunConfig, preset_config
+from cekd_repro.engine import Diverged, train
+from cekd_repro.rundir import RunDirExists, resumed_config
 
-PRESETS = {
-    # Synthetic set, torchvision resnet18 from scratch at 64 px; see docs/reproduction.rst for why these values.
-    "quick": {"dataset": "synthetic", "classes": 12, "train_per_class": 60, "test_per_class": 40, "image_size": 64,
-              "arch": "resnet18", "epochs": 20, "batch_size": 64, "lr": 0.1, "weight_decay": 5e-4, "clip_grad": 5.0,
-              "schedule": "onecycle", "mix_alpha": 1.0, "mix_p": 0.5, "rampup_epochs": 4},
-    # The SnapMix code base that the CEKD paper builds on.
-    "paper": {"arch": "resnet50", "resize": 512, "image_size": 448, "batch_size": 16, "epochs": 200, "lr": 0.001,
-              "head_lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4, "schedule": "multistep",
-              "milestones": [80, 150, 180], "mix_p": 1.0, "same_on_batch": True, "rampup_epochs": 0, "workers": 8},
-}
 PAPER_FROM_SCRATCH = (
     "warning: --preset paper is the fine-tuning recipe of the paper (ImageNet-pretrained members, lr 0.001/0.01, "
     "no clipping); without --pretrained it trains from scratch, where 2 x resnet50 at 448 px diverged in our runs "
     "(epoch-1 loss ~250, gradient norm ~500). Pass --pretrained <local state-dict>, or add --clip-grad 5 "
     "(see docs/reproduction.rst)"
 )
-PAPER_MIX_ALPHA = {"snapmix": 5.0, "cutmix": 3.0, "mixup": 1.0}
 
 
 def _default(name: str) -> str:
@@ -54,8 +45,11 @@ def _default(name: str) -> str:
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(__doc__.splitlines()[1:]))
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.splitlines()[1:]),
+    )
 
     def add(flag: str, help: str = "", **kwargs) -> None:
         dest = kwargs.get("dest", flag[2:].replace("-", "_"))
@@ -90,7 +84,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
     add("--combine", choices=["mean", "gate", "fusion"], help="cekd: how member logits make the ensemble's")
     add("--rampup-epochs", dest="rampup_epochs", type=int, help="cekd: epochs over which alpha and beta ramp up")
     add("--no-cross", dest="no_cross", action="store_const", const=True, help="ablation: alpha = 0")
-    add("--no-ensemble", dest="no_ensemble", action="store_const", const=True, help="ablation: no collaborative ensemble")
+    add(
+        "--no-ensemble",
+        dest="no_ensemble",
+        action="store_const",
+        const=True,
+        help="ablation: no collaborative ensemble",
+    )
     add("--amp", choices=["none", "bf16", "fp16"], help="mixed precision (fp16 on CUDA only)")
     add("--channels-last", dest="channels_last", action="store_const", const=True, help="channels-last memory format")
     add("--compile", action="store_const", const=True, help="torch.compile the members")
@@ -98,13 +98,19 @@ def parse(argv: list[str]) -> argparse.Namespace:
     add("--seed", type=int)
     add("--device", help="cpu, cuda or cuda:N (under torchrun, cuda is each rank's GPU)")
     add("--visualize-cams", dest="visualize_cams", type=int, metavar="K", help="save a figure of K test images' CAMs")
-    add("--keep", choices=["checkpoint", "weights"],
-        help="at the end of the run keep the resumable checkpoint.pt, or only weights.pt (the models' weights)")
+    add(
+        "--keep",
+        choices=["checkpoint", "weights"],
+        help="at the end of the run keep the resumable checkpoint.pt, or only weights.pt (the models' weights)",
+    )
     add("--quiet", action="store_const", const=True, help="no per-epoch lines, no progress bars")
     add("--run-dir", dest="run_dir", help="where to write (default runs/<method>-<time>); never overwritten")
-    add("--resume", metavar="RUN_DIR",
+    add(
+        "--resume",
+        metavar="RUN_DIR",
         help="continue the run (or ablation) in RUN_DIR with its saved config; may change --epochs (multistep "
-             "schedule only), --workers, --device (same kind), --quiet, --clip-grad, --amp")
+        "schedule only), --workers, --device (same kind), --quiet, --clip-grad, --amp",
+    )
     add("--ablation", action="store_true", help="run the ablation table instead of one method")
     add("--seeds", type=int, help="ablation: seeds per method [default: 3]")
     return parser.parse_args(argv)
@@ -116,21 +122,14 @@ def given_values(args: argparse.Namespace) -> dict:
 
 
 def build_config(args: argparse.Namespace) -> RunConfig:
-    preset = args.preset or "quick"
-    given = given_values(args)
-    config = replace(RunConfig(), **{**PRESETS[preset], **given})
-    if preset == "paper" and "mix_alpha" not in given and config.mixing is not None:
-        config = replace(config, mix_alpha=PAPER_MIX_ALPHA[config.mixing])
-    if config.dataset != "synthetic" and not config.data_root:
-        raise ValueError(f"--dataset {config.dataset} needs --data-root")
-    return config
+    return preset_config(args.preset or "quick", given_values(args))
 
 
 def print_table(record: dict) -> None:
     print("\nfinal test top-1 (%):")
     for key, value in record.items():
         if key.startswith("top1_"):
-            print(f"  {key[len('top1_'):]:10} {value:6.2f}")
+            print(f"  {key[len('top1_') :]:10} {value:6.2f}")
 
 
 def _one_line(error: BaseException) -> str:
@@ -144,8 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
     try:
         if args.resume:
-            extra = [flag for flag, value in (("--preset", args.preset), ("--run-dir", args.run_dir),
-                                              ("--seeds", args.seeds)) if value is not None]
+            extra = [
+                flag
+                for flag, value in (("--preset", args.preset), ("--run-dir", args.run_dir), ("--seeds", args.seeds))
+                if value is not None
+            ]
             if extra:
                 raise ValueError(f"--resume continues the run as saved; it cannot take {', '.join(extra)}")
             changes = given_values(args)

@@ -12,12 +12,17 @@ draws, 300 examples per property, no database)::
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+# The reproduction example is a package beside the library, not installed with it: its tests import it from here.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 
 _COMMON = {"deadline": None, "database": None, "suppress_health_check": [HealthCheck.too_slow]}
 settings.register_profile("deterministic", max_examples=40, derandomize=True, **_COMMON)

@@ -76,8 +76,13 @@ def test_class_activation_maps_exact():
     assert torch.equal(class_activation_maps(features, weight, torch.tensor([0])), torch.tensor([[[1.0, 0.0]]]))
 
 
-@given(seed=st.integers(0, 2**31 - 1), batch=st.integers(1, 4), depth=st.integers(1, 6),
-       side=st.integers(1, 5), size=st.integers(4, 12))
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    batch=st.integers(1, 4),
+    depth=st.integers(1, 6),
+    side=st.integers(1, 5),
+    size=st.integers(4, 12),
+)
 def test_class_activation_maps_match_slow_loops(seed, batch, depth, side, size):
     g = torch.Generator().manual_seed(seed)
     features = torch.rand(batch, depth, side, side + 1, generator=g)
@@ -169,8 +174,11 @@ def test_tap_errors():
     tap = FeatureTap(mobilenet, feature_module=mobilenet.features)  # a linear read-out that does not fit
     mobilenet(torch.rand(2, 3, 32, 32))
     assert tap.pooled.shape == (2, 1024) and tap.features.shape[1] == 576
-    with pytest.raises(ValueError, match=r"Linear\(in_features=1024, out_features=3.*does not read the tapped "
-                                         r"feature map \(576 channels\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"Linear\(in_features=1024, out_features=3.*does not read the tapped "
+        r"feature map \(576 channels\)",
+    ):
         tap.class_activation_maps(torch.tensor([0, 1]))
     with pytest.raises(TypeError, match="`classifier` must be the model's linear head.*got Sequential"):
         FeatureTap(mobilenet, classifier=mobilenet.classifier)
@@ -231,10 +239,17 @@ def test_tap_cams_is_the_three_step_recipe_in_one_call(eval_mode):
 
 
 FINDER_ZOO = [
-    ("torchvision", "resnet18", 32), ("torchvision", "mobilenet_v3_small", 32), ("torchvision", "efficientnet_b0", 32),
-    ("torchvision", "convnext_tiny", 32), ("torchvision", "regnet_y_400mf", 32), ("torchvision", "densenet121", 32),
-    ("torchvision", "swin_t", 64), ("timm", "resnet18", 32), ("timm", "mobilenetv3_small_100", 32),
-    ("timm", "convnext_atto", 32), ("timm", "vit_tiny_patch16_224", 32),
+    ("torchvision", "resnet18", 32),
+    ("torchvision", "mobilenet_v3_small", 32),
+    ("torchvision", "efficientnet_b0", 32),
+    ("torchvision", "convnext_tiny", 32),
+    ("torchvision", "regnet_y_400mf", 32),
+    ("torchvision", "densenet121", 32),
+    ("torchvision", "swin_t", 64),
+    ("timm", "resnet18", 32),
+    ("timm", "mobilenetv3_small_100", 32),
+    ("timm", "convnext_atto", 32),
+    ("timm", "vit_tiny_patch16_224", 32),
 ]
 
 

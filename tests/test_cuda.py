@@ -28,8 +28,9 @@ def test_mixing_on_cuda_never_syncs(method, same_on_batch):
     images = torch.rand(8, 3, 64, 64, device="cuda")
     labels = torch.randint(0, 4, (8,), device="cuda")
     cams = torch.rand(8, 7, 7, device="cuda") if method == "snapmix" else None
-    mixer = MixingAugmenter(method, 4, same_on_batch=same_on_batch,
-                            generator=torch.Generator(device="cuda").manual_seed(0))
+    mixer = MixingAugmenter(
+        method, 4, same_on_batch=same_on_batch, generator=torch.Generator(device="cuda").manual_seed(0)
+    )
     batch = without_host_sync(lambda: mixer(images, labels, cams))
     assert batch.images.device.type == "cuda" and batch.targets.device.type == "cuda"
 

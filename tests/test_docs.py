@@ -14,8 +14,14 @@ import cekd_losses.mixing
 import cekd_losses.objective
 import cekd_losses.step
 
-MODULES = [cekd_losses.mixing, cekd_losses.cam, cekd_losses.losses, cekd_losses.ensemble, cekd_losses.objective,
-           cekd_losses.step]
+MODULES = [
+    cekd_losses.mixing,
+    cekd_losses.cam,
+    cekd_losses.losses,
+    cekd_losses.ensemble,
+    cekd_losses.objective,
+    cekd_losses.step,
+]
 
 
 @pytest.mark.parametrize("module", MODULES, ids=lambda m: m.__name__)

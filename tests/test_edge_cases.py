@@ -78,7 +78,7 @@ def test_masked_classes_give_the_loss_on_the_remaining_classes():
     kd = distillation_kl(logits, peer, 2.0, "none")
     cross = CrossDistillationLoss(2.0, "none")([logits, peer])
     for row, keep in enumerate(finite):
-        sub = lambda x: x[row : row + 1, keep]  # noqa: E731
+        sub = lambda x, row=row, keep=keep: x[row : row + 1, keep]  # noqa: E731
         assert torch.allclose(ce[row], soft_cross_entropy(sub(logits), sub(target)))
         assert torch.allclose(kd[row], distillation_kl(sub(logits), sub(peer), 2.0))
         assert torch.allclose(cross[:, row], CrossDistillationLoss(2.0, "none")([sub(logits), sub(peer)])[:, 0])
@@ -96,25 +96,56 @@ def _mixed_batch():
 
 
 BAD_INPUTS = [
-    ("negative soft target", lambda: soft_cross_entropy(torch.zeros(1, 2), torch.tensor([[1.2, -0.2]])),
-     ValueError, "`target` must hold weights >= 0, got a minimum of -0.2"),
-    ("MixedBatch as target", lambda: soft_cross_entropy(torch.zeros(2, 3), _mixed_batch()),
-     TypeError, "`target` must be a tensor, got a MixedBatch; pass its `.targets`"),
-    ("MixedBatch to CEKDLoss", lambda: CEKDLoss()((torch.zeros(2, 2, 3), torch.zeros(2, 3)), _mixed_batch()),
-     TypeError, "pass its `.targets`"),
+    (
+        "negative soft target",
+        lambda: soft_cross_entropy(torch.zeros(1, 2), torch.tensor([[1.2, -0.2]])),
+        ValueError,
+        "`target` must hold weights >= 0, got a minimum of -0.2",
+    ),
+    (
+        "MixedBatch as target",
+        lambda: soft_cross_entropy(torch.zeros(2, 3), _mixed_batch()),
+        TypeError,
+        "`target` must be a tensor, got a MixedBatch; pass its `.targets`",
+    ),
+    (
+        "MixedBatch to CEKDLoss",
+        lambda: CEKDLoss()((torch.zeros(2, 2, 3), torch.zeros(2, 3)), _mixed_batch()),
+        TypeError,
+        "pass its `.targets`",
+    ),
     ("negative step", lambda: CEKDLoss(rampup_steps=10).ramp(-1), ValueError, "`step` must be an int >= 0"),
     ("float step", lambda: CEKDLoss(rampup_steps=10).ramp(2.5), ValueError, "got 2.5"),
-    ("0x0 CAMs", lambda: normalize_cams(torch.zeros(2, 0, 0)), ValueError,
-     "`cams` must have a spatial size of at least 1 x 1, got shape (2, 0, 0)"),
-    ("0x0 feature map", lambda: class_activation_maps(torch.zeros(2, 4, 0, 0), torch.zeros(3, 4), torch.tensor([0, 1])),
-     ValueError, "`feature_maps` must have a spatial size of at least 1 x 1"),
-    ("bad size", lambda: normalize_cams(torch.rand(1, 2, 2), size=(4,)), ValueError,
-     "`size` must be None, an int >= 1 or a pair (H, W) of ints >= 1, got (4,)"),
-    ("0x0 CAMs to snapmix", lambda: MixingAugmenter("snapmix", 3)(torch.rand(2, 3, 4, 4), torch.tensor([0, 1]),
-                                                                   torch.zeros(2, 0, 0)),
-     ValueError, "`cams` must have a spatial size of at least 1 x 1"),
-    ("an object where a tensor goes", lambda: soft_cross_entropy(torch.nn.Linear(300, 300), torch.tensor([0])),
-     TypeError, "`logits` must be a torch.Tensor, got a Linear"),
+    (
+        "0x0 CAMs",
+        lambda: normalize_cams(torch.zeros(2, 0, 0)),
+        ValueError,
+        "`cams` must have a spatial size of at least 1 x 1, got shape (2, 0, 0)",
+    ),
+    (
+        "0x0 feature map",
+        lambda: class_activation_maps(torch.zeros(2, 4, 0, 0), torch.zeros(3, 4), torch.tensor([0, 1])),
+        ValueError,
+        "`feature_maps` must have a spatial size of at least 1 x 1",
+    ),
+    (
+        "bad size",
+        lambda: normalize_cams(torch.rand(1, 2, 2), size=(4,)),
+        ValueError,
+        "`size` must be None, an int >= 1 or a pair (H, W) of ints >= 1, got (4,)",
+    ),
+    (
+        "0x0 CAMs to snapmix",
+        lambda: MixingAugmenter("snapmix", 3)(torch.rand(2, 3, 4, 4), torch.tensor([0, 1]), torch.zeros(2, 0, 0)),
+        ValueError,
+        "`cams` must have a spatial size of at least 1 x 1",
+    ),
+    (
+        "an object where a tensor goes",
+        lambda: soft_cross_entropy(torch.nn.Linear(300, 300), torch.tensor([0])),
+        TypeError,
+        "`logits` must be a torch.Tensor, got a Linear",
+    ),
 ]
 
 

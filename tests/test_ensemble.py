@@ -64,8 +64,10 @@ def test_one_view_per_member():
 
 
 def test_heterogeneous_timm_and_torchvision_members():
-    members = [timm.create_model("resnet18", pretrained=False, num_classes=5),
-               torchvision.models.mobilenet_v3_small(num_classes=5)]
+    members = [
+        timm.create_model("resnet18", pretrained=False, num_classes=5),
+        torchvision.models.mobilenet_v3_small(num_classes=5),
+    ]
     ensemble = CollaborativeEnsemble(members).eval()
     out = ensemble(torch.rand(2, 3, 32, 32))
     assert out.member_logits.shape == (2, 2, 5) and ensemble.num_classes == 5
@@ -81,8 +83,13 @@ def test_gate_and_fusion_read_pooled_features_from_the_members_forward(combine):
     x = torch.rand(3, 3, 32, 32)
     out = ensemble(x)
     assert len(calls) == 2  # one forward per member, no second pass for the features
-    pooled = torch.cat([torch.flatten(m.avgpool(m.layer4(m.layer3(m.layer2(m.layer1(
-        m.maxpool(m.relu(m.bn1(m.conv1(x))))))))), 1) for m in members], dim=1)
+    pooled = torch.cat(
+        [
+            torch.flatten(m.avgpool(m.layer4(m.layer3(m.layer2(m.layer1(m.maxpool(m.relu(m.bn1(m.conv1(x))))))))), 1)
+            for m in members
+        ],
+        dim=1,
+    )
     if combine == "fusion":
         expected = ensemble.head(pooled)
     else:
@@ -128,19 +135,27 @@ def test_ensemble_errors():
     with pytest.raises(ValueError, match=r"`combine` must be one of 'mean', 'gate', 'fusion', got 'max'"):
         CollaborativeEnsemble([Flat(), Flat()], combine="max")
     headless = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))  # no named head: the error says how to give one
-    with pytest.raises(ValueError, match=r"none was found in members\[1\] \(Sequential\); pass taps=\[..., "
-                                         r"FeatureTap\(members\[1\], classifier="):
+    with pytest.raises(
+        ValueError,
+        match=r"none was found in members\[1\] \(Sequential\); pass taps=\[..., "
+        r"FeatureTap\(members\[1\], classifier=",
+    ):
         CollaborativeEnsemble([Flat(), headless], combine="gate")
-    ensemble = CollaborativeEnsemble([Flat(), headless], combine="fusion",
-                                     taps=[None, FeatureTap(headless, classifier=headless[1])])
+    ensemble = CollaborativeEnsemble(
+        [Flat(), headless], combine="fusion", taps=[None, FeatureTap(headless, classifier=headless[1])]
+    )
     assert ensemble(torch.rand(2, 3, 2, 2)).ensemble_logits.shape == (2, 3)
     with pytest.raises(ValueError, match=r"`taps\[0\]` must be a FeatureTap of members\[0\]"):
-        CollaborativeEnsemble([Flat(), headless], combine="gate", taps=[FeatureTap(headless, classifier=headless[1]), None])
+        CollaborativeEnsemble(
+            [Flat(), headless], combine="gate", taps=[FeatureTap(headless, classifier=headless[1]), None]
+        )
     with pytest.raises(ValueError, match=r"`taps` are read by combine='gate' or 'fusion' only"):
         CollaborativeEnsemble([Flat(), Flat()], taps=[None, None])
     with pytest.raises(ValueError, match=r"member 1 must return \(B, K\) logits, got shape \(2, 3, 1\)"):
         CollaborativeEnsemble([Flat(), Broken()])(torch.rand(2, 3, 2, 2))
-    with pytest.raises(ValueError, match=r"`x` must be one input tensor or a sequence of N = 2 inputs, got a sequence of 3"):
+    with pytest.raises(
+        ValueError, match=r"`x` must be one input tensor or a sequence of N = 2 inputs, got a sequence of 3"
+    ):
         CollaborativeEnsemble([Flat(), Flat()])([torch.rand(2, 3, 2, 2)] * 3)
     wide = nn.Sequential(nn.Flatten(), nn.Linear(12, 4))  # K not readable up front: checked at forward
     with pytest.raises(ValueError, match=r"logits of one shape \(B, K\), got \[\(2, 3\), \(2, 4\)\]"):

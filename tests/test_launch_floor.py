@@ -78,7 +78,7 @@ def test_every_configuration_compiles_whole_and_draws_as_eager(method, same_on_b
     after_eager = mixer.generator.get_state()
     mixer.generator.manual_seed(7)
     traced = [compiled(*inputs) for _ in range(2)]
-    for a, b in zip(eager, traced):
+    for a, b in zip(eager, traced, strict=True):
         assert_same_batch(a, b)  # backend "eager" runs the traced ops themselves: equal to the bit
     assert torch.equal(mixer.generator.get_state(), after_eager)  # and the generator moved on alike
 

@@ -23,10 +23,12 @@ def slow_kl(teacher_logits, student_logits, temperature):
 def slow_cross_distillation(member_logits, temperature):
     """(N, B): for each student i, the mean over peers j != i of slow_kl(z_j, z_i)."""
     n = len(member_logits)
-    return torch.stack([
-        sum(slow_kl(member_logits[j], member_logits[i], temperature) for j in range(n) if j != i) / (n - 1)
-        for i in range(n)
-    ])
+    return torch.stack(
+        [
+            sum(slow_kl(member_logits[j], member_logits[i], temperature) for j in range(n) if j != i) / (n - 1)
+            for i in range(n)
+        ]
+    )
 
 
 # ---------------------------------------------------------------- soft cross entropy
@@ -76,8 +78,13 @@ def test_distillation_kl_gradient_reaches_student_only():
     assert teacher.grad is None
 
 
-@given(seed=st.integers(0, 2**31 - 1), batch=st.integers(1, 8), classes=st.integers(2, 10),
-       temperature=st.floats(0.5, 8.0), scale=st.floats(0.1, 10.0))
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    batch=st.integers(1, 8),
+    classes=st.integers(2, 10),
+    temperature=st.floats(0.5, 8.0),
+    scale=st.floats(0.1, 10.0),
+)
 def test_distillation_kl_properties(seed, batch, classes, temperature, scale):
     g = torch.Generator().manual_seed(seed)
     student = scale * torch.randn(batch, classes, generator=g)
@@ -87,8 +94,9 @@ def test_distillation_kl_properties(seed, batch, classes, temperature, scale):
     assert (per_sample >= -1e-6).all()
     assert torch.allclose(distillation_kl(teacher, teacher, temperature, "none"), torch.zeros(batch), atol=1e-6)
     shifted = teacher + 5.0  # the same softmax: no divergence (float32 rounding of the shift, scaled by T^2)
-    assert torch.allclose(distillation_kl(shifted, teacher, temperature, "none"), torch.zeros(batch),
-                          atol=1e-6 * temperature**2)
+    assert torch.allclose(
+        distillation_kl(shifted, teacher, temperature, "none"), torch.zeros(batch), atol=1e-6 * temperature**2
+    )
 
 
 # ---------------------------------------------------------------- cross distillation
@@ -126,8 +134,13 @@ def test_cross_distillation_member_gets_no_gradient_as_teacher():
                 assert torch.equal(grads[j], torch.zeros_like(grads[j]))  # its teachers do not
 
 
-@given(seed=st.integers(0, 2**31 - 1), members=st.integers(2, 4), batch=st.integers(1, 6),
-       classes=st.integers(2, 8), temperature=st.floats(0.5, 6.0))
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    members=st.integers(2, 4),
+    batch=st.integers(1, 6),
+    classes=st.integers(2, 8),
+    temperature=st.floats(0.5, 6.0),
+)
 def test_cross_distillation_properties(seed, members, batch, classes, temperature):
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(members, batch, classes, generator=g) * 3
@@ -162,7 +175,9 @@ def test_loss_argument_errors():
         SoftTargetCrossEntropy("avg")
     with pytest.raises(ValueError, match=r"`member_logits` must hold N >= 2 members, got N = 1"):
         CrossDistillationLoss()([torch.zeros(2, 3)])
-    with pytest.raises(ValueError, match=r"`member_logits` must all have one shape \(B, K\), got shapes \[\(2, 3\), \(2, 4\)\]"):
+    with pytest.raises(
+        ValueError, match=r"`member_logits` must all have one shape \(B, K\), got shapes \[\(2, 3\), \(2, 4\)\]"
+    ):
         CrossDistillationLoss()([torch.zeros(2, 3), torch.zeros(2, 4)])
     with pytest.raises(ValueError, match=r"`member_logits\[1\]` must have shape \(B, K\), got shape \(2,\)"):
         CrossDistillationLoss()([torch.zeros(2, 3), torch.zeros(2)])
@@ -172,7 +187,9 @@ def test_loss_argument_errors():
         soft_cross_entropy(torch.zeros(2, 3), torch.zeros(2, 4))
     with pytest.raises(ValueError, match=r"`target` must hold class ids in \[0, 3\), got values in \[0, 3\]"):
         soft_cross_entropy(torch.zeros(2, 3), torch.tensor([0, 3]))
-    with pytest.raises(ValueError, match=r"`teacher_logits` must have the shape of `student_logits` \(2, 3\), got shape \(3, 3\)"):
+    with pytest.raises(
+        ValueError, match=r"`teacher_logits` must have the shape of `student_logits` \(2, 3\), got shape \(3, 3\)"
+    ):
         distillation_kl(torch.zeros(2, 3), torch.zeros(3, 3), 1.0)
     with pytest.raises(TypeError, match=r"`member_logits` must be a \(N, B, K\) tensor or a sequence"):
         CrossDistillationLoss()(3)

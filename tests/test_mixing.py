@@ -60,7 +60,10 @@ def test_snapmix_exact_values_same_size_boxes():
     cams[1, 3, 3] = 3.0  # sample 1: 3/4 of the mass in its bottom-right pixel ...
     cams[1, 0, 0] = 1.0  # ... and 1/4 in its top-left pixel, outside the source box
     out = snapmix(
-        images, torch.eye(2), cams, torch.tensor([1, 0]),
+        images,
+        torch.eye(2),
+        cams,
+        torch.tensor([1, 0]),
         target_boxes=torch.tensor([[0, 0, 2, 2], [0, 0, 0, 0]]),
         source_boxes=torch.tensor([[2, 2, 4, 4], [0, 0, 0, 0]]),
     )
@@ -79,7 +82,10 @@ def test_snapmix_resizes_with_corners_aligned():
     images = torch.zeros(2, 1, 4, 4)
     images[1, 0, :2, :2] = torch.tensor([[0.0, 3.0], [6.0, 9.0]])
     out = snapmix(
-        images, torch.eye(2), torch.rand(2, 4, 4), torch.tensor([1, 0]),
+        images,
+        torch.eye(2),
+        torch.rand(2, 4, 4),
+        torch.tensor([1, 0]),
         target_boxes=torch.tensor([[0, 0, 4, 4], [0, 0, 0, 0]]),
         source_boxes=torch.tensor([[0, 0, 2, 2], [0, 0, 0, 0]]),
     )
@@ -92,7 +98,10 @@ def test_snapmix_same_label_pair_adds_weights():
     cams = torch.rand(2, 4, 4)
     same = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
     out = snapmix(
-        images, same, cams, torch.tensor([1, 0]),
+        images,
+        same,
+        cams,
+        torch.tensor([1, 0]),
         target_boxes=torch.tensor([[0, 0, 2, 2], [1, 1, 4, 3]]),
         source_boxes=torch.tensor([[1, 1, 3, 4], [0, 0, 2, 2]]),
     )
@@ -104,7 +113,10 @@ def test_snapmix_falls_back_to_area_without_cam_mass():
     images = torch.rand(3, 1, 4, 4)
     cams = torch.stack([torch.zeros(4, 4), torch.full((4, 4), float("nan")), torch.rand(4, 4)])
     out = snapmix(
-        images, torch.eye(3), cams, torch.tensor([1, 2, 0]),
+        images,
+        torch.eye(3),
+        cams,
+        torch.tensor([1, 2, 0]),
         target_boxes=torch.tensor([[0, 0, 2, 2], [0, 0, 4, 1], [0, 0, 1, 1]]),
         source_boxes=torch.tensor([[1, 1, 3, 3], [0, 0, 4, 4], [2, 2, 4, 4]]),
     )
@@ -122,8 +134,14 @@ def test_snapmix_falls_back_to_area_without_cam_mass():
 def test_snapmix_normalize_targets():
     images = torch.rand(2, 1, 4, 4)
     cams = torch.rand(2, 4, 4)
-    args = (images, torch.eye(2), cams, torch.tensor([1, 0]),
-            torch.tensor([[0, 0, 2, 2], [1, 1, 4, 3]]), torch.tensor([[1, 1, 3, 4], [0, 0, 2, 2]]))
+    args = (
+        images,
+        torch.eye(2),
+        cams,
+        torch.tensor([1, 0]),
+        torch.tensor([[0, 0, 2, 2], [1, 1, 4, 3]]),
+        torch.tensor([[1, 1, 3, 4], [0, 0, 2, 2]]),
+    )
     raw = snapmix(*args)
     normed = snapmix(*args, normalize_targets=True)
     total = raw.lam_a + raw.lam_b
@@ -135,8 +153,13 @@ def test_snapmix_normalize_targets():
 def test_snapmix_resizes_feature_level_cams():
     images = torch.rand(2, 1, 8, 8)
     small = torch.rand(2, 2, 2)
-    args = (torch.eye(2), None, torch.tensor([1, 0]), torch.tensor([[0, 0, 4, 4], [2, 2, 8, 8]]),
-            torch.tensor([[4, 4, 8, 8], [0, 0, 3, 5]]))
+    args = (
+        torch.eye(2),
+        None,
+        torch.tensor([1, 0]),
+        torch.tensor([[0, 0, 4, 4], [2, 2, 8, 8]]),
+        torch.tensor([[4, 4, 8, 8], [0, 0, 3, 5]]),
+    )
     up = F.interpolate(small[:, None], size=(8, 8), mode="bilinear", align_corners=False)[:, 0]
     a = snapmix(images, args[0], small, *args[2:])
     b = snapmix(images, args[0], up, *args[2:])
@@ -171,7 +194,9 @@ def reference_snapmix(images, targets, cams, index, target_boxes, source_boxes):
         own, partner = normalised[b], normalised[j]
         lam_a[b] = 1 - own[ty1:ty2, tx1:tx2].sum() if own is not None else 1 - fraction
         lam_b[b] = partner[sy1:sy2, sx1:sx2].sum() if partner is not None else fraction
-    mixed_targets = torch.stack([lam_a[b] * targets[b].double() + lam_b[b] * targets[int(index[b])].double() for b in range(batch)])
+    mixed_targets = torch.stack(
+        [lam_a[b] * targets[b].double() + lam_b[b] * targets[int(index[b])].double() for b in range(batch)]
+    )
     return out, mixed_targets, lam_a, lam_b
 
 
@@ -234,7 +259,9 @@ def test_mixup_cutmix_properties(seed, method, batch, height, width, num_classes
     assert ((out.lam_a >= 0) & (out.lam_a <= 1)).all() and ((out.lam_b >= 0) & (out.lam_b <= 1)).all()
     assert torch.allclose(out.lam_a + out.lam_b, torch.ones(batch))
     assert torch.allclose(out.targets.sum(1), torch.ones(batch), atol=1e-6)
-    expected = out.lam_a[:, None] * onehot(labels, num_classes) + out.lam_b[:, None] * onehot(labels[out.partner], num_classes)
+    expected = out.lam_a[:, None] * onehot(labels, num_classes) + out.lam_b[:, None] * onehot(
+        labels[out.partner], num_classes
+    )
     assert torch.allclose(out.targets, expected)
     unmixed = out.partner == torch.arange(batch)
     assert torch.equal(out.images[unmixed], images[unmixed])
@@ -280,7 +307,13 @@ def test_snapmix_augmenter_properties(seed, batch, size, alpha, p, same_on_batch
     labels = torch.randint(0, 3, (batch,), generator=g)
     cams = torch.rand(batch, 4, 4, generator=g)
     mixer = MixingAugmenter(
-        "snapmix", 3, mix_alpha=alpha, p=p, same_on_batch=same_on_batch, normalize_targets=normalize_targets, generator=g
+        "snapmix",
+        3,
+        mix_alpha=alpha,
+        p=p,
+        same_on_batch=same_on_batch,
+        normalize_targets=normalize_targets,
+        generator=g,
     )
     out = mixer(images, labels, cams)
     assert ((out.lam_a >= 0) & (out.lam_a <= 1)).all() and ((out.lam_b >= 0) & (out.lam_b <= 1)).all()
@@ -385,7 +418,12 @@ def test_bad_constructor_arguments(kwargs, error, words):
     ("images", "labels", "error", "words"),
     [
         (torch.rand(4, 3, 8), torch.zeros(4, dtype=torch.long), ValueError, ["images", "(B, C, H, W)", "(4, 3, 8)"]),
-        (torch.zeros(4, 3, 8, 8, dtype=torch.uint8), torch.zeros(4, dtype=torch.long), TypeError, ["images", "floating", "uint8"]),
+        (
+            torch.zeros(4, 3, 8, 8, dtype=torch.uint8),
+            torch.zeros(4, dtype=torch.long),
+            TypeError,
+            ["images", "floating", "uint8"],
+        ),
         (torch.rand(4, 3, 8, 8).numpy(), torch.zeros(4, dtype=torch.long), TypeError, ["images", "Tensor", "ndarray"]),
         (torch.rand(4, 3, 8, 8), torch.zeros(3, dtype=torch.long), ValueError, ["labels", "(4,)", "(3,)"]),
         (torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 4, 2]), ValueError, ["labels", "[0, 4)", "[0, 4]"]),
@@ -411,7 +449,9 @@ def test_snapmix_cams_of_wrong_shape():
     with pytest.raises(ValueError, match=r"`cams` must have shape \(2, h, w\), got shape \(3, 8, 8\)"):
         MixingAugmenter("snapmix", 4)(torch.rand(2, 3, 8, 8), torch.tensor([0, 1]), torch.rand(3, 8, 8))
     with pytest.raises(TypeError, match="`cams` must be a floating point tensor, got dtype torch.int64"):
-        MixingAugmenter("snapmix", 4)(torch.rand(2, 3, 8, 8), torch.tensor([0, 1]), torch.ones(2, 8, 8, dtype=torch.long))
+        MixingAugmenter("snapmix", 4)(
+            torch.rand(2, 3, 8, 8), torch.tensor([0, 1]), torch.ones(2, 8, 8, dtype=torch.long)
+        )
 
 
 def test_cams_given_to_other_method():
@@ -434,8 +474,14 @@ def test_kernel_parameter_errors():
     with pytest.raises(ValueError, match=r"`targets` must have shape \(2, K\), got shape \(3, 2\)"):
         mixup(images, torch.eye(3, 2), torch.tensor([1, 0]), torch.tensor([0.5, 0.5]))
     with pytest.raises(ValueError, match=r"`target_boxes` must hold boxes"):
-        snapmix(images, targets, torch.rand(2, 4, 4), torch.tensor([1, 0]),
-                torch.tensor([[3, 0, 2, 2], [0, 0, 1, 1]]), torch.zeros(2, 4, dtype=torch.long))
+        snapmix(
+            images,
+            targets,
+            torch.rand(2, 4, 4),
+            torch.tensor([1, 0]),
+            torch.tensor([[3, 0, 2, 2], [0, 0, 1, 1]]),
+            torch.zeros(2, 4, dtype=torch.long),
+        )
 
 
 @given(seed=st.integers(0, 2**31 - 1), height=st.integers(1, 64), width=st.integers(1, 64))
@@ -516,8 +562,9 @@ def test_mixed_batch_keeps_its_boxes_so_a_mix_can_be_replayed(method, same_on_ba
     second_view = images.flip(-1)  # another tensor of the same batch
     if method == "cutmix":
         replayed = cutmix(images, targets, batch.partner, batch.boxes)
-        assert torch.equal(cutmix(second_view, targets, batch.partner, batch.boxes).images[~batch.applied],
-                           second_view[~batch.applied])
+        assert torch.equal(
+            cutmix(second_view, targets, batch.partner, batch.boxes).images[~batch.applied], second_view[~batch.applied]
+        )
     else:
         replayed = snapmix(images, targets, cams, batch.partner, batch.boxes, batch.source_boxes)
     assert torch.allclose(replayed.images, batch.images) and torch.allclose(replayed.targets, batch.targets)

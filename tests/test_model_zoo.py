@@ -13,11 +13,19 @@ from cekd_losses import CEKDLoss, CollaborativeEnsemble, FeatureTap, MixingAugme
 CLASSES = 4
 # (source, name, image size): small images whose last feature map is still 2 x 2 (a 1 x 1 map has no CAM)
 ZOO = [
-    ("torchvision", "resnet18", 64), ("torchvision", "mobilenet_v3_small", 64), ("torchvision", "efficientnet_b0", 64),
-    ("torchvision", "convnext_tiny", 64), ("torchvision", "regnet_y_400mf", 64), ("torchvision", "vgg11_bn", 64),
-    ("torchvision", "vit_b_16", 32), ("torchvision", "swin_t", 64),
-    ("timm", "resnet18", 64), ("timm", "efficientnet_b0", 64), ("timm", "convnext_atto", 64),
-    ("timm", "vit_tiny_patch16_224", 32), ("timm", "deit_tiny_patch16_224", 32),
+    ("torchvision", "resnet18", 64),
+    ("torchvision", "mobilenet_v3_small", 64),
+    ("torchvision", "efficientnet_b0", 64),
+    ("torchvision", "convnext_tiny", 64),
+    ("torchvision", "regnet_y_400mf", 64),
+    ("torchvision", "vgg11_bn", 64),
+    ("torchvision", "vit_b_16", 32),
+    ("torchvision", "swin_t", 64),
+    ("timm", "resnet18", 64),
+    ("timm", "efficientnet_b0", 64),
+    ("timm", "convnext_atto", 64),
+    ("timm", "vit_tiny_patch16_224", 32),
+    ("timm", "deit_tiny_patch16_224", 32),
     ("timm", "swin_tiny_patch4_window7_224", 64),
 ]
 
@@ -49,9 +57,16 @@ def test_tap_cams_and_snapmix_on_every_family(source, name, size):
     assert tap.cams(images, labels, size=size).shape == (2, size, size)
 
 
-@pytest.mark.parametrize(("source", "name"), [("torchvision", "resnet18"), ("torchvision", "regnet_y_400mf"),
-                                              ("torchvision", "efficientnet_b0"), ("timm", "resnet18"),
-                                              ("timm", "efficientnet_b0")])
+@pytest.mark.parametrize(
+    ("source", "name"),
+    [
+        ("torchvision", "resnet18"),
+        ("torchvision", "regnet_y_400mf"),
+        ("torchvision", "efficientnet_b0"),
+        ("timm", "resnet18"),
+        ("timm", "efficientnet_b0"),
+    ],
+)
 def test_cam_of_a_gap_linear_cnn_averages_to_the_logit(source, name):
     """For global average pooling and a linear head, the mean of the raw CAM over positions is the logit."""
     model = build(source, name, 64).eval()
@@ -68,7 +83,7 @@ def test_vit_cam_is_the_head_on_each_normalised_patch_token():
     with FeatureTap(model) as tap, torch.no_grad():
         model(images)
         raw = tap.class_activation_maps(labels, normalized=False)
-        tokens = model.forward_features(images)[:, model.num_prefix_tokens:]  # final norm applied, class token dropped
+        tokens = model.forward_features(images)[:, model.num_prefix_tokens :]  # final norm applied, class token dropped
         by_hand = model.head(model.fc_norm(tokens))[torch.arange(2), :, labels]
     assert raw.shape == (2, 3, 3) and torch.allclose(raw.flatten(1), by_hand, atol=1e-5)
 

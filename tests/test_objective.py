@@ -35,9 +35,17 @@ def by_hand(members, ensemble, target, temperature, alpha, beta, ramp, supervise
     return supervised.mean(), cross.mean(), to_members.mean()
 
 
-@given(seed=st.integers(0, 2**31 - 1), members=st.integers(2, 4), batch=st.integers(1, 6), classes=st.integers(2, 7),
-       temperature=st.floats(0.5, 6.0), alpha=st.floats(0.0, 3.0), beta=st.floats(0.0, 3.0),
-       soft=st.booleans(), weighted=st.booleans())
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    members=st.integers(2, 4),
+    batch=st.integers(1, 6),
+    classes=st.integers(2, 7),
+    temperature=st.floats(0.5, 6.0),
+    alpha=st.floats(0.0, 3.0),
+    beta=st.floats(0.0, 3.0),
+    soft=st.booleans(),
+    weighted=st.booleans(),
+)
 def test_components_equal_the_equations(seed, members, batch, classes, temperature, alpha, beta, soft, weighted):
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(members, batch, classes, generator=g) * 2
@@ -150,8 +158,10 @@ def test_cekd_with_snapmix_overfits_a_fixed_batch():
     classes, size = 4, 32
     images = torch.rand(8, 3, size, size)
     labels = torch.arange(8) % classes
-    members = [torchvision.models.resnet18(num_classes=classes),
-               timm.create_model("resnet18", pretrained=False, num_classes=classes)]
+    members = [
+        torchvision.models.resnet18(num_classes=classes),
+        timm.create_model("resnet18", pretrained=False, num_classes=classes),
+    ]
     ensemble = CollaborativeEnsemble(members)
     tap = FeatureTap(members[0])
     mixer = MixingAugmenter("snapmix", classes, mix_alpha=5.0, p=0.5, generator=torch.Generator().manual_seed(0))

@@ -14,7 +14,9 @@ from cekd_losses import CEKDLoss, CollaborativeEnsemble, MixingAugmenter
 
 
 def tiny_member(classes: int = 4) -> nn.Module:
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, classes))
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, classes)
+    )
 
 
 def test_cekd_step_under_torch_compile_matches_eager():
@@ -35,7 +37,7 @@ def test_cekd_step_under_torch_compile_matches_eager():
         eager_loss, eager_grads = step(MixingAugmenter(method, 4, generator=torch.Generator().manual_seed(1)))
         loss, grads = compiled(MixingAugmenter(method, 4, generator=torch.Generator().manual_seed(1)))
         assert torch.allclose(loss, eager_loss, atol=1e-5)
-        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads, eager_grads))
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads, eager_grads, strict=True))
 
 
 def _ddp_worker(rank: int, world_size: int, init_file: str, results: str) -> None:

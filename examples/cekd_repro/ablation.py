@@ -9,7 +9,9 @@ import statistics
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from .engine import RunConfig, RunDirExists, apply_resume_changes, resumed_config, train
+from .config import RunConfig
+from .engine import train
+from .rundir import RunDirExists, apply_resume_changes, resumed_config
 
 ABLATION = [
     ("baseline", {"method": "baseline"}),
@@ -40,17 +42,20 @@ def _cell(values: list[float]) -> str:
 
 
 def run_ablation(base: RunConfig | None, seeds: int | None, out_dir: Path, resume_changes: dict | None = None) -> str:
-    """Train every variant for every seed under ``out_dir``; write results.csv, results.md, curves.png; return the table.
+    """Train every variant for every seed under ``out_dir``; write results.csv, results.md and curves.png;
+    return the table.
 
     A new ablation (``base`` and ``seeds`` given) saves them to ``ablation.json`` in ``out_dir``, which
     must not hold an ablation yet. To resume, pass ``base=seeds=None`` and the ``resume_changes``
-    (see :func:`~cekd_repro.engine.resumed_config`): finished runs are kept, unfinished ones continue,
+    (see :func:`~cekd_repro.rundir.resumed_config`): finished runs are kept, unfinished ones continue,
     missing ones start."""
     plan = out_dir / "ablation.json"
     if resume_changes is None:
         if plan.exists():
-            raise RunDirExists(f"{out_dir} already holds an ablation; pass --resume {out_dir} to continue it, "
-                               "or choose another --run-dir")
+            raise RunDirExists(
+                f"{out_dir} already holds an ablation; pass --resume {out_dir} to continue it, "
+                "or choose another --run-dir"
+            )
         out_dir.mkdir(parents=True, exist_ok=True)
         plan.write_text(json.dumps({"seeds": seeds, "base": asdict(base)}, indent=2))
     else:
@@ -72,7 +77,7 @@ def run_ablation(base: RunConfig | None, seeds: int | None, out_dir: Path, resum
             final = history[-1]
             for key, value in final.items():
                 if key.startswith("top1_"):
-                    member = "member0" if key == "top1_model" else key[len("top1_"):]
+                    member = "member0" if key == "top1_model" else key[len("top1_") :]
                     rows.append({"method": name, "seed": config.seed, "model": member, "top1": value})
             main = "top1_ensemble" if "top1_ensemble" in final else "top1_model"
             curves.setdefault(name, []).append([record[main] for record in history])

@@ -33,7 +33,7 @@ def save_cam_figure(models: list[nn.Module], dataset, place, count: int, path: P
         picture = images[row].permute(1, 2, 0).numpy()  # uint8 (H, W, C)
         axes[row, 0].imshow(picture)
         axes[row, 0].set_title(f"class {int(labels[row])}", fontsize=8)
-        for column, (cam, predicted) in enumerate(zip(maps, predictions), start=1):
+        for column, (cam, predicted) in enumerate(zip(maps, predictions, strict=True), start=1):
             axes[row, column].imshow(picture)
             axes[row, column].imshow(cam[row].numpy(), cmap="jet", alpha=0.5)
             axes[row, column].set_title(f"member {column - 1}: pred {int(predicted[row])}", fontsize=8)

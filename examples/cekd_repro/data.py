@@ -12,13 +12,25 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
-MARK_COLOURS = [(0.95, 0.1, 0.1), (0.1, 0.85, 0.1), (0.15, 0.35, 1.0), (1.0, 0.85, 0.0), (0.9, 0.2, 0.9), (0.0, 0.9, 0.9)]
+if TYPE_CHECKING:
+    from .config import RunConfig
+
+MARK_COLOURS = [
+    (0.95, 0.1, 0.1),
+    (0.1, 0.85, 0.1),
+    (0.15, 0.35, 1.0),
+    (1.0, 0.85, 0.0),
+    (0.9, 0.2, 0.9),
+    (0.0, 0.9, 0.9),
+]
 STRIPE_ANGLES = [0, 60, 120, 30, 90, 150]  # degrees; no horizontal flips are used on this set
+EPOCH_SEED_STRIDE = 1_000_003  # a prime: the order of epoch e of seed s is drawn from seed s * stride + e
 
 
 @dataclass(frozen=True)
@@ -48,7 +60,9 @@ def draw_birds(labels: Tensor, size: int, colours: int, generator: torch.Generat
     ``decoys`` part-like distractors (a disc and a striped square each) in the background."""
     n = labels.shape[0]
     u = lambda *shape: torch.rand(*shape, generator=generator)  # noqa: E731
-    ys, xs = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32), indexing="ij")
+    ys, xs = torch.meshgrid(
+        torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32), indexing="ij"
+    )
     ys, xs = ys[None], xs[None]
     # clutter: smooth colour blobs and pixel noise, the same for every class
     images = 0.25 + 0.2 * u(n, 3, 1, 1) + 0.08 * torch.randn(n, 3, size, size, generator=generator)
@@ -66,7 +80,9 @@ def draw_birds(labels: Tensor, size: int, colours: int, generator: torch.Generat
         images = torch.where(disc[:, None], colour[:, :, None, None], images)
         sy, sx, theta = size * u(n, 1, 1), size * u(n, 1, 1), math.pi * u(n, 1, 1)
         square = ((ys - sy).abs() <= size * 0.08) & ((xs - sx).abs() <= size * 0.08)
-        lines = torch.sin(((xs - sx) * torch.cos(theta) + (ys - sy) * torch.sin(theta)) * (2 * math.pi / (size * 0.06))) > 0
+        lines = (
+            torch.sin(((xs - sx) * torch.cos(theta) + (ys - sy) * torch.sin(theta)) * (2 * math.pi / (size * 0.06))) > 0
+        )
         images = torch.where(square[:, None], (0.1 + 0.8 * lines.float())[:, None].expand(n, 3, size, size), images)
     # body: a rotated ellipse of random pose, scale and colour
     cy, cx = size * (0.35 + 0.3 * u(n, 1, 1)), size * (0.35 + 0.3 * u(n, 1, 1))
@@ -165,11 +181,11 @@ class EpochOrder(Sampler):
         return -(-self.size // self.world)
 
     def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        generator = torch.Generator().manual_seed(self.seed * EPOCH_SEED_STRIDE + self.epoch)
         order = torch.randperm(self.size, generator=generator) if self.shuffle else torch.arange(self.size)
         order = torch.cat([order, order[: len(self) * self.world - self.size]])[self.rank :: self.world]
         seeds = torch.randint(0, 2**62, (len(self),), generator=generator)
-        return iter(zip(seeds.tolist(), order.tolist()))
+        return iter(zip(seeds.tolist(), order.tolist(), strict=True))
 
 
 def synthetic_splits(spec: SyntheticSpec) -> tuple[TensorImages, TensorImages, int]:
@@ -211,11 +227,15 @@ def _require(path: Path, dataset: str) -> Path:
 def _read_table(path: Path, dataset: str, columns: int) -> list[list[str]]:
     rows = [line.split() for line in _require(path, dataset).read_text().splitlines() if line.strip()]
     if dataset == "aircraft":  # "<id> <variant name with spaces>"
-        rows = [[line.split(" ", 1)[0], line.split(" ", 1)[1]] for line in path.read_text().splitlines() if line.strip()]
+        rows = [
+            [line.split(" ", 1)[0], line.split(" ", 1)[1]] for line in path.read_text().splitlines() if line.strip()
+        ]
     bad = [row for row in rows if len(row) != columns]
     if bad or not rows:
-        raise LayoutError(f"{dataset}: {path} is malformed (expected {columns} columns per line, got {bad[:1] or 'no lines'}); "
-                          f"expected layout: {LAYOUTS[dataset]}")
+        raise LayoutError(
+            f"{dataset}: {path} is malformed (expected {columns} columns per line, got {bad[:1] or 'no lines'}); "
+            f"expected layout: {LAYOUTS[dataset]}"
+        )
     return rows
 
 
@@ -256,15 +276,24 @@ def file_splits(dataset: str, root: str | Path) -> tuple[FileImages, FileImages,
         labels = {i: int(c) - 1 for i, c in _read_table(root / "image_class_labels.txt", dataset, 2)}
         split = {i: s == "1" for i, s in _read_table(root / "train_test_split.txt", dataset, 2)}
         parts = [[i for i in paths if split.get(i) == train] for train in (True, False)]
-        made = [FileImages([_require(root / "images" / paths[i], dataset) for i in ids], [labels[i] for i in ids])
-                for ids in parts]
+        made = [
+            FileImages([_require(root / "images" / paths[i], dataset) for i in ids], [labels[i] for i in ids])
+            for ids in parts
+        ]
         return made[0], made[1], len(set(labels.values()))
     if dataset == "aircraft":
-        tables = [_read_table(root / "data" / f"images_variant_{name}.txt", dataset, 2) for name in ("trainval", "test")]
+        tables = [
+            _read_table(root / "data" / f"images_variant_{name}.txt", dataset, 2) for name in ("trainval", "test")
+        ]
         classes = sorted({variant for table in tables for _, variant in table})
         index = {name: i for i, name in enumerate(classes)}
-        made = [FileImages([_require(root / "data" / "images" / f"{i}.jpg", dataset) for i, _ in table],
-                           [index[v] for _, v in table]) for table in tables]
+        made = [
+            FileImages(
+                [_require(root / "data" / "images" / f"{i}.jpg", dataset) for i, _ in table],
+                [index[v] for _, v in table],
+            )
+            for table in tables
+        ]
         return made[0], made[1], len(classes)
     if dataset == "cars":
         import torchvision
@@ -283,9 +312,60 @@ def file_splits(dataset: str, root: str | Path) -> tuple[FileImages, FileImages,
         raise LayoutError(f"imagefolder: {splits[0]} holds no class folders; expected layout: {LAYOUTS[dataset]}")
     made = []
     for folder in splits:
-        items = [(p, i) for i, c in enumerate(classes) for p in sorted((folder / c).glob("*"))
-                 if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+        items = [
+            (p, i)
+            for i, c in enumerate(classes)
+            for p in sorted((folder / c).glob("*"))
+            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+        ]
         if not items:
-            raise LayoutError(f"imagefolder: {folder} holds no images in {classes}; expected layout: {LAYOUTS[dataset]}")
+            raise LayoutError(
+                f"imagefolder: {folder} holds no images in {classes}; expected layout: {LAYOUTS[dataset]}"
+            )
         made.append(FileImages([p for p, _ in items], [c for _, c in items]))
     return made[0], made[1], len(classes)
+
+
+# ---------------------------------------------------------------- what a run loads
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+PREFETCH_BATCHES = 4  # per loader worker
+
+
+def load_data(config: RunConfig):
+    """(train set, test set, num classes, normalisation mean, std); items are (uint8 image, label)."""
+    if config.dataset == "synthetic":
+        spec = SyntheticSpec(
+            config.classes, config.train_per_class, config.test_per_class, config.image_size, config.seed
+        )
+        train, test, classes = synthetic_splits(spec)
+        return Augmented(train, shift_crop), Augmented(test), classes, (0.5,) * 3, (0.25,) * 3
+    import torchvision.transforms as T
+
+    train, test, classes = file_splits(config.dataset, config.data_root)
+    warp = (config.resize, config.resize)
+    train_transform = T.Compose(
+        [T.Resize(warp), T.RandomCrop(config.image_size), T.RandomHorizontalFlip(), T.PILToTensor()]
+    )
+    test_transform = T.Compose([T.Resize(warp), T.CenterCrop(config.image_size), T.PILToTensor()])
+    return Augmented(train, train_transform), Augmented(test, test_transform), classes, IMAGENET_MEAN, IMAGENET_STD
+
+
+def make_loader(
+    dataset, config: RunConfig, train: bool, device: torch.device, rank: int = 0, world: int = 1
+) -> DataLoader:
+    """A loader built once per run: persistent workers, prefetching, pinned memory for a GPU. Call
+    ``loader.sampler.set_epoch(epoch)`` before each epoch."""
+    sampler = EpochOrder(len(dataset), shuffle=train, seed=config.seed, rank=rank, world=world)
+    workers = config.workers
+    return DataLoader(
+        dataset,
+        config.batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        drop_last=train,
+        pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,
+        prefetch_factor=PREFETCH_BATCHES if workers > 0 else None,
+        generator=torch.Generator().manual_seed(config.seed),
+    )  # leaves the global RNG alone

@@ -1,0 +1,190 @@
+"""Run configuration of the reproduction: every option of a run, the presets, and their validation."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+
+from .device import run_device
+
+METHODS = ("baseline", "mixup", "cutmix", "snapmix", "cekd")
+CEKD_OPTIONS = ("mix", "members", "temperature", "alpha", "beta", "combine", "rampup_epochs", "no_cross", "no_ensemble")
+MIXING_OPTIONS = ("mix_alpha", "mix_p", "same_on_batch")
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a run; saved as config.json in the run dir."""
+
+    method: str = "cekd"
+    mix: str = "cutmix"  # cekd's mixing: cutmix | snapmix | mixup
+    dataset: str = "synthetic"
+    data_root: str | None = None
+    classes: int = 12  # synthetic only
+    train_per_class: int = 80
+    test_per_class: int = 40
+    image_size: int = 64  # synthetic: drawn size; real data: crop size
+    resize: int = 512  # real data: images warped to resize x resize before cropping
+    arch: str = "resnet18"  # comma-separated: one per cekd member, or one for all
+    members: int = 2
+    pretrained: str | None = None
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 0.1
+    head_lr: float | None = None  # None: same as lr
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    clip_grad: float | None = None  # max global L2 norm of the gradient; None: no clipping
+    schedule: str = "onecycle"  # onecycle | multistep
+    milestones: list[int] = field(default_factory=lambda: [80, 150, 180])
+    mix_alpha: float = 1.0
+    mix_p: float = 0.5
+    same_on_batch: bool = False
+    temperature: float = 3.0
+    alpha: float = 1.0
+    beta: float = 1.0
+    combine: str = "mean"
+    rampup_epochs: int = 5
+    no_cross: bool = False
+    no_ensemble: bool = False
+    amp: str = "none"
+    channels_last: bool = False
+    compile: bool = False
+    workers: int = 0
+    seed: int = 0
+    device: str = "cpu"
+    visualize_cams: int = 0
+    keep: str = "checkpoint"  # at the end: "checkpoint" (resumable) or "weights" (weights.pt only)
+    quiet: bool = False
+
+    def applies(self, name: str) -> bool:
+        """Whether the option ``name`` takes part in this run (config.json records only those)."""
+        synthetic = self.dataset == "synthetic"
+        if name in ("classes", "train_per_class", "test_per_class"):
+            return synthetic
+        if name in ("data_root", "resize"):
+            return not synthetic
+        if name in CEKD_OPTIONS:
+            return self.method == "cekd"
+        if name in MIXING_OPTIONS:
+            return self.mixing is not None
+        if name == "milestones":
+            return self.schedule == "multistep"
+        return True
+
+    def saved(self) -> dict:
+        """The options that apply to this run, as written to config.json (a resume fills the rest
+        with their defaults, which this run never reads)."""
+        return {name: value for name, value in asdict(self).items() if self.applies(name)}
+
+    def archs(self) -> list[str]:
+        names = self.arch.split(",")
+        count = self.members if self.method == "cekd" else 1
+        if len(names) == 1:
+            return names * count
+        if len(names) != count:
+            raise ValueError(f"--arch gives {len(names)} architectures for {count} members")
+        return names
+
+    @property
+    def mixing(self) -> str | None:
+        """The mixing this run applies: the method's own, cekd's ``mix``, or None for the baseline."""
+        if self.method == "cekd":
+            return self.mix
+        return None if self.method == "baseline" else self.method
+
+    def validate(self) -> None:
+        """Raise ValueError naming the flag for any value a run cannot use."""
+        if self.method not in METHODS:
+            raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        for flag, value in (
+            ("--batch-size", self.batch_size),
+            ("--image-size", self.image_size),
+            ("--epochs", self.epochs),
+            ("--members", self.members),
+            ("--resize", self.resize),
+            ("--classes", self.classes),
+            ("--train-per-class", self.train_per_class),
+            ("--test-per-class", self.test_per_class),
+        ):
+            if value < 1:
+                raise ValueError(f"{flag} must be >= 1, got {value}")
+        for flag, value in (
+            ("--workers", self.workers),
+            ("--seed", self.seed),
+            ("--rampup-epochs", self.rampup_epochs),
+        ):
+            if value < 0:
+                raise ValueError(f"{flag} must be >= 0, got {value}")
+        for flag, value in (
+            ("--lr", self.lr),
+            ("--head-lr", self.head_lr),
+            ("--clip-grad", self.clip_grad),
+            ("--mix-alpha", self.mix_alpha),
+            ("--temperature", self.temperature),
+        ):
+            if value is not None and not value > 0:
+                raise ValueError(f"{flag} must be > 0, got {value}")
+        if not 0 <= self.mix_p <= 1:
+            raise ValueError(f"--mix-p must be in [0, 1], got {self.mix_p}")
+        if self.dataset != "synthetic" and self.image_size > self.resize:
+            raise ValueError(
+                f"--image-size {self.image_size} must be <= --resize {self.resize} (images are cropped "
+                "from the resized image)"
+            )
+        self.archs()
+        run_device(self.device)
+        if self.amp == "fp16" and not self.device.startswith("cuda"):
+            raise ValueError("--amp fp16 needs a CUDA device; use --amp bf16 on CPU")
+
+
+PRESETS = {
+    # Synthetic set, torchvision resnet18 from scratch at 64 px; see docs/reproduction.rst for why these values.
+    "quick": {
+        "dataset": "synthetic",
+        "classes": 12,
+        "train_per_class": 60,
+        "test_per_class": 40,
+        "image_size": 64,
+        "arch": "resnet18",
+        "epochs": 20,
+        "batch_size": 64,
+        "lr": 0.1,
+        "weight_decay": 5e-4,
+        "clip_grad": 5.0,
+        "schedule": "onecycle",
+        "mix_alpha": 1.0,
+        "mix_p": 0.5,
+        "rampup_epochs": 4,
+    },
+    # The SnapMix code base that the CEKD paper builds on.
+    "paper": {
+        "arch": "resnet50",
+        "resize": 512,
+        "image_size": 448,
+        "batch_size": 16,
+        "epochs": 200,
+        "lr": 0.001,
+        "head_lr": 0.01,
+        "momentum": 0.9,
+        "weight_decay": 1e-4,
+        "schedule": "multistep",
+        "milestones": [80, 150, 180],
+        "mix_p": 1.0,
+        "same_on_batch": True,
+        "rampup_epochs": 0,
+        "workers": 8,
+    },
+}
+# the paper preset's Beta parameter of each mixing, as the SnapMix code base
+PAPER_MIX_ALPHA = {"snapmix": 5.0, "cutmix": 3.0, "mixup": 1.0}
+
+
+def preset_config(preset: str, given: dict) -> RunConfig:
+    """The run of ``preset`` with the options ``given`` on the command line; the paper preset takes the
+    mixing's own Beta parameter unless ``mix_alpha`` is given."""
+    config = replace(RunConfig(), **{**PRESETS[preset], **given})
+    if preset == "paper" and "mix_alpha" not in given and config.mixing is not None:
+        config = replace(config, mix_alpha=PAPER_MIX_ALPHA[config.mixing])
+    if config.dataset != "synthetic" and not config.data_root:
+        raise ValueError(f"--dataset {config.dataset} needs --data-root")
+    return config

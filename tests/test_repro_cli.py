@@ -1,0 +1,217 @@
+"""Specifications of the reproduction's command line: presets, flags, errors in one line, ablations."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from repro_helpers import TINY_ARGS, cli
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--dataset", "cub", "--data-root", "no/such/dir"], "cub: no/such/dir not found; expected layout"),
+        (["--dataset", "aircraft"], "--dataset aircraft needs --data-root"),
+        (["--pretrained", "missing.pth"], "--pretrained missing.pth: no such file"),
+        (["--arch", "resnet18,resnet18,resnet18"], "--arch gives 3 architectures for 2 members"),
+        (["--resume", "nothing-here"], "--resume nothing-here: no run there (no config.json)"),
+        (["--pretrained", "garbage.pth"], "--pretrained garbage.pth: not a PyTorch state-dict file"),
+        (["--amp", "fp16", "--device", "cpu"], "--amp fp16 needs a CUDA device"),
+        (["--clip-grad", "0"], "--clip-grad must be > 0, got 0.0"),
+        (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+        (["--batch-size", "64"], "--batch-size 64 is larger than this rank's 16 training images"),
+        (["--image-size", "0"], "--image-size must be >= 1, got 0"),
+        (["--epochs", "0"], "--epochs must be >= 1, got 0"),
+        (["--epochs", "-1"], "--epochs must be >= 1, got -1"),
+        (["--workers", "-1"], "--workers must be >= 0, got -1"),
+        (["--seed", "-1"], "--seed must be >= 0, got -1"),
+        (["--mix-p", "1.5"], "--mix-p must be in [0, 1], got 1.5"),
+        (["--device", "banana"], "--device must be a torch device such as cpu, cuda or cuda:1, got 'banana'"),
+        (["--ablation", "--seeds", "0"], "--seeds must be >= 1, got 0"),
+    ],
+)
+def test_cli_errors(args, message, tmp_path, monkeypatch):
+    """Each bad flag ends the CLI with one line naming it (in-process: the same main() as the script)."""
+    import reproduce_cekd as cli_module
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "garbage.pth").write_text("not a checkpoint")
+    with pytest.raises(SystemExit) as exit_:
+        cli_module.main([*TINY_ARGS, *args])
+    text = str(exit_.value.code)
+    assert message in text and "\n" not in text and text.startswith(("error: ", "--"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_cli_cuda_without_a_gpu(tmp_path):
+    result = cli(*TINY_ARGS, "--device", "cuda", cwd=tmp_path)
+    assert result.returncode != 0 and "error: --device cuda: no CUDA GPU is visible here" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_prints_a_line_per_epoch_and_where_the_results_are(tmp_path):
+    """Read as a log file (stdout is a pipe): one line per epoch, the table, then the run dir alone on the last line."""
+    args = [a for a in TINY_ARGS if a != "--quiet"]
+    result = cli(*args, "--epochs", "2", "--run-dir", "out", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    epochs = [line for line in lines if line.startswith("epoch ")]
+    assert [line.split()[1] for line in epochs] == ["1/2", "2/2"]
+    assert all("top-1 member0" in line and "ensemble" in line and "img/s" in line for line in epochs)
+    assert lines[-1].startswith("results in out (") and len(result.stdout) < 1500
+
+
+def test_cli_resume_refuses_flags_it_would_ignore(tmp_path, monkeypatch):
+    import reproduce_cekd as cli_module
+
+    monkeypatch.chdir(tmp_path)
+    cli_module.main([*TINY_ARGS, "--run-dir", "run"])
+    for args, message in (
+        (["--lr", "0.5"], "cannot change --lr"),
+        (["--run-dir", "x"], "cannot take --run-dir"),
+        (["--epochs", "3"], "extends them with the multistep schedule only"),
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            cli_module.main(["--resume", "run", *args])
+        assert message in str(exit_.value.code)
+
+
+def test_cli_ablation_resumes_from_its_saved_plan(tmp_path, monkeypatch):
+    import reproduce_cekd as cli_module
+
+    from cekd_repro import ablation
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(ablation, "ABLATION", ablation.ABLATION[:2])  # baseline and cutmix
+    real_train, calls = ablation.train, []
+
+    def dies_on_the_second_run(config, run_dir, resume=False):
+        calls.append((config.method, resume))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_train(config, run_dir, resume)
+
+    monkeypatch.setattr(ablation, "train", dies_on_the_second_run)
+    with pytest.raises(KeyboardInterrupt):
+        cli_module.main([*TINY_ARGS, "--ablation", "--seeds", "1", "--run-dir", "abl"])
+    monkeypatch.setattr(ablation, "train", real_train)
+    with pytest.raises(SystemExit, match="already holds an ablation"):
+        cli_module.main([*TINY_ARGS, "--ablation", "--seeds", "1", "--run-dir", "abl"])
+    with pytest.raises(SystemExit, match="holds an ablation: add --ablation"):
+        cli_module.main(["--resume", "abl"])
+    assert cli_module.main(["--resume", "abl", "--ablation", "--quiet"]) == 0
+    assert calls == [("baseline", False), ("cutmix", False)]
+    assert "| cutmix |" in (tmp_path / "abl" / "results.md").read_text()
+
+
+def test_cli_trains_a_token_model_beside_a_cnn(tmp_path, monkeypatch, capsys):
+    import reproduce_cekd as cli_module
+
+    monkeypatch.chdir(tmp_path)
+    assert (
+        cli_module.main(
+            [*TINY_ARGS, "--arch", "resnet18,timm:vit_tiny_patch16_224", "--mix", "snapmix", "--run-dir", "run"]
+        )
+        == 0
+    )
+    assert capsys.readouterr().out.splitlines()[-1].startswith("results in run")
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["arch"] == "resnet18,timm:vit_tiny_patch16_224"
+
+
+def test_cli_paper_preset_without_pretrained_warns(tmp_path, monkeypatch, capsys):
+    import reproduce_cekd as cli_module
+
+    monkeypatch.chdir(tmp_path)
+    for pretrained in ([], ["--pretrained", "w.pth"]):
+        with pytest.raises(SystemExit):  # stops at the missing dataset, after the warning
+            cli_module.main(["--preset", "paper", "--dataset", "cub", "--data-root", "nowhere", *pretrained])
+        warned = "warning: --preset paper is the fine-tuning recipe" in capsys.readouterr().err
+        assert warned == (not pretrained)
+
+
+def test_cli_help_shows_each_presets_defaults(capsys):
+    import reproduce_cekd as cli_module
+
+    with pytest.raises(SystemExit):
+        cli_module.parse(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "[quick: 0.1; paper: 0.001]" in text  # --lr
+    assert "[quick: 5; paper: -]" in text  # --clip-grad
+    assert "[quick: resnet18; paper: resnet50]" in text and "[default: 3]" in text
+    assert "paper: 5 snapmix, 3 cutmix, 1 mixup" in text
+
+
+def test_cli_bad_choice(tmp_path):
+    result = cli("--method", "mixcut", cwd=tmp_path)
+    assert result.returncode == 2 and "invalid choice: 'mixcut'" in result.stderr
+
+
+def test_cli_ablation_writes_results(tmp_path):
+    result = cli(*TINY_ARGS, "--ablation", "--seeds", "1", "--run-dir", "abl", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for mix in ("cutmix", "snapmix"):  # CEKD over both mixings, with both module switches
+        for name in (mix, f"cekd+{mix} w/o cross", f"cekd+{mix} w/o ensemble", f"cekd+{mix}"):
+            assert f"| {name} |" in result.stdout
+    assert "| baseline |" in result.stdout and result.stdout.splitlines()[-1].startswith("results in abl")
+    out = tmp_path / "abl"
+    assert (out / "results.csv").read_text().startswith("method,seed,model,top1")
+    assert "| cekd+snapmix |" in (out / "results.md").read_text()
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_presets_and_explicit_arguments():
+    import reproduce_cekd as cli_module
+
+    def config(*args):
+        return cli_module.build_config(cli_module.parse(list(args)))
+
+    quick = config()
+    assert (quick.method, quick.dataset, quick.arch, quick.image_size) == ("cekd", "synthetic", "resnet18", 64)
+    assert (quick.lr, quick.clip_grad) == (0.1, 5.0) and config("--clip-grad", "2").clip_grad == 2.0
+    assert config("--preset", "paper", "--dataset", "cub", "--data-root", "x").clip_grad is None
+    paper = config("--preset", "paper", "--dataset", "cub", "--data-root", "x", "--mix", "snapmix")
+    assert (paper.arch, paper.resize, paper.image_size, paper.batch_size, paper.epochs) == (
+        "resnet50",
+        512,
+        448,
+        16,
+        200,
+    )
+    assert (paper.lr, paper.head_lr, paper.weight_decay, paper.milestones) == (0.001, 0.01, 1e-4, [80, 150, 180])
+    assert (paper.mix_alpha, paper.mix_p, paper.same_on_batch) == (5.0, 1.0, True)
+    assert config("--preset", "paper", "--dataset", "cub", "--data-root", "x", "--method", "cutmix").mix_alpha == 3.0
+    assert config("--preset", "paper", "--dataset", "cub", "--data-root", "x", "--mix-alpha", "2").mix_alpha == 2.0
+    assert config("--epochs", "3", "--no-cross").epochs == 3 and config("--no-cross").no_cross
+
+
+def test_cli_divergence_is_one_line_and_a_failure(tmp_path):
+    """The issue's command: it used to print nan losses, exit 0 and overwrite the checkpoint with NaN weights."""
+    result = cli(
+        "--lr",
+        "1e5",
+        "--epochs",
+        "3",
+        "--classes",
+        "4",
+        "--train-per-class",
+        "8",
+        "--test-per-class",
+        "4",
+        "--image-size",
+        "32",
+        "--batch-size",
+        "8",
+        "--run-dir",
+        "run",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    error = result.stderr.strip().splitlines()
+    assert len(error) == 1 and re.match(r"error: epoch \d diverged: .* went non-finite", error[0])
+    checkpoint = tmp_path / "run" / "checkpoint.pt"
+    if checkpoint.exists():  # whatever epoch diverged, what was kept is finite
+        state = torch.load(checkpoint, weights_only=True)
+        assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())

@@ -153,3 +153,65 @@ def without_autocast(device: torch.device) -> contextlib.AbstractContextManager[
     if device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type):
         return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------- losses
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def check_reduction(value: object) -> str:
+    return check_choice("reduction", value, REDUCTIONS)
+
+
+def check_logits(name: str, logits: object) -> Tensor:
+    logits = check_shape(name, logits, ("B", "K"))
+    return check_floating(name, logits)
+
+
+def check_target(target: object, batch: int, num_classes: int) -> Tensor:
+    """Validate a (B,) class-id or (B, K) soft target (weights >= 0) against logits of shape (batch, num_classes)."""
+    if not isinstance(target, Tensor) and isinstance(getattr(target, "targets", None), Tensor):
+        raise TypeError(f"`target` must be a tensor, got a {type(target).__name__}; pass its `.targets`")
+    target = check_tensor("target", target)
+    if target.ndim == 1:
+        check_shape("target", target, (batch,))
+        return check_class_ids("target", target, num_classes)
+    check_shape("target", target, (batch, num_classes))
+    check_floating("target", target)
+    if can_read_values(target) and bool((target < 0).any()):
+        raise ValueError(f"`target` must hold weights >= 0, got a minimum of {float(target.min())}")
+    return target
+
+
+def check_member_logits(member_logits: Tensor | Sequence[Tensor]) -> Tensor:
+    """(N, B, K) logits of N >= 2 members from a tensor or a sequence of (B, K) tensors (stacked), checked."""
+    if isinstance(member_logits, Tensor):
+        stacked = check_shape("member_logits", member_logits, ("N", "B", "K"))
+    else:
+        if not isinstance(member_logits, Sequence):
+            raise TypeError(
+                "`member_logits` must be a (N, B, K) tensor or a sequence of (B, K) tensors, "
+                f"got {type(member_logits).__name__}"
+            )
+        for i, logits in enumerate(member_logits):
+            check_logits(f"member_logits[{i}]", logits)
+        shapes = {tuple(logits.shape) for logits in member_logits}
+        if len(shapes) > 1:
+            raise ValueError(
+                "`member_logits` must all have one shape (B, K), got shapes "
+                f"{[tuple(logits.shape) for logits in member_logits]}"
+            )
+        stacked = torch.stack(list(member_logits)) if member_logits else torch.empty(0, 0, 0)
+    check_floating("member_logits", stacked)
+    if stacked.shape[0] < 2:
+        raise ValueError(f"`member_logits` must hold N >= 2 members, got N = {stacked.shape[0]}")
+    return stacked
+
+
+def check_weights(weights: Tensor | None, batch: int) -> Tensor | None:
+    """Validate optional per-sample weights (B,)."""
+    if weights is None:
+        return None
+    weights = check_shape("weights", weights, (batch,))
+    return check_floating("weights", weights)

@@ -33,36 +33,15 @@ __all__ = [
 
 Reduction = Literal["mean", "sum", "none"]
 """The ``reduction`` of every loss, as in ``torch.nn``: ``"mean"`` over the batch, ``"sum"``, or ``"none"``."""
-REDUCTIONS = ("mean", "sum", "none")
 
 
-def reduce_loss(per_sample: Tensor, reduction: str) -> Tensor:
+def _reduce(per_sample: Tensor, reduction: str) -> Tensor:
     """Reduce (B,) per-sample losses; the mean of an empty batch is 0 (see the module docstring)."""
     if reduction == "mean":
         return per_sample.sum() / max(per_sample.shape[-1], 1)
     if reduction == "sum":
         return per_sample.sum()
     return per_sample
-
-
-def _check_logits(name: str, logits: object) -> Tensor:
-    logits = _checks.check_shape(name, logits, ("B", "K"))
-    return _checks.check_floating(name, logits)
-
-
-def check_target(target: object, batch: int, num_classes: int) -> Tensor:
-    """Validate a (B,) class-id or (B, K) soft target (weights >= 0) against logits of shape (batch, num_classes)."""
-    if not isinstance(target, Tensor) and isinstance(getattr(target, "targets", None), Tensor):
-        raise TypeError(f"`target` must be a tensor, got a {type(target).__name__}; pass its `.targets`")
-    target = _checks.check_tensor("target", target)
-    if target.ndim == 1:
-        _checks.check_shape("target", target, (batch,))
-        return _checks.check_class_ids("target", target, num_classes)
-    _checks.check_shape("target", target, (batch, num_classes))
-    _checks.check_floating("target", target)
-    if _checks.can_read_values(target) and bool((target < 0).any()):
-        raise ValueError(f"`target` must hold weights >= 0, got a minimum of {float(target.min())}")
-    return target
 
 
 def _weighted_log(weights: Tensor, log_values: Tensor) -> Tensor:
@@ -86,15 +65,15 @@ def soft_cross_entropy(logits: Tensor, target: Tensor, reduction: Reduction = "m
         >>> soft_cross_entropy(logits, torch.tensor([[0.5, 0.5]]))  # log 2
         tensor(0.6931)
     """
-    _checks.check_choice("reduction", reduction, REDUCTIONS)
-    logits = _check_logits("logits", logits)
-    target = check_target(target, *logits.shape)
+    _checks.check_reduction(reduction)
+    logits = _checks.check_logits("logits", logits)
+    target = _checks.check_target(target, *logits.shape)
     log_probs = F.log_softmax(logits.float(), dim=1)
     if target.ndim == 1:
         per_sample = -log_probs.gather(1, target.long()[:, None])[:, 0]
     else:
         per_sample = -_weighted_log(target.float(), log_probs).sum(dim=1)
-    return reduce_loss(per_sample, reduction)
+    return _reduce(per_sample, reduction)
 
 
 class SoftTargetCrossEntropy(nn.Module):
@@ -110,7 +89,7 @@ class SoftTargetCrossEntropy(nn.Module):
 
     def __init__(self, reduction: Reduction = "mean") -> None:
         super().__init__()
-        self.reduction = _checks.check_choice("reduction", reduction, REDUCTIONS)
+        self.reduction = _checks.check_reduction(reduction)
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         """:func:`soft_cross_entropy` of (B, K) ``logits`` and (B,) ids or (B, K) weights, reduced."""
@@ -136,10 +115,10 @@ def distillation_kl(
         >>> distillation_kl(student, teacher, temperature=2.0)  # 4 * KL([e/(1+e), 1/(1+e)] || [1/2, 1/2])
         tensor(0.4438)
     """
-    _checks.check_choice("reduction", reduction, REDUCTIONS)
+    _checks.check_reduction(reduction)
     temperature = _checks.check_positive("temperature", temperature)
-    student_logits = _check_logits("student_logits", student_logits)
-    teacher_logits = _check_logits("teacher_logits", teacher_logits)
+    student_logits = _checks.check_logits("student_logits", student_logits)
+    teacher_logits = _checks.check_logits("teacher_logits", teacher_logits)
     if teacher_logits.shape != student_logits.shape:
         raise ValueError(
             f"`teacher_logits` must have the shape of `student_logits` {tuple(student_logits.shape)}, "
@@ -148,46 +127,13 @@ def distillation_kl(
     student = F.log_softmax(student_logits.float() / temperature, dim=1)
     teacher = F.log_softmax(teacher_logits.detach().float() / temperature, dim=1)
     per_sample = _kl(teacher, student).sum(dim=1)
-    return reduce_loss(per_sample * temperature**2, reduction)
+    return _reduce(per_sample * temperature**2, reduction)
 
 
 def _kl(teacher_log_probs: Tensor, student_log_probs: Tensor) -> Tensor:
     """Elementwise ``p_t (log p_t - log p_s)``; 0 where ``p_t`` is 0 (also where both logs are -inf)."""
     teacher_probs = teacher_log_probs.exp()
     return torch.where(teacher_probs == 0, 0.0, teacher_probs * (teacher_log_probs - student_log_probs))
-
-
-def stack_member_logits(member_logits: Tensor | Sequence[Tensor]) -> Tensor:
-    """(N, B, K) logits of N >= 2 members from a tensor or a sequence of (B, K) tensors, checked."""
-    if isinstance(member_logits, Tensor):
-        stacked = _checks.check_shape("member_logits", member_logits, ("N", "B", "K"))
-    else:
-        if not isinstance(member_logits, Sequence):
-            raise TypeError(
-                "`member_logits` must be a (N, B, K) tensor or a sequence of (B, K) tensors, "
-                f"got {type(member_logits).__name__}"
-            )
-        for i, logits in enumerate(member_logits):
-            _check_logits(f"member_logits[{i}]", logits)
-        shapes = {tuple(logits.shape) for logits in member_logits}
-        if len(shapes) > 1:
-            raise ValueError(
-                "`member_logits` must all have one shape (B, K), got shapes "
-                f"{[tuple(logits.shape) for logits in member_logits]}"
-            )
-        stacked = torch.stack(list(member_logits)) if member_logits else torch.empty(0, 0, 0)
-    _checks.check_floating("member_logits", stacked)
-    if stacked.shape[0] < 2:
-        raise ValueError(f"`member_logits` must hold N >= 2 members, got N = {stacked.shape[0]}")
-    return stacked
-
-
-def check_weights(weights: Tensor | None, batch: int) -> Tensor | None:
-    """Validate optional per-sample weights (B,)."""
-    if weights is None:
-        return None
-    weights = _checks.check_shape("weights", weights, (batch,))
-    return _checks.check_floating("weights", weights)
 
 
 class CrossDistillationLoss(nn.Module):
@@ -215,7 +161,7 @@ class CrossDistillationLoss(nn.Module):
     def __init__(self, temperature: float = 3.0, reduction: Reduction = "mean") -> None:
         super().__init__()
         self.temperature = _checks.check_positive("temperature", temperature)
-        self.reduction = _checks.check_choice("reduction", reduction, REDUCTIONS)
+        self.reduction = _checks.check_reduction(reduction)
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, reduction={self.reduction!r}"
@@ -223,9 +169,9 @@ class CrossDistillationLoss(nn.Module):
     def forward(self, member_logits: Tensor | Sequence[Tensor], weights: Tensor | None = None) -> Tensor:
         """The cross distillation of (N, B, K) ``member_logits`` (or N (B, K) tensors), optionally
         weighted per sample by ``weights`` (B,); a scalar, or (N, B) with ``reduction="none"``."""
-        logits = stack_member_logits(member_logits)
+        logits = _checks.check_member_logits(member_logits)
         members, batch, _ = logits.shape
-        weights = check_weights(weights, batch)
+        weights = _checks.check_weights(weights, batch)
         log_probs = F.log_softmax(logits.float() / self.temperature, dim=2)  # (N, B, K), as students
         teacher_log_probs = log_probs.detach()
         # kl[i, j, b] = KL(p_j || p_i) = sum_k p_j (log p_j - log p_i): student i, detached teacher j
@@ -236,4 +182,4 @@ class CrossDistillationLoss(nn.Module):
             per_member = per_member * weights.float()[None]
         if self.reduction == "none":
             return per_member
-        return reduce_loss(per_member.sum(dim=0), self.reduction)
+        return _reduce(per_member.sum(dim=0), self.reduction)

@@ -19,17 +19,7 @@ from torch import Tensor, nn
 
 from . import _checks
 from .ensemble import EnsembleOutput
-from .losses import (
-    REDUCTIONS,
-    CrossDistillationLoss,
-    Reduction,
-    check_target,
-    check_weights,
-    distillation_kl,
-    reduce_loss,
-    soft_cross_entropy,
-    stack_member_logits,
-)
+from .losses import CrossDistillationLoss, Reduction, _reduce, distillation_kl, soft_cross_entropy
 
 __all__ = ["CEKDLoss", "rampup"]
 
@@ -82,15 +72,19 @@ class CEKDLoss(nn.Module):
         reduction: Reduction = "mean",
     ) -> None:
         super().__init__()
-        self.temperature = _checks.check_positive("temperature", temperature)
+        self.cross = CrossDistillationLoss(temperature, reduction="none")  # checks and holds the temperature
         self.alpha = _checks.check_in_range("alpha", alpha, 0.0, math.inf)
         self.beta = _checks.check_in_range("beta", beta, 0.0, math.inf)
         if isinstance(rampup_steps, bool) or not isinstance(rampup_steps, int) or rampup_steps < 0:
             raise ValueError(f"`rampup_steps` must be an int >= 0, got {rampup_steps!r}")
         self.rampup_steps = rampup_steps
         self.supervise_ensemble = bool(supervise_ensemble)
-        self.reduction = _checks.check_choice("reduction", reduction, REDUCTIONS)
-        self.cross = CrossDistillationLoss(temperature, reduction="none")
+        self.reduction = _checks.check_reduction(reduction)
+
+    @property
+    def temperature(self) -> float:
+        """T of both distillation terms (held by the cross distillation term)."""
+        return self.cross.temperature
 
     def extra_repr(self) -> str:
         return (
@@ -120,12 +114,12 @@ class CEKDLoss(nn.Module):
 
         "cross" and "ensemble" include their weights a(t) and b(t)."""
         member_logits, ensemble_logits = output
-        members = stack_member_logits(member_logits)
+        members = _checks.check_member_logits(member_logits)
         _, batch, num_classes = members.shape
         ensemble_logits = _checks.check_shape("ensemble_logits", ensemble_logits, (batch, num_classes))
         _checks.check_floating("ensemble_logits", ensemble_logits)
-        target = check_target(target, batch, num_classes)
-        weights = check_weights(weights, batch)
+        target = _checks.check_target(target, batch, num_classes)
+        weights = _checks.check_weights(weights, batch)
         ramp = self.ramp(step)
 
         supervised = torch.stack([soft_cross_entropy(logits, target, "none") for logits in members.unbind(0)]).sum(0)
@@ -143,7 +137,7 @@ class CEKDLoss(nn.Module):
             cross, ensemble = cross * weights.float(), ensemble * weights.float()
         parts = {"supervised": supervised, "cross": cross, "ensemble": ensemble}
         parts = {"total": supervised + cross + ensemble, **parts}
-        return {name: reduce_loss(value, self.reduction) for name, value in parts.items()}
+        return {name: _reduce(value, self.reduction) for name, value in parts.items()}
 
     def forward(
         self,

@@ -4,8 +4,8 @@ Public API:
 
 - :class:`MixingAugmenter`, :class:`MixedBatch` and the kernels :func:`mixup`, :func:`cutmix`,
   :func:`snapmix` (``cekd_losses.mixing``);
-- :func:`class_activation_maps`, :func:`normalize_cams`, :func:`find_classifier` and
-  :class:`FeatureTap` (``cekd_losses.cam``);
+- :class:`FeatureTap` (its :meth:`~FeatureTap.cams` reads class activation maps),
+  :func:`normalize_cams` and :func:`find_classifier` (``cekd_losses.cam``);
 - :func:`soft_cross_entropy`, :class:`SoftTargetCrossEntropy`, :func:`distillation_kl` and
   :class:`CrossDistillationLoss` (``cekd_losses.losses``);
 - :class:`CollaborativeEnsemble` and :class:`EnsembleOutput` (``cekd_losses.ensemble``);
@@ -13,7 +13,7 @@ Public API:
 - :func:`train_step` and :class:`StepOutput` (``cekd_losses.step``).
 """
 
-from .cam import FeatureTap, class_activation_maps, find_classifier, normalize_cams
+from .cam import FeatureTap, find_classifier, normalize_cams
 from .ensemble import CollaborativeEnsemble, Combine, EnsembleOutput
 from .losses import CrossDistillationLoss, Reduction, SoftTargetCrossEntropy, distillation_kl, soft_cross_entropy
 from .mixing import MixedBatch, MixingAugmenter, MixMethod, cutmix, mixup, snapmix
@@ -36,7 +36,6 @@ __all__ = [
     "SoftTargetCrossEntropy",
     "StepOutput",
     "__version__",
-    "class_activation_maps",
     "cutmix",
     "distillation_kl",
     "find_classifier",

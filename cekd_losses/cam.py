@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
@@ -23,7 +22,7 @@ from torch import Tensor, nn
 
 from . import _checks
 
-__all__ = ["FeatureTap", "class_activation_maps", "find_classifier", "normalize_cams"]
+__all__ = ["FeatureTap", "find_classifier", "normalize_cams"]
 
 
 def _check_size(size: object) -> tuple[int, int] | None:
@@ -69,46 +68,14 @@ def normalize_cams(cams: Tensor, size: int | tuple[int, int] | None = None) -> T
     return torch.where(valid, shifted / torch.where(valid, total, torch.ones_like(total)), 0.0)
 
 
-def class_activation_maps(
-    feature_maps: Tensor,
-    classifier_weight: Tensor,
-    labels: Tensor,
-    classifier_bias: Tensor | None = None,
-    size: int | tuple[int, int] | None = None,
-) -> Tensor:
-    """The CAM of each image for its own label, SnapMix-normalised (see :func:`normalize_cams`).
-
-    Computed without gradient and in float32, whatever the input dtype.
-
-    Args:
-        feature_maps: (B, D, h, w) last feature map, the one the model pools before its linear head
-            (h, w >= 1).
-        classifier_weight: (K, D) weight of the linear head.
-        labels: (B,) class id of each image.
-        classifier_bias: optional (K,) bias of the head. It adds a constant per map, which the
-            normalisation removes; accepted so raw and normalised CAMs come from one formula.
-        size: optional (H, W) (or an int for a square), usually the image size, to upsample the maps to.
-
-    Returns:
-        (B, H, W) float32 maps, >= 0, each summing to 1 (all zeros where a map is flat).
-
-    Example:
-        >>> feats = torch.rand(2, 8, 7, 7)
-        >>> head = torch.nn.Linear(8, 5)
-        >>> cams = class_activation_maps(feats, head.weight, torch.tensor([0, 3]), head.bias, size=(32, 32))
-        >>> cams.shape, cams.sum(dim=(1, 2)).round(decimals=4)
-        (torch.Size([2, 32, 32]), tensor([1., 1.]))
-    """
-    return normalize_cams(_linear_cams(feature_maps, classifier_weight, labels, classifier_bias), size)
-
-
 def _linear_cams(
     feature_maps: Tensor,
     classifier_weight: Tensor,
     labels: Tensor,
     classifier_bias: Tensor | None = None,
 ) -> Tensor:
-    """Raw (B, h, w) float32 CAMs ``w[label] . F + b`` (checked as :func:`class_activation_maps`)."""
+    """Raw (B, h, w) float32 CAMs ``w[label] . F + b`` of a (B, D, h, w) feature map and a (K, D) linear head,
+    without gradient (the read-out of :meth:`FeatureTap.cams` for a named ``feature_module``)."""
     feature_maps = _checks.check_maps("feature_maps", feature_maps, ("B", "D", "h", "w"))
     batch, depth = feature_maps.shape[:2]
     _checks.check_shape("classifier_weight", classifier_weight, ("K", depth))
@@ -162,10 +129,10 @@ def _find_feature_site(model: nn.Module) -> _FeatureSite | None:
             layout: Layout = "NHWC" if getattr(model, "output_fmt", "NCHW") == "NHWC" else "NCHW"
             return _FeatureSite(pool, True, layout, forward_head)
         return None
-    vision_transformer = sys.modules.get("torchvision.models.vision_transformer")  # loaded with any torchvision model
-    if vision_transformer is not None and isinstance(model, vision_transformer.VisionTransformer):
-        size = int(model.patch_size)
-        return _FeatureSite(model.encoder, False, "tokens", lambda tokens: model.heads(tokens[:, 0]), 1, (size, size))
+    encoder, heads = _submodule(model, "encoder"), _submodule(model, "heads")
+    if encoder is not None and heads is not None and hasattr(model, "class_token"):  # torchvision ViT
+        size = int(getattr(model, "patch_size"))  # noqa: B009 (an int attribute of that model)
+        return _FeatureSite(encoder, False, "tokens", lambda tokens: heads(tokens[:, 0]), 1, (size, size))
     pool = _submodule(model, "avgpool")
     head = next(
         (m for m in (getattr(model, n, None) for n in ("fc", "classifier", "head")) if isinstance(m, nn.Module)), None
@@ -224,11 +191,13 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
 class FeatureTap:
     """Capture a model's last feature map and pooled features during its normal forward; read CAMs.
 
-    Forward hooks record, on every forward of ``model``, its last feature map and the (B, D) pooled
-    features its linear classifier receives: no second forward is run. Found automatically for timm
-    models (CNNs, NHWC models such as Swin, and token models such as ViT and DeiT) and torchvision
-    classifiers with an ``avgpool`` layer (ResNet, RegNet, EfficientNet, MobileNet v3, ConvNeXt,
-    VGG, Swin) or a class token (ViT); see :doc:`/models`.
+    :meth:`cams` is the one way to get class activation maps (a no-grad forward on the clean images,
+    then the read-out below). Forward hooks record, on every forward of ``model``, its last feature map
+    (:attr:`features`) and the (B, D) pooled features its linear classifier receives (:attr:`pooled`),
+    which a gate or fusion :class:`~cekd_losses.CollaborativeEnsemble` reads: no second forward is run.
+    Found automatically for timm models (CNNs, NHWC models such as Swin, and token models such as ViT
+    and DeiT) and torchvision classifiers with an ``avgpool`` layer (ResNet, RegNet, EfficientNet,
+    MobileNet v3, ConvNeXt, VGG, Swin) or a class token (ViT); see :doc:`/models`.
 
     The CAM of a position is the model's own head (its pooling, normalisation and classifier) applied
     to a feature map holding that position's features everywhere: ``w[label] . F[:, y, x] + b`` for
@@ -252,7 +221,7 @@ class FeatureTap:
         ...     logits = model(images)
         >>> tap.features.shape, tap.pooled.shape
         (torch.Size([4, 512, 2, 2]), torch.Size([4, 512]))
-        >>> tap.class_activation_maps(labels, size=(64, 64)).shape
+        >>> tap.cams(images, labels, size=(64, 64)).shape
         torch.Size([4, 64, 64])
     """
 
@@ -284,7 +253,6 @@ class FeatureTap:
         self._image_size: tuple[int, int] = (0, 0)
         self._site: _FeatureSite | None = None
         self._no_site = ""
-        self._reading = False
         handles: list[torch.utils.hooks.RemovableHandle] = []
         if feature_module is not None:
             if not isinstance(feature_module, nn.Module):
@@ -320,22 +288,28 @@ class FeatureTap:
             f"FeatureTap(model={type(self.model).__name__}, feature_map={where}, classifier={self.classifier}{state})"
         )
 
-    # The hooks do nothing while the tap itself runs the head for CAMs (``_reading``).
     def _save_image_size(self, module: nn.Module, inputs: tuple[Any, ...]) -> None:
-        if not self._reading and inputs and isinstance(inputs[0], Tensor) and inputs[0].ndim == 4:
+        if inputs and isinstance(inputs[0], Tensor) and inputs[0].ndim == 4:
             self._image_size = (int(inputs[0].shape[-2]), int(inputs[0].shape[-1]))
 
     def _save_output(self, module: nn.Module, inputs: Any, output: Tensor) -> None:
-        if not self._reading:
-            self._features = output
+        self._features = output
 
     def _save_input(self, module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
-        if not self._reading:
-            self._features = inputs[0]
+        self._features = inputs[0]
 
     def _save_classifier_input(self, module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
-        if not self._reading:
-            self._pooled = inputs[0]
+        self._pooled = inputs[0]
+
+    @contextlib.contextmanager
+    def _captures_kept(self) -> Iterator[None]:
+        """The model's own head runs inside (for the CAM read-out), its hooks fire; what the model's
+        forward captured is put back afterwards."""
+        kept = self._features, self._pooled, self._image_size
+        try:
+            yield
+        finally:
+            self._features, self._pooled, self._image_size = kept
 
     @property
     def features(self) -> Tensor:
@@ -371,21 +345,56 @@ class FeatureTap:
             raise RuntimeError("FeatureTap has captured nothing yet: run a forward of the model first")
         return self._pooled
 
-    def class_activation_maps(
-        self, labels: Tensor, size: int | tuple[int, int] | None = None, *, normalized: bool = True
+    def cams(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        *,
+        size: int | tuple[int, int] | None = None,
+        eval_mode: bool = False,
+        normalized: bool = True,
     ) -> Tensor:
-        """CAMs of the last forward for ``labels`` (B,): (B, h, w), or (B, H, W) with ``size``.
+        """The class activation map of each image for its label: the library's one way to get CAMs.
 
-        Normalised as SnapMix (see :func:`normalize_cams`) unless ``normalized=False``, which gives
-        the raw float32 scores at the feature map's size (``size`` must then be None)."""
+        Runs one no-grad forward of the tapped model on ``images`` (B, C, H, W) and reads, for
+        ``labels`` (B,), SnapMix-normalised maps (see :func:`normalize_cams`) at the feature map's size,
+        (B, h, w) (what :class:`~cekd_losses.MixingAugmenter` takes; it resizes them itself), or
+        (B, H, W) with ``size``. ``normalized=False`` gives the raw float32 scores at the feature map's
+        size instead (``size`` must then be None): for a global-average-pooled linear head their
+        spatial mean is the logit. CAMs carry no gradient.
+
+        ``eval_mode`` decides what BatchNorm does in that forward. False (default, as the SnapMix
+        reference code): the model runs in its current mode, so during training BatchNorm normalises
+        with the clean batch's statistics and updates its running statistics a second time per step.
+        True: the forward runs in eval mode (running statistics used and left alone, dropout off) and
+        every module's mode is restored afterwards.
+
+        Example:
+            >>> import torchvision
+            >>> model = torchvision.models.resnet18(num_classes=10)
+            >>> tap = FeatureTap(model)
+            >>> images, labels = torch.rand(4, 3, 64, 64), torch.tensor([0, 1, 2, 3])
+            >>> tap.cams(images, labels, eval_mode=True).shape
+            torch.Size([4, 2, 2])
+            >>> tap.cams(images, labels, size=64).sum(dim=(1, 2))
+            tensor([1.0000, 1.0000, 1.0000, 1.0000])
+        """
+        images = _checks.check_images("images", images)
+        if not normalized and size is not None:
+            raise ValueError(f"`size` is for normalised CAMs only, got size={size!r} with normalized=False")
+        with torch.no_grad(), _eval_mode(self.model) if eval_mode else contextlib.nullcontext():
+            self.model(images)
+        maps = self._raw_cams(labels)
+        return normalize_cams(maps, size) if normalized else maps
+
+    def _raw_cams(self, labels: Tensor) -> Tensor:
+        """(B, h, w) float32 raw CAMs of the last forward for ``labels``."""
         features = self.features
         if features.ndim != 4:
             raise ValueError(
                 f"the tapped feature map must have shape (B, D, h, w), got shape {tuple(features.shape)}; "
                 "pass feature_module=<a module whose output is a spatial feature map>"
             )
-        if not normalized and size is not None:
-            raise ValueError(f"`size` is for normalised CAMs only, got size={size!r} with normalized=False")
         site = self._site
         if site is None:
             if features.shape[1] != self.classifier.in_features:
@@ -393,8 +402,7 @@ class FeatureTap:
                     f"the classifier {self.classifier} does not read the tapped feature map ({features.shape[1]} "
                     "channels): pass a feature_module whose output the classifier reads after pooling"
                 )
-            maps = _linear_cams(features, self.classifier.weight, labels, self.classifier.bias)
-            return normalize_cams(maps, size) if normalized else maps
+            return _linear_cams(features, self.classifier.weight, labels, self.classifier.bias)
         batch, depth, height, width = features.shape
         _checks.check_shape("labels", labels, (batch,))
         _checks.check_class_ids("labels", labels, self.classifier.out_features)
@@ -405,42 +413,17 @@ class FeatureTap:
             constant_maps = positions[:, None, None, :]
         else:  # every token the same: any pooling (class token, mean of patches) returns it
             constant_maps = positions[:, None, :].expand(-1, site.prefix + 1, -1)
-        self._reading = True
-        try:
-            with torch.no_grad(), _eval_mode(self.model), _checks.without_autocast(positions.device):
-                scores = site.head(constant_maps).float()  # (B * h * w, K), in the head's own precision
-        finally:
-            self._reading = False
+        with (
+            self._captures_kept(),
+            torch.no_grad(),
+            _eval_mode(self.model),
+            _checks.without_autocast(positions.device),
+        ):
+            scores = site.head(constant_maps).float()  # (B * h * w, K), in the head's own precision
         maps = scores.view(batch, height * width, -1).gather(
             2, labels.long()[:, None, None].expand(-1, height * width, 1)
         )
-        maps = maps.view(batch, height, width)
-        return normalize_cams(maps, size) if normalized else maps
-
-    def cams(
-        self, images: Tensor, labels: Tensor, *, size: int | tuple[int, int] | None = None, eval_mode: bool = False
-    ) -> Tensor:
-        """SnapMix's CAMs in one call: a no-grad forward of the tapped model on ``images``, then the
-        normalised CAM of each image for its label, (B, h, w) at the feature map's size (what
-        :class:`~cekd_losses.MixingAugmenter` takes; it resizes them itself) or (B, H, W) with ``size``.
-
-        ``eval_mode`` decides what BatchNorm does in that extra forward. False (default, as the SnapMix
-        reference code): the model runs in its current mode, so during training BatchNorm normalises
-        with the clean batch's statistics and updates its running statistics a second time per step.
-        True: the forward runs in eval mode (running statistics used and left alone, dropout off) and
-        every module's mode is restored afterwards.
-
-        Example:
-            >>> import torchvision
-            >>> model = torchvision.models.resnet18(num_classes=10)
-            >>> tap = FeatureTap(model)
-            >>> tap.cams(torch.rand(4, 3, 64, 64), torch.tensor([0, 1, 2, 3]), eval_mode=True).shape
-            torch.Size([4, 2, 2])
-        """
-        images = _checks.check_images("images", images)
-        with torch.no_grad(), _eval_mode(self.model) if eval_mode else contextlib.nullcontext():
-            self.model(images)
-        return self.class_activation_maps(labels, size)
+        return maps.view(batch, height, width)
 
     def remove(self) -> None:
         """Unhook from the model and drop the captured tensors."""

@@ -651,8 +651,7 @@ class MixingAugmenter(nn.Module):
         if kernel.needs_cams and cams is None:
             raise ValueError(
                 "`cams` is required for snapmix: pass the (B, h, w) class activation map of each clean "
-                "image for its own label, e.g. tap = FeatureTap(model); with torch.no_grad(): model(images); "
-                "cams = tap.class_activation_maps(labels)"
+                "image for its own label, e.g. cams = FeatureTap(model).cams(images, labels)"
             )
         if not kernel.needs_cams and cams is not None:
             raise ValueError(f"`cams` is used by method 'snapmix' only, got cams with method {self.method!r}")

@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from cekd_losses import FeatureTap, MixingAugmenter, class_activation_maps, normalize_cams
+from cekd_losses import FeatureTap, MixingAugmenter, normalize_cams
 
 
 def slow_shifted_cams(features, weight, bias, labels, size):
@@ -65,15 +65,38 @@ def test_normalize_cams_exact():
     assert torch.equal(out[2], torch.zeros(2, 2))  # NaN: no finite mass
 
 
-def test_class_activation_maps_exact():
+class LinearProbe(nn.Module):
+    """Its "images" are the feature maps themselves: an identity feature module, average pooling, a linear head."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        super().__init__()
+        self.features = nn.Identity()
+        self.head = nn.Linear(weight.shape[1], weight.shape[0])
+        with torch.no_grad():
+            self.head.weight.copy_(weight)
+            self.head.bias.copy_(bias)
+
+    def forward(self, x):
+        return self.head(self.features(x).mean(dim=(2, 3)))
+
+
+def probe_cams(features, weight, bias, labels, **kwargs):
+    model = LinearProbe(weight, bias)
+    with FeatureTap(model, feature_module=model.features, classifier=model.head) as tap:
+        return tap.cams(features, labels, **kwargs)
+
+
+def test_cams_exact():
     features = torch.tensor([[[[1.0, 2.0]], [[3.0, 0.0]]]])  # (1, 2, 1, 2)
     weight = torch.tensor([[1.0, 1.0], [2.0, -1.0]])
     bias = torch.tensor([0.0, 10.0])
     # label 1: 2*[1, 2] - [3, 0] + 10 = [9, 14] -> minus min [0, 5] -> normalised [0, 1]
-    cams = class_activation_maps(features, weight, torch.tensor([1]), bias)
-    assert torch.equal(cams, torch.tensor([[[0.0, 1.0]]]))
+    assert torch.equal(probe_cams(features, weight, bias, torch.tensor([1])), torch.tensor([[[0.0, 1.0]]]))
+    assert torch.equal(
+        probe_cams(features, weight, bias, torch.tensor([1]), normalized=False), torch.tensor([[[9.0, 14.0]]])
+    )
     # label 0: [4, 2] -> [2, 0] -> [1, 0]
-    assert torch.equal(class_activation_maps(features, weight, torch.tensor([0])), torch.tensor([[[1.0, 0.0]]]))
+    assert torch.equal(probe_cams(features, weight, bias, torch.tensor([0])), torch.tensor([[[1.0, 0.0]]]))
 
 
 @given(
@@ -83,12 +106,12 @@ def test_class_activation_maps_exact():
     side=st.integers(1, 5),
     size=st.integers(4, 12),
 )
-def test_class_activation_maps_match_slow_loops(seed, batch, depth, side, size):
+def test_cams_match_slow_loops(seed, batch, depth, side, size):
     g = torch.Generator().manual_seed(seed)
     features = torch.rand(batch, depth, side, side + 1, generator=g)
     weight, bias = torch.randn(5, depth, generator=g), torch.randn(5, generator=g)
     labels = torch.randint(0, 5, (batch,), generator=g)
-    cams = class_activation_maps(features, weight, labels, bias, size=(size, size))
+    cams = probe_cams(features, weight, bias, labels, size=(size, size))
     reference = slow_cams(features, weight, bias, labels, (size, size))
     tolerance = float32_cam_tolerance(features, weight, bias, labels, (size, size))
     assert ((cams.double() - reference).abs() <= tolerance).all()
@@ -119,7 +142,7 @@ def test_tap_on_resnet18_matches_hand_computation(source, device):
     assert torch.allclose(tap.features, hand, atol=1e-5)
     assert torch.allclose(tap.pooled, hand.mean(dim=(2, 3)), atol=1e-5)
     assert torch.allclose(model.fc(tap.pooled), logits, atol=1e-4)
-    cams = tap.class_activation_maps(labels, size=(64, 64))
+    cams = tap.cams(images, labels, size=(64, 64))
     reference = slow_cams(hand.cpu(), model.fc.weight.cpu(), model.fc.bias.cpu(), labels.cpu(), (64, 64))
     assert cams.shape == (3, 64, 64)
     assert torch.allclose(cams.cpu().double(), reference, atol=1e-5)
@@ -128,9 +151,10 @@ def test_tap_on_resnet18_matches_hand_computation(source, device):
 def test_tap_keeps_graph_for_pooled_features_and_detaches_cams():
     model = torchvision.models.resnet18(num_classes=4)
     tap = FeatureTap(model)
-    model(torch.rand(2, 3, 32, 32))
+    images = torch.rand(2, 3, 32, 32)
+    model(images)
     assert tap.pooled.requires_grad
-    assert not tap.class_activation_maps(torch.tensor([0, 1])).requires_grad
+    assert not tap.cams(images, torch.tensor([0, 1])).requires_grad
 
 
 class TinyNet(nn.Module):
@@ -151,7 +175,7 @@ def test_tap_on_any_model_with_named_modules():
         features = model.body(images)
         assert torch.equal(tap.features, features)
         assert torch.equal(tap.pooled, features.amax(dim=(2, 3)))
-        cams = tap.class_activation_maps(torch.tensor([2, 1]))
+        cams = tap.cams(images, torch.tensor([2, 1]))
         reference = slow_cams(features, model.head.weight, model.head.bias, torch.tensor([2, 1]), (8, 8))
         assert torch.allclose(cams.double(), reference, atol=1e-5)
     with pytest.raises(RuntimeError, match="captured nothing"):
@@ -166,10 +190,10 @@ def test_tap_errors():
     with pytest.raises(ValueError, match="could not find the linear classifier of Sequential.*classifier="):
         FeatureTap(unnamed_head)
     tap = FeatureTap(TinyNet())  # its head is found, its feature map is not: pooled features work, CAMs say why not
-    TinyNet.forward(tap.model, torch.rand(2, 3, 8, 8))
+    tap.model(torch.rand(2, 3, 8, 8))
     assert tap.pooled.shape == (2, 4)
     with pytest.raises(ValueError, match="could not find the last feature map of TinyNet.*feature_module="):
-        tap.class_activation_maps(torch.tensor([0, 1]))
+        tap.cams(torch.rand(2, 3, 8, 8), torch.tensor([0, 1]))
     mobilenet = torchvision.models.mobilenet_v3_small(num_classes=3)
     tap = FeatureTap(mobilenet, feature_module=mobilenet.features)  # a linear read-out that does not fit
     mobilenet(torch.rand(2, 3, 32, 32))
@@ -179,26 +203,26 @@ def test_tap_errors():
         match=r"Linear\(in_features=1024, out_features=3.*does not read the tapped "
         r"feature map \(576 channels\)",
     ):
-        tap.class_activation_maps(torch.tensor([0, 1]))
+        tap.cams(torch.rand(2, 3, 32, 32), torch.tensor([0, 1]))
     with pytest.raises(TypeError, match="`classifier` must be the model's linear head.*got Sequential"):
         FeatureTap(mobilenet, classifier=mobilenet.classifier)
     with pytest.raises(TypeError, match="`model` must be a torch.nn.Module, got str"):
         FeatureTap("resnet18")
     tap = FeatureTap(torchvision.models.resnet18(num_classes=3))
     with pytest.raises(RuntimeError, match="run a forward of the model first"):
-        tap.class_activation_maps(torch.tensor([0]))
+        tap.features  # noqa: B018
 
 
 def test_cam_argument_errors():
-    features = torch.rand(2, 4, 3, 3)
-    with pytest.raises(ValueError, match=r"`classifier_weight` must have shape \(K, 4\), got shape \(5, 3\)"):
-        class_activation_maps(features, torch.rand(5, 3), torch.tensor([0, 1]))
+    weight, bias = torch.rand(5, 4), torch.rand(5)
     with pytest.raises(ValueError, match=r"`labels` must hold class ids in \[0, 5\), got values in \[0, 7\]"):
-        class_activation_maps(features, torch.rand(5, 4), torch.tensor([0, 7]))
-    with pytest.raises(ValueError, match=r"`feature_maps` must have shape \(B, D, h, w\), got shape \(2, 4\)"):
-        class_activation_maps(torch.rand(2, 4), torch.rand(5, 4), torch.tensor([0, 1]))
-    with pytest.raises(ValueError, match=r"`classifier_bias` must have shape \(5,\), got shape \(4,\)"):
-        class_activation_maps(features, torch.rand(5, 4), torch.tensor([0, 1]), torch.rand(4))
+        probe_cams(torch.rand(2, 4, 3, 3), weight, bias, torch.tensor([0, 7]))
+    with pytest.raises(ValueError, match=r"`labels` must have shape \(2,\), got shape \(3,\)"):
+        probe_cams(torch.rand(2, 4, 3, 3), weight, bias, torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match=r"`images` must have shape \(B, C, H, W\), got shape \(2, 4\)"):
+        probe_cams(torch.rand(2, 4), weight, bias, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"`size` is for normalised CAMs only"):
+        probe_cams(torch.rand(2, 4, 3, 3), weight, bias, torch.tensor([0, 1]), size=8, normalized=False)
 
 
 def test_snapmix_with_cams_from_the_tap():
@@ -206,9 +230,7 @@ def test_snapmix_with_cams_from_the_tap():
     model = timm.create_model("resnet18", pretrained=False, num_classes=4).eval()
     tap = FeatureTap(model)
     images, labels = torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
-    with torch.no_grad():
-        model(images)
-    cams = tap.class_activation_maps(labels)  # feature resolution; the mixer resizes
+    cams = tap.cams(images, labels)  # feature resolution; the mixer resizes
     out = MixingAugmenter("snapmix", 4, generator=torch.Generator().manual_seed(1))(images, labels, cams)
     assert out.applied.any()
     assert ((out.lam_a >= 0) & (out.lam_a <= 1) & (out.lam_b >= 0) & (out.lam_b <= 1)).all()
@@ -216,26 +238,27 @@ def test_snapmix_with_cams_from_the_tap():
 
 @pytest.mark.parametrize("eval_mode", [False, True])
 def test_tap_cams_is_the_three_step_recipe_in_one_call(eval_mode):
-    """cams() = a no-grad forward + class_activation_maps; eval_mode leaves BatchNorm statistics alone
-    and restores every module's mode; the default updates them, as the SnapMix reference code does."""
+    """cams() is a no-grad forward and the read-out of its features; eval_mode leaves BatchNorm statistics
+    alone and restores every module's mode; the default updates them, as the SnapMix reference code does."""
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=4).train()
     model.layer1[0].train(False)  # a mixed-mode model: the exact modes must come back
-    images, labels = torch.rand(3, 3, 32, 32), torch.tensor([0, 3, 1])
+    images, labels = torch.rand(3, 3, 64, 64), torch.tensor([0, 3, 1])
     reference = copy.deepcopy(model)
     if eval_mode:
         reference.eval()
-    with FeatureTap(reference) as ref_tap, torch.no_grad():
-        reference(images)
-        expected = ref_tap.class_activation_maps(labels, size=32)
+    with torch.no_grad():  # the raw CAM by hand, w[label] . F + b, on the same forward
+        features = hand_torchvision_features(reference, images)
+        weight, bias = reference.fc.weight[labels], reference.fc.bias[labels]
+        expected = torch.einsum("bd,bdhw->bhw", weight, features) + bias[:, None, None]
     modes = [m.training for m in model.modules()]
     running = model.bn1.running_mean.clone()
     with FeatureTap(model) as tap:
-        cams = tap.cams(images, labels, size=32, eval_mode=eval_mode)
-        assert torch.allclose(cams, expected, atol=1e-6) and not cams.requires_grad
+        cams = tap.cams(images, labels, eval_mode=eval_mode, normalized=False)
+        assert cams.shape == (3, 2, 2) and torch.allclose(cams, expected, atol=1e-4) and not cams.requires_grad
         assert [m.training for m in model.modules()] == modes
         assert torch.equal(model.bn1.running_mean, running) == eval_mode
-        assert tap.cams(images, labels).shape == (3, 1, 1)  # the feature map's own size by default
+        assert tap.cams(images, labels).shape == (3, 2, 2)  # normalised, at the feature map's own size by default
 
 
 FINDER_ZOO = [

@@ -73,7 +73,7 @@ def test_cam_of_a_gap_linear_cnn_averages_to_the_logit(source, name):
     images, labels = torch.rand(3, 3, 64, 64), torch.tensor([0, 2, 3])
     with FeatureTap(model) as tap, torch.no_grad():
         logits = model(images)
-        raw = tap.class_activation_maps(labels, normalized=False)
+        raw = tap.cams(images, labels, normalized=False)
     assert torch.allclose(raw.mean(dim=(1, 2)), logits[torch.arange(3), labels], atol=1e-4)
 
 
@@ -81,8 +81,7 @@ def test_vit_cam_is_the_head_on_each_normalised_patch_token():
     model = build("timm", "vit_tiny_patch16_224", 48).eval()
     images, labels = torch.rand(2, 3, 48, 48), torch.tensor([1, 2])
     with FeatureTap(model) as tap, torch.no_grad():
-        model(images)
-        raw = tap.class_activation_maps(labels, normalized=False)
+        raw = tap.cams(images, labels, normalized=False)
         tokens = model.forward_features(images)[:, model.num_prefix_tokens :]  # final norm applied, class token dropped
         by_hand = model.head(model.fc_norm(tokens))[torch.arange(2), :, labels]
     assert raw.shape == (2, 3, 3) and torch.allclose(raw.flatten(1), by_hand, atol=1e-5)

@@ -25,9 +25,9 @@ def save_cam_figure(models: list[nn.Module], dataset, place, count: int, path: P
     maps, predictions = [], []
     for model in models:
         model.eval()
-        with FeatureTap(model) as tap:
+        with FeatureTap(model) as tap, torch.no_grad():
             predictions.append(model(inputs).argmax(1).cpu())
-            maps.append(tap.class_activation_maps(device_labels, size=tuple(images.shape[-2:])).cpu())
+            maps.append(tap.cams(inputs, device_labels, size=tuple(images.shape[-2:])).cpu())
     figure, axes = plt.subplots(count, len(models) + 1, figsize=(2.2 * (len(models) + 1), 2.2 * count), squeeze=False)
     for row in range(count):
         picture = images[row].permute(1, 2, 0).numpy()  # uint8 (H, W, C)

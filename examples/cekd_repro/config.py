@@ -66,7 +66,7 @@ class RunConfig:
         if name in CEKD_OPTIONS:
             return self.method == "cekd"
         if name in MIXING_OPTIONS:
-            return self.mixing is not None
+            return self.mixer_method is not None
         if name == "milestones":
             return self.schedule == "multistep"
         return True
@@ -86,8 +86,9 @@ class RunConfig:
         return names
 
     @property
-    def mixing(self) -> str | None:
-        """The mixing this run applies: the method's own, cekd's ``mix``, or None for the baseline."""
+    def mixer_method(self) -> str | None:
+        """The MixingAugmenter method this run applies: the method's own (mixup, cutmix, snapmix), cekd's
+        ``mix`` (the --mix flag), or None for the baseline."""
         if self.method == "cekd":
             return self.mix
         return None if self.method == "baseline" else self.method
@@ -183,8 +184,8 @@ def preset_config(preset: str, given: dict) -> RunConfig:
     """The run of ``preset`` with the options ``given`` on the command line; the paper preset takes the
     mixing's own Beta parameter unless ``mix_alpha`` is given."""
     config = replace(RunConfig(), **{**PRESETS[preset], **given})
-    if preset == "paper" and "mix_alpha" not in given and config.mixing is not None:
-        config = replace(config, mix_alpha=PAPER_MIX_ALPHA[config.mixing])
+    if preset == "paper" and "mix_alpha" not in given and config.mixer_method is not None:
+        config = replace(config, mix_alpha=PAPER_MIX_ALPHA[config.mixer_method])
     if config.dataset != "synthetic" and not config.data_root:
         raise ValueError(f"--dataset {config.dataset} needs --data-root")
     return config

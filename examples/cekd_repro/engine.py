@@ -92,9 +92,9 @@ def build_run(
         boundaries = [m * steps_per_epoch for m in config.milestones]
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.1 ** sum(s >= b for b in boundaries))
     mixer = None
-    if config.mixing is not None:
+    if config.mixer_method is not None:
         mixer = MixingAugmenter(
-            config.mixing,
+            config.mixer_method,
             num_classes,
             mix_alpha=config.mix_alpha,
             p=config.mix_p,
@@ -119,7 +119,7 @@ def build_run(
         torch.amp.GradScaler(device.type, enabled=config.amp == "fp16"),
         place,
         mixer,
-        FeatureTap(models[0]) if config.mixing == "snapmix" else None,
+        FeatureTap(models[0]) if config.mixer_method == "snapmix" else None,
         criterion,
         config.clip_grad,
         ensemble=config.method == "cekd",

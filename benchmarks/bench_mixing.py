@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cekd_losses import MixingAugmenter
+from cekd_losses import MixingAugmenter, RandomCutMix, RandomMixUp
 
 
 def reference_snapmix(images, labels, raw_cams, alpha):
@@ -127,6 +127,12 @@ def our_calls(
         calls[f"ours {method} {'batch' if same else 'elem'}"] = (
             lambda m=mixer, c=(cams if method == "snapmix" else None): m(images, labels, c)
         )
+    keys = ["input", "class"]  # the Kornia-native classes, called as Kornia's own
+    for name, augmentation in (
+        ("RandomMixUp", RandomMixUp(data_keys=keys)),
+        ("RandomCutMix", RandomCutMix(data_keys=keys)),
+    ):
+        calls[f"ours {name} (kornia form)"] = lambda a=augmentation: a(images, labels)
     return calls
 
 
@@ -141,7 +147,8 @@ def print_ops() -> None:
     print(f"kernel-launching aten ops and host reads per call, 32x3x64x64, 200 classes; torch {torch.__version__}")
     for name, call in {**our_calls(images, labels, cams, 200), **peer_calls(images, labels, 200)}.items():
         launches = count_launches(call)
-        budget = f"  (budget {OP_BUDGETS[name.split()[1]]}, 0 reads)" if name.startswith("ours") else ""
+        method = name.split()[1]
+        budget = f"  (budget {OP_BUDGETS[method]}, 0 reads)" if name.startswith("ours") and method in OP_BUDGETS else ""
         print(f"{name:30} {len(launches.ops):4d} ops {launches.reads:3d} host reads{budget}")
 
 
@@ -221,6 +228,8 @@ def main() -> None:
         return lambda: mixer(scratch, labels)
 
     kornia_mixup = KA.RandomMixUpV2(data_keys=["input", "class"])
+    our_kornia_mixup = RandomMixUp(data_keys=["input", "class"])
+    our_kornia_cutmix = RandomCutMix(data_keys=["input", "class"])
     kornia_cutmix = KA.RandomCutMixV2(data_keys=["input", "class"], use_correct_lambda=True)
     scratch_ref = images.clone()
 
@@ -230,11 +239,13 @@ def main() -> None:
         "timm mixup elem": timm_mixup("elem", False),
         "timm mixup batch": timm_mixup("batch", False),
         "kornia RandomMixUpV2": lambda: kornia_mixup(images, labels),
+        "ours RandomMixUp (kornia form)": lambda: our_kornia_mixup(images, labels),
         "ours cutmix (per-sample)": ours("cutmix"),
         "ours cutmix (same_on_batch)": ours("cutmix", True),
         "timm cutmix elem": timm_mixup("elem", True),
         "timm cutmix batch": timm_mixup("batch", True),
         "kornia RandomCutMixV2": lambda: kornia_cutmix(images, labels),
+        "ours RandomCutMix (kornia form)": lambda: our_kornia_cutmix(images, labels),
         "ours snapmix (per-sample)": ours("snapmix"),
         "ours snapmix (same_on_batch)": ours("snapmix", True),
         "snapmix reference (loops)": lambda: reference_snapmix(scratch_ref, labels, raw_cams.clone(), 1.0),
@@ -258,9 +269,11 @@ def main() -> None:
         ("mixup per-sample / timm elem", "ours mixup (per-sample)", "timm mixup elem"),
         ("mixup same_on_batch / timm batch", "ours mixup (same_on_batch)", "timm mixup batch"),
         ("mixup per-sample / kornia", "ours mixup (per-sample)", "kornia RandomMixUpV2"),
+        ("RandomMixUp / kornia RandomMixUpV2", "ours RandomMixUp (kornia form)", "kornia RandomMixUpV2"),
         ("cutmix per-sample / timm elem", "ours cutmix (per-sample)", "timm cutmix elem"),
         ("cutmix same_on_batch / timm batch", "ours cutmix (same_on_batch)", "timm cutmix batch"),
         ("cutmix per-sample / kornia", "ours cutmix (per-sample)", "kornia RandomCutMixV2"),
+        ("RandomCutMix / kornia RandomCutMixV2", "ours RandomCutMix (kornia form)", "kornia RandomCutMixV2"),
         ("snapmix per-sample / reference", "ours snapmix (per-sample)", "snapmix reference (loops)"),
         ("snapmix same_on_batch / reference", "ours snapmix (same_on_batch)", "snapmix reference (loops)"),
     ]

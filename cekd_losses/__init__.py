@@ -10,11 +10,14 @@ Public API:
   :class:`CrossDistillationLoss` (``cekd_losses.losses``);
 - :class:`CollaborativeEnsemble` and :class:`EnsembleOutput` (``cekd_losses.ensemble``);
 - :class:`CEKDLoss` and :func:`rampup` (``cekd_losses.objective``);
-- :func:`train_step` and :class:`StepOutput` (``cekd_losses.step``).
+- :func:`train_step` and :class:`StepOutput` (``cekd_losses.step``);
+- :class:`RandomMixUp`, :class:`RandomCutMix`, :class:`RandomSnapMix` (Kornia augmentations) and
+  :func:`kornia_soft_targets` (``cekd_losses.kornia_mix``).
 """
 
 from .cam import FeatureTap, find_classifier, normalize_cams
 from .ensemble import CollaborativeEnsemble, Combine, EnsembleOutput
+from .kornia_mix import RandomCutMix, RandomMixUp, RandomSnapMix, kornia_soft_targets
 from .losses import CrossDistillationLoss, Reduction, SoftTargetCrossEntropy, distillation_kl, soft_cross_entropy
 from .mixing import MixedBatch, MixingAugmenter, MixMethod, cutmix, mixup, snapmix
 from .objective import CEKDLoss, rampup
@@ -31,6 +34,9 @@ __all__ = [
     "FeatureTap",
     "MixMethod",
     "MixedBatch",
+    "RandomCutMix",
+    "RandomMixUp",
+    "RandomSnapMix",
     "MixingAugmenter",
     "Reduction",
     "SoftTargetCrossEntropy",
@@ -39,6 +45,7 @@ __all__ = [
     "cutmix",
     "distillation_kl",
     "find_classifier",
+    "kornia_soft_targets",
     "mixup",
     "normalize_cams",
     "rampup",

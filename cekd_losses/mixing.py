@@ -415,19 +415,19 @@ def _random_draws(
     draws: int,
     lambdas: int,
     boxes: int,
-    uniform: bool,
+    decisions: int,
     alpha: float,
     generator: torch.Generator | None,
     device: torch.device,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """Every random choice of one call, made on ``device`` with ``generator`` in three or four kernels:
     a permutation (B,) of partners, (draws, lambdas) Beta(alpha, alpha) values, (draws, boxes, 2) int64
-    box centres uniform in [0, 2**62) (reduced modulo the image size later), and (draws,) uniforms for
-    the mixing decision."""
+    box centres uniform in [0, 2**62) (reduced modulo the image size later), and (decisions,) uniforms
+    for the mixing decision (none when ``decisions`` is 0)."""
     partner = torch.randperm(batch, generator=generator, device=device)
     lam = _sample_beta(alpha, draws * lambdas, generator, device).view(draws, lambdas)
     centres = torch.randint(0, 2**62, (draws, boxes, 2), generator=generator, device=device) if boxes else None
-    decision = torch.rand(draws, generator=generator, device=device) if uniform else None
+    decision = torch.rand(decisions, generator=generator, device=device) if decisions else None
     return partner, lam, centres, decision
 
 
@@ -436,18 +436,27 @@ def _random_draws(
 _GENERATORS: weakref.WeakValueDictionary[int, torch.Generator] = weakref.WeakValueDictionary()
 
 
+def _register(generator: object) -> torch.Generator | None:
+    """``generator`` checked and made findable by the compiled draws."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"`generator` must be a torch.Generator or None, got {type(generator).__name__}")
+    if generator is not None:
+        _GENERATORS[id(generator)] = generator
+    return generator
+
+
 @torch.library.custom_op("cekd_losses::random_draws", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
 def _compiled_draws(
     batch: int,
     draws: int,
     lambdas: int,
     boxes: int,
-    uniform: bool,
+    decisions: int,
     alpha: float,
     generator_key: int,
     device: torch.device,
 ) -> list[Tensor]:
-    found = _random_draws(batch, draws, lambdas, boxes, uniform, alpha, _GENERATORS.get(generator_key), device)
+    found = _random_draws(batch, draws, lambdas, boxes, decisions, alpha, _GENERATORS.get(generator_key), device)
     return [t.contiguous() if t is not None else torch.empty(0, device=device) for t in found]
 
 
@@ -457,7 +466,7 @@ def _(
     draws: int,
     lambdas: int,
     boxes: int,
-    uniform: bool,
+    decisions: int,
     alpha: float,
     generator_key: int,
     device: torch.device,
@@ -466,7 +475,7 @@ def _(
         torch.empty(batch, dtype=torch.long, device=device),
         torch.empty(draws, lambdas, device=device),
         torch.empty((draws, boxes, 2) if boxes else (0,), dtype=torch.long if boxes else torch.float32, device=device),
-        torch.empty(draws if uniform else 0, device=device),
+        torch.empty(decisions, device=device),
     ]
 
 
@@ -602,11 +611,7 @@ class MixingAugmenter(nn.Module):
 
     @generator.setter
     def generator(self, generator: torch.Generator | None) -> None:
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"`generator` must be a torch.Generator or None, got {type(generator).__name__}")
-        if generator is not None:
-            _GENERATORS[id(generator)] = generator
-        self._generator = generator
+        self._generator = _register(generator)
 
     def extra_repr(self) -> str:
         return (
@@ -663,29 +668,55 @@ class MixingAugmenter(nn.Module):
     def _draw(self, images: Tensor, kernel: _Method) -> _Draw:
         """This call's random parameters (one set with ``same_on_batch``), on the images' device."""
         batch, _, height, width = images.shape
-        device, generator = images.device, self.generator
-        draws = 1 if self.same_on_batch else batch
-        arguments = (batch, draws, kernel.lambdas, kernel.boxes, self.p < 1, self.mix_alpha)
-        draw_device = generator.device if generator is not None else device
-        if torch.compiler.is_compiling():
-            found = _compiled_draws(*arguments, id(generator) if generator is not None else 0, draw_device)
-            partner, lam = found[0], found[1]
-            centres = found[2] if kernel.boxes else None
-            decision = found[3] if self.p < 1 else None
+        decisions = 1 if self.same_on_batch else batch
+        return _draw(
+            kernel,
+            (batch, height, width),
+            images.device,
+            self.generator,
+            self.mix_alpha,
+            self.same_on_batch,
+            self.p,
+            decisions,
+        )
+
+
+def _draw(
+    kernel: _Method,
+    shape: tuple[int, int, int],
+    device: torch.device,
+    generator: torch.Generator | None,
+    alpha: float,
+    same_on_batch: bool,
+    p: float,
+    decisions: int,
+) -> _Draw:
+    """The random parameters of one call on a (B, H, W) batch, on ``device``: one set of lambdas and boxes
+    with ``same_on_batch``; ``decisions`` mixing decisions of probability ``p`` (1: one for the batch)."""
+    batch, height, width = shape
+    draws = 1 if same_on_batch else batch
+    decisions = decisions if p < 1 else 0
+    arguments = (batch, draws, kernel.lambdas, kernel.boxes, decisions, alpha)
+    draw_device = generator.device if generator is not None else device
+    if torch.compiler.is_compiling():
+        found = _compiled_draws(*arguments, id(generator) if generator is not None else 0, draw_device)
+        partner, lam = found[0], found[1]
+        centres = found[2] if kernel.boxes else None
+        decision = found[3] if decisions else None
+    else:
+        partner, lam, centres, decision = _random_draws(*arguments, generator, draw_device)
+    partner, lam = partner.to(device, non_blocking=True), lam.to(device, non_blocking=True)
+    boxes_float = None
+    if centres is not None:
+        boxes_float = _boxes_from_draws(lam, centres.to(device, non_blocking=True), height, width)
+        boxes_float = boxes_float.expand(batch, -1, -1)
+    lam = lam.expand(batch, -1)
+    if decision is not None:  # unmixed samples: their own partner, lam 1, empty boxes
+        mixed = (decision.to(device, non_blocking=True) < p).expand(batch)
+        partner = torch.where(mixed, partner, _positions(batch, device))
+        if boxes_float is not None:
+            boxes_float = torch.where(mixed[:, None, None], boxes_float, 0.0)
         else:
-            partner, lam, centres, decision = _random_draws(*arguments, generator, draw_device)
-        partner, lam = partner.to(device, non_blocking=True), lam.to(device, non_blocking=True)
-        boxes_float = None
-        if centres is not None:
-            boxes_float = _boxes_from_draws(lam, centres.to(device, non_blocking=True), height, width)
-            boxes_float = boxes_float.expand(batch, -1, -1)
-        lam = lam.expand(batch, -1)
-        if decision is not None:  # unmixed samples: their own partner, lam 1, empty boxes
-            mixed = (decision.to(device, non_blocking=True) < self.p).expand(batch)
-            partner = torch.where(mixed, partner, _positions(batch, device))
-            if boxes_float is not None:
-                boxes_float = torch.where(mixed[:, None, None], boxes_float, 0.0)
-            else:
-                lam = torch.where(mixed[:, None], lam, 1.0)
-        boxes = boxes_float.long() if boxes_float is not None else None
-        return _Draw(partner, lam, boxes, boxes_float)
+            lam = torch.where(mixed[:, None], lam, 1.0)
+    boxes = boxes_float.long() if boxes_float is not None else None
+    return _Draw(partner, lam, boxes, boxes_float)

@@ -30,3 +30,11 @@ def test_mixing_demo_prints_every_method_and_writes_a_png(tmp_path):
     for method in ("mixup", "cutmix", "snapmix"):
         assert method in out
     assert (tmp_path / "runs" / "demo_mixing.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # not beside the code
+
+
+def test_kornia_pipeline_example_mixes_after_kornias_augmentations_and_writes_a_png(tmp_path):
+    out = run("kornia_pipeline.py", "--batch", "6", "--size", "64", cwd=tmp_path)
+    assert (
+        "RandomCutMix rows" in out and "RandomSnapMix rows" in out and "MixingAugmenter: images (6, 3, 64, 64)" in out
+    )
+    assert (tmp_path / "runs" / "kornia_pipeline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -10,14 +10,21 @@ directory, then in one run:
    ``run_step``) fed by the loader, against the same step on one in-memory batch; the ratio is the
    share of the in-memory step rate the loader sustains (goal on a GPU: >= 0.95).
 
+3. with ``--simulate-step-ms MS``: a consumer that sleeps MS per batch as a GPU step would, over
+   ``--epochs`` epochs of ``--images / --batch`` batches: loader efficiency, the wait for the first batch of
+   an epoch against the steady worst and median, and the main thread's CPU time per batch, for this
+   engine's one-stream loader against a per-epoch iterator (the previous engine's).
+
     python benchmarks/bench_data.py [--images 256] [--workers 0,2] [--device cpu|cuda] [--step]
         [--arch resnet50] [--size 448] [--resize 512] [--batch 16] [--steps 20] [--amp bf16]
+        [--simulate-step-ms 250 --epochs 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -31,7 +38,7 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 
 from cekd_repro.config import RunConfig  # noqa: E402
-from cekd_repro.data import draw_birds, load_data, make_loader  # noqa: E402
+from cekd_repro.data import EpochOrder, draw_birds, load_data, train_batches, train_loader  # noqa: E402
 from cekd_repro.device import Placement  # noqa: E402
 from cekd_repro.engine import build_run, run_step  # noqa: E402
 
@@ -89,17 +96,79 @@ def previous_loader(config: RunConfig, epoch: int) -> DataLoader:
 
 def loader_rate(config: RunConfig, previous: bool) -> float:
     """Images/s of the second epoch (steady state) of the loader alone."""
-    persistent = None if previous else make_loader(load_data(config)[0], config, True, torch.device("cpu"))
-    rate = 0.0
-    for epoch in range(2):
-        loader = previous_loader(config, epoch) if previous else persistent
-        if not previous:
+    if previous:
+        rate = 0.0
+        for epoch in range(2):
+            start, seen = time.perf_counter(), 0
+            for images, _ in previous_loader(config, epoch):
+                seen += images.shape[0]
+            rate = seen / (time.perf_counter() - start)
+        return rate
+    loader = train_loader(load_data(config)[0], replace(config, epochs=2), torch.device("cpu"))
+    per_epoch, seen, start = loader.batch_sampler.per_epoch, 0, 0.0
+    for step, (images, _) in enumerate(loader):
+        if step == per_epoch:
+            start, seen = time.perf_counter(), 0
+        seen += images.shape[0]
+    return seen / (time.perf_counter() - start)
+
+
+def per_epoch_loader(dataset, config: RunConfig) -> DataLoader:
+    """The loader of the previous engine: one iterator per epoch over persistent workers (the queue is
+    empty when an epoch starts), for the epoch-boundary comparison."""
+    order = EpochOrder(len(dataset), shuffle=True, seed=config.seed)
+    return DataLoader(
+        dataset,
+        config.batch_size,
+        sampler=order,
+        num_workers=config.workers,
+        drop_last=True,
+        persistent_workers=config.workers > 0,
+        prefetch_factor=4 if config.workers else None,
+    )
+
+
+def simulate(config: RunConfig, step_ms: float, epochs: int, run_long: bool) -> dict[str, float]:
+    """A consumer that sleeps ``step_ms`` per batch as a GPU step would, over ``epochs`` epochs: loader
+    efficiency (batches x step time / wall time), waits for a batch at epoch starts and in steady state, and
+    the main thread's CPU time per batch (receiving it)."""
+    dataset = load_data(config)[0]
+    waits, starts, cpu, freeing = [], [], [], []
+    wall = time.perf_counter()
+    if run_long:
+        loader = train_loader(dataset, replace(config, epochs=epochs), torch.device("cpu"))
+        per_epoch = loader.batch_sampler.per_epoch
+        stream = train_batches(dataset, replace(config, epochs=epochs), torch.device("cpu"))
+        epoch_iterators = [(stream, per_epoch)] * epochs
+    else:
+        loader = per_epoch_loader(dataset, config)
+        per_epoch = len(loader)
+        epoch_iterators = []
+    for epoch in range(epochs):
+        if run_long:
+            batches = epoch_iterators[epoch][0]
+        else:
             loader.sampler.set_epoch(epoch)
-        start, seen = time.perf_counter(), 0
-        for images, _ in loader:
-            seen += images.shape[0]
-        rate = seen / (time.perf_counter() - start)
-    return rate
+            batches = iter(loader)
+        for step in range(per_epoch):
+            cpu_start, wait_start = time.thread_time(), time.perf_counter()
+            batch = next(batches)
+            wait = time.perf_counter() - wait_start
+            cpu.append(time.thread_time() - cpu_start)
+            (starts if step == 0 else waits).append(wait)
+            time.sleep(step_ms / 1000)
+            cpu_start = time.thread_time()
+            del batch  # releasing the batch's shared memory, the main thread's other cost per batch
+            freeing.append(time.thread_time() - cpu_start)
+    wall = time.perf_counter() - wall
+    return {
+        "efficiency": epochs * per_epoch * step_ms / 1000 / wall,
+        "epoch_start_wait_ms": 1000 * max(starts[1:] or starts),
+        "steady_worst_ms": 1000 * max(waits[per_epoch:] or waits),
+        "steady_median_ms": 1000 * statistics.median(waits),
+        "main_cpu_ms": 1000 * statistics.median(cpu),
+        "free_cpu_ms": 1000 * statistics.median(freeing),
+    }
 
 
 def step_rates(config: RunConfig, steps: int) -> tuple[float, float]:
@@ -107,12 +176,11 @@ def step_rates(config: RunConfig, steps: int) -> tuple[float, float]:
     device = torch.device(config.device)
     train_set, _, classes, mean, std = load_data(config)
     place = Placement(device, mean, std, config.channels_last, config.amp)
-    loader = make_loader(train_set, config, True, device)
-    run = build_run(config, classes, place, len(loader))
+    loader = train_loader(train_set, replace(config, epochs=10_000), device)
+    run = build_run(config, classes, place, loader.batch_sampler.per_epoch)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    fixed_images, fixed_labels = next(iter(loader))
-    if device.type == "cuda":
-        fixed_images, fixed_labels = fixed_images.pin_memory(), fixed_labels.pin_memory()
+    stream = iter(loader)
+    fixed_images, fixed_labels = next(stream)
 
     def timed(batches) -> float:
         seen, start = 0, None
@@ -126,19 +194,7 @@ def step_rates(config: RunConfig, steps: int) -> tuple[float, float]:
         return seen / (time.perf_counter() - start)
 
     in_memory = timed((fixed_images, fixed_labels) for _ in range(steps + 3))
-
-    def from_loader():
-        epoch, produced = 0, 0
-        while True:
-            loader.sampler.set_epoch(epoch)
-            for batch in loader:
-                yield batch
-                produced += 1
-                if produced == steps + 3:
-                    return
-            epoch += 1
-
-    return in_memory, timed(from_loader())
+    return in_memory, timed(next(stream) for _ in range(steps + 3))
 
 
 def main() -> None:
@@ -153,6 +209,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--amp", default="bf16" if torch.cuda.is_available() else "none")
+    parser.add_argument(
+        "--simulate-step-ms",
+        type=float,
+        default=0.0,
+        help="a consumer that sleeps this long per batch, as a GPU step: epoch-boundary figures",
+    )
+    parser.add_argument("--epochs", type=int, default=3, help="epochs of the simulation")
     args = parser.parse_args()
     import torchvision
 
@@ -196,6 +259,23 @@ def main() -> None:
             ours = loader_rate(replace(config, workers=workers), previous=False)
             before = loader_rate(replace(config, workers=workers), previous=True)
             print(f"{workers:>8} {ours:>12.1f} {before:>10.1f} {ours / before:>6.2f}x")
+        if args.simulate_step_ms:
+            workers = max(int(w) for w in args.workers.split(","))
+            print(
+                f"\nsimulated {args.simulate_step_ms:g} ms step, {workers} workers, {args.epochs} epochs of "
+                f"{args.images // args.batch} batches"
+            )
+            print(
+                f"{'loader':>22} {'efficiency':>10} {'epoch-start wait ms':>20} {'steady worst / median ms':>25} "
+                f"{'main-thread CPU ms/batch (receive, release)':>44}"
+            )
+            for name, run_long in (("one stream (this)", True), ("per-epoch (previous)", False)):
+                r = simulate(replace(config, workers=workers), args.simulate_step_ms, args.epochs, run_long)
+                print(
+                    f"{name:>22} {r['efficiency']:>10.3f} {r['epoch_start_wait_ms']:>20.1f} "
+                    f"{r['steady_worst_ms']:>12.1f} / {r['steady_median_ms']:<10.1f} "
+                    f"{r['main_cpu_ms']:>32.2f}, {r['free_cpu_ms']:.2f}"
+                )
         if args.step or args.device.startswith("cuda"):
             workers = max(int(w) for w in args.workers.split(","))
             memory, loaded = step_rates(replace(config, workers=workers), args.steps)

@@ -11,9 +11,10 @@ import pytest
 import torch
 from repro_helpers import TINY
 
-from cekd_repro import engine
+from cekd_repro import data
 from cekd_repro.data import (
     Augmented,
+    EpochBatches,
     EpochOrder,
     LayoutError,
     SyntheticSpec,
@@ -90,17 +91,28 @@ def test_epoch_order_is_a_seeded_permutation_split_across_ranks():
     assert {i for r in ranks for _, i in r} == set(range(10))  # padded to 12 by repeating, as DistributedSampler
 
 
+def test_epoch_batches_run_epochs_back_to_back_and_resume_exactly():
+    order = EpochOrder(10, shuffle=True, seed=3)
+    run = list(EpochBatches(order, 4, start=0, end=3))
+    assert len(run) == 6 and all(len(batch) == 4 for batch in run)  # 2 full batches an epoch, the rest dropped
+    for epoch in range(3):
+        order.set_epoch(epoch)
+        assert run[2 * epoch : 2 * epoch + 2] == [list(order)[:4], list(order)[4:8]]
+    assert list(EpochBatches(EpochOrder(10, shuffle=True, seed=3), 4, start=1, end=3)) == run[2:]  # a resume
+
+
 def test_loader_batches_do_not_depend_on_worker_count():
-    config = replace(TINY, train_per_class=4, batch_size=4)
-    train_set = engine.load_data(config)[0]
+    config = replace(TINY, train_per_class=4, batch_size=4, epochs=2)
+    train_set = data.load_data(config)[0]
     batches = {}
     for workers in (0, 2):
-        loader = engine.make_loader(train_set, replace(config, workers=workers), True, torch.device("cpu"))
-        loader.sampler.set_epoch(1)
+        loader = data.train_loader(train_set, replace(config, workers=workers), torch.device("cpu"), start_epoch=0)
         batches[workers] = [(images.clone(), labels.clone()) for images, labels in loader]
-        assert loader.persistent_workers == (workers > 0)
+        assert len(batches[workers]) == 2 * loader.batch_sampler.per_epoch == 8
     for (a, la), (b, lb) in zip(batches[0], batches[2], strict=True):
         assert a.dtype == torch.uint8 and torch.equal(a, b) and torch.equal(la, lb)
+    resumed = data.train_loader(train_set, config, torch.device("cpu"), start_epoch=1)
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(resumed, batches[0][4:], strict=True))
 
 
 def write_png(path: Path, value: int) -> None:
@@ -194,3 +206,30 @@ def test_malformed_cub_index(tmp_path):
     (tmp_path / "images.txt").write_text("1\n")
     with pytest.raises(LayoutError, match=r"cub: .*images.txt is malformed \(expected 2 columns"):
         file_splits("cub", tmp_path)
+
+
+class Failing(torch.utils.data.Dataset):
+    """Items 0-5; item 5 is a file that cannot be read."""
+
+    def __len__(self) -> int:
+        return 6
+
+    def __getitem__(self, key):
+        _, index = key if isinstance(key, tuple) else (0, key)
+        if index == 5:
+            raise OSError("cannot read image broken.jpg: truncated")
+        return torch.full((3, 2, 2), index, dtype=torch.uint8), index
+
+
+def test_batches_received_in_background_are_the_loaders_and_so_are_its_errors():
+    config = replace(TINY, train_per_class=4, batch_size=4, epochs=2, workers=1)
+    train_set = data.load_data(config)[0]
+    expected = list(data.train_loader(train_set, replace(config, workers=0), torch.device("cpu")))
+    stream = data.train_batches(train_set, config, torch.device("cpu"))
+    assert isinstance(stream, data.ReceivedInBackground)
+    received = list(stream)
+    assert len(received) == len(expected) == 8
+    assert all(torch.equal(a, b) and torch.equal(la, lb) for (a, la), (b, lb) in zip(received, expected, strict=True))
+    failing = data.train_batches(Failing(), replace(config, batch_size=6, epochs=1), torch.device("cpu"))
+    with pytest.raises(OSError, match="cannot read image broken.jpg: truncated"):
+        next(failing)

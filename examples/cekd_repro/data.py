@@ -9,7 +9,10 @@ while its area says otherwise.
 
 from __future__ import annotations
 
+import collections
 import math
+import queue
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -351,21 +354,113 @@ def load_data(config: RunConfig):
     return Augmented(train, train_transform), Augmented(test, test_transform), classes, IMAGENET_MEAN, IMAGENET_STD
 
 
-def make_loader(
-    dataset, config: RunConfig, train: bool, device: torch.device, rank: int = 0, world: int = 1
-) -> DataLoader:
-    """A loader built once per run: persistent workers, prefetching, pinned memory for a GPU. Call
-    ``loader.sampler.set_epoch(epoch)`` before each epoch."""
-    sampler = EpochOrder(len(dataset), shuffle=train, seed=config.seed, rank=rank, world=world)
+class EpochBatches(Sampler):
+    """One rank's training batches of epochs ``start`` to ``end - 1``, back to back.
+
+    Each epoch is :class:`EpochOrder`'s (a function of the seed and the epoch only) cut into full
+    batches, the last partial one dropped. A loader over this sampler is iterated once for the whole
+    run: its workers build the next epoch's first batches while the current epoch's last ones train,
+    so no epoch starts with an empty queue. Any ``start`` gives the same batches for an epoch (resume)."""
+
+    def __init__(self, order: EpochOrder, batch_size: int, start: int, end: int) -> None:
+        self.order, self.batch_size, self.start, self.end = order, batch_size, start, end
+        self.per_epoch = len(order) // batch_size
+
+    def __len__(self) -> int:
+        return self.per_epoch * max(self.end - self.start, 0)
+
+    def __iter__(self):
+        for epoch in range(self.start, self.end):
+            self.order.set_epoch(epoch)
+            items = list(self.order)
+            for first in range(0, self.per_epoch * self.batch_size, self.batch_size):
+                yield items[first : first + self.batch_size]
+
+
+def _loader(dataset, config: RunConfig, device: torch.device, persistent: bool, **sampling) -> DataLoader:
     workers = config.workers
     return DataLoader(
         dataset,
-        config.batch_size,
-        sampler=sampler,
         num_workers=workers,
-        drop_last=train,
         pin_memory=device.type == "cuda",
-        persistent_workers=workers > 0,
+        persistent_workers=persistent and workers > 0,
         prefetch_factor=PREFETCH_BATCHES if workers > 0 else None,
-        generator=torch.Generator().manual_seed(config.seed),
-    )  # leaves the global RNG alone
+        generator=torch.Generator().manual_seed(config.seed),  # leaves the global RNG alone
+        **sampling,
+    )
+
+
+def train_loader(
+    dataset, config: RunConfig, device: torch.device, start_epoch: int = 0, rank: int = 0, world: int = 1
+) -> DataLoader:
+    """The training batches of every remaining epoch (:class:`EpochBatches`), iterated once for the run:
+    prefetching, pinned memory for a GPU. ``loader.batch_sampler.per_epoch`` batches make an epoch."""
+    order = EpochOrder(len(dataset), shuffle=True, seed=config.seed, rank=rank, world=world)
+    batches = EpochBatches(order, config.batch_size, start_epoch, config.epochs)
+    return _loader(dataset, config, device, persistent=False, batch_sampler=batches)
+
+
+class ReceivedInBackground:
+    """A loader's batches received from its workers by a background thread, so that the main thread (the
+    one that launches a GPU's kernels) only takes them from a queue and never frees their shared memory.
+
+    With pinned memory (CUDA runs) the DataLoader's own pin-memory thread does this already; this does the
+    same for loaders without it. Iterate it once; the thread stops at the end of the loader or when this
+    object is garbage-collected."""
+
+    _END = object()
+
+    def __init__(self, loader: DataLoader, depth: int = 2) -> None:
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._receive, args=(loader,), daemon=True)
+        self._thread.start()
+
+    def _receive(self, loader: DataLoader) -> None:
+        # The thread keeps the last few batches it handed out and lets go of the oldest: a batch the main
+        # thread has finished with is then freed here (its shared memory unmapped), not on the main thread.
+        handed: collections.deque = collections.deque(maxlen=self._queue.maxsize + 2)
+        try:
+            for batch in loader:
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(batch, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self._stop.is_set():
+                    return
+                handed.append(batch)
+                del batch
+            self._queue.put(self._END)
+        except BaseException as error:  # handed to the main thread, raised there
+            self._queue.put(error)
+
+    def __iter__(self) -> ReceivedInBackground:
+        return self
+
+    def __next__(self):
+        item = self._queue.get()
+        if item is self._END:
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def __del__(self) -> None:
+        self._stop.set()
+
+
+def train_batches(
+    dataset, config: RunConfig, device: torch.device, start_epoch: int = 0, rank: int = 0, world: int = 1
+):
+    """The run's stream of training batches: :func:`train_loader`, received in a background thread when the
+    loader has workers and no pin-memory thread of its own."""
+    loader = train_loader(dataset, config, device, start_epoch, rank, world)
+    return ReceivedInBackground(loader) if loader.num_workers > 0 and not loader.pin_memory else iter(loader)
+
+
+def test_loader(dataset, config: RunConfig, device: torch.device, rank: int = 0, world: int = 1) -> DataLoader:
+    """The test batches, in order; built once per run with persistent workers and iterated every epoch."""
+    order = EpochOrder(len(dataset), shuffle=False, seed=config.seed, rank=rank, world=world)
+    return _loader(dataset, config, device, persistent=True, sampler=order, batch_size=config.batch_size)

@@ -8,10 +8,12 @@ epoch's device sums into its metrics record (or stops a diverged run).
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +34,7 @@ from cekd_losses import (
 
 from .checkpoints import load_checkpoint, save_checkpoint, write_atomic
 from .config import RunConfig
-from .data import load_data, make_loader
+from .data import load_data, test_loader, train_batches
 from .device import Placement, distributed_ranks, run_device
 from .models import build_model, head_parameters
 from .rundir import append_record, prepare_run_dir, write_run_files
@@ -234,23 +236,26 @@ def train(config: RunConfig, run_dir: str | Path, resume: bool = False) -> dict:
     log = Log(rank == 0 and not config.quiet)
     log.line(describe_run(config, run_dir, len(train_set), len(test_set), num_classes))
     place = Placement(device, mean, std, config.channels_last, config.amp)
-    train_loader = make_loader(train_set, config, True, device, rank, world)
-    test_loader = make_loader(test_set, config, False, device, rank, world)
-    if len(train_loader) == 0:
+    per_rank = -(-len(train_set) // world)
+    steps_per_epoch = per_rank // config.batch_size
+    if steps_per_epoch == 0:
         raise ValueError(
-            f"--batch-size {config.batch_size} is larger than this rank's {len(train_loader.sampler)} "
+            f"--batch-size {config.batch_size} is larger than this rank's {per_rank} "
             "training images: no full batch to train on"
         )
-    run = build_run(config, num_classes, place, len(train_loader), rank, world)
+    run = build_run(config, num_classes, place, steps_per_epoch, rank, world)
     checkpoint = run_dir / "checkpoint.pt"
     start_epoch, history = load_checkpoint(run, checkpoint) if resume and checkpoint.exists() else (0, [])
     if rank == 0:
         write_run_files(run_dir, config, history)
+    batches = train_batches(train_set, config, device, start_epoch, rank, world)  # every epoch, one stream
+    tests = test_loader(test_set, config, device, rank, world)
 
     for epoch in log.bar(range(start_epoch, config.epochs), desc="epochs", initial=start_epoch, total=config.epochs):
-        train_loader.sampler.set_epoch(epoch)
-        totals = train_one_epoch(run, train_loader, epoch, config.epochs, log)
-        top1 = evaluate(run.model, test_loader, place, world, run.ensemble)
+        totals = train_one_epoch(
+            run, itertools.islice(batches, steps_per_epoch), steps_per_epoch, epoch, config.epochs, log
+        )
+        top1 = evaluate(run.model, tests, place, world, run.ensemble)
         record = record_epoch(run, totals, top1, epoch, config, rank, world, run_dir)
         history.append(record)
         if rank == 0:
@@ -277,13 +282,15 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed)
 
 
-def train_one_epoch(run: Run, loader: DataLoader, epoch: int, epochs: int, log: Log) -> EpochTotals:
-    """One pass over ``loader`` (its sampler already set to ``epoch``): a step per batch, the sums kept on
-    the device."""
+def train_one_epoch(
+    run: Run, batches: Iterable[tuple[Tensor, Tensor]], steps: int, epoch: int, epochs: int, log: Log
+) -> EpochTotals:
+    """One epoch: a step on each of the ``steps`` host ``batches`` (images, labels), the sums kept on the
+    device."""
     run.model.train()
     started = time.perf_counter()
     totals: EpochTotals | None = None
-    for images, labels in log.bar(loader, desc=f"epoch {epoch + 1}"):
+    for images, labels in log.bar(batches, desc=f"epoch {epoch + 1}", total=steps):
         parts = run_step(run, *run.place.batch(images, labels))
         values = torch.stack(list(parts.values()))
         finite = torch.isfinite(values)
@@ -298,7 +305,7 @@ def train_one_epoch(run: Run, loader: DataLoader, epoch: int, epochs: int, log: 
         totals.steps += 1
         totals.seen += labels.shape[0]
         log.progress(
-            f"  epoch {epoch + 1}/{epochs}: {totals.steps}/{len(loader)} batches, {time.perf_counter() - started:.0f} s"
+            f"  epoch {epoch + 1}/{epochs}: {totals.steps}/{steps} batches, {time.perf_counter() - started:.0f} s"
         )
     assert totals is not None, "the loader yields at least one batch (checked when it is built)"
     totals.train_s = time.perf_counter() - started

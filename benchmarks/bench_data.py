@@ -4,8 +4,9 @@ Writes a CUB-like ImageFolder of JPEG files (300-600 px sides, textured, quality
 directory, then in one run:
 
 1. loader alone, images/s in steady state (the second epoch), for each worker count: this engine's
-   loader (PIL decode, resize, crop and flip, uint8 tensors, persistent workers, prefetching) against
-   the previous pipeline (float32 ``ToTensor`` on the workers, workers re-spawned every epoch);
+   loader reading the decode-once cache (crop and flip only), the same loader decoding every image
+   (PIL decode, resize, crop and flip, uint8 tensors), and the previous pipeline (float32 ``ToTensor``
+   on the workers, workers re-spawned every epoch);
 2. with ``--step`` (default on CUDA): the paper preset's CEKD step (2 members, SnapMix, the run's
    ``run_step``) fed by the loader, against the same step on one in-memory batch; the ratio is the
    share of the in-memory step rate the loader sustains (goal on a GPU: >= 0.95).
@@ -94,6 +95,10 @@ def previous_loader(config: RunConfig, epoch: int) -> DataLoader:
     )
 
 
+def quiet(line: str) -> None:
+    """The cache's lines (built, reused) are not part of the figures."""
+
+
 def loader_rate(config: RunConfig, previous: bool) -> float:
     """Images/s of the second epoch (steady state) of the loader alone."""
     if previous:
@@ -104,7 +109,7 @@ def loader_rate(config: RunConfig, previous: bool) -> float:
                 seen += images.shape[0]
             rate = seen / (time.perf_counter() - start)
         return rate
-    loader = train_loader(load_data(config)[0], replace(config, epochs=2), torch.device("cpu"))
+    loader = train_loader(load_data(config, say=quiet)[0], replace(config, epochs=2), torch.device("cpu"))
     per_epoch, seen, start = loader.batch_sampler.per_epoch, 0, 0.0
     for step, (images, _) in enumerate(loader):
         if step == per_epoch:
@@ -132,7 +137,7 @@ def simulate(config: RunConfig, step_ms: float, epochs: int, run_long: bool) -> 
     """A consumer that sleeps ``step_ms`` per batch as a GPU step would, over ``epochs`` epochs: loader
     efficiency (batches x step time / wall time), waits for a batch at epoch starts and in steady state, and
     the main thread's CPU time per batch (receiving it)."""
-    dataset = load_data(config)[0]
+    dataset = load_data(config, say=quiet)[0]
     waits, starts, cpu, freeing = [], [], [], []
     wall = time.perf_counter()
     if run_long:
@@ -174,7 +179,7 @@ def simulate(config: RunConfig, step_ms: float, epochs: int, run_long: bool) -> 
 def step_rates(config: RunConfig, steps: int) -> tuple[float, float]:
     """(images/s of the step on one in-memory batch, images/s of the step fed by the loader)."""
     device = torch.device(config.device)
-    train_set, _, classes, mean, std = load_data(config)
+    train_set, _, classes, mean, std = load_data(config, say=quiet)
     place = Placement(device, mean, std, config.channels_last, config.amp)
     loader = train_loader(train_set, replace(config, epochs=10_000), device)
     run = build_run(config, classes, place, loader.batch_sampler.per_epoch)
@@ -252,13 +257,15 @@ def main() -> None:
             channels_last=args.device.startswith("cuda"),
             device=args.device,
             quiet=True,
+            cache_dir=str(Path(folder) / "cache"),
         )
-        print("\nloader alone, images/s (second epoch)")
-        print(f"{'workers':>8} {'this engine':>12} {'previous':>10} {'ratio':>7}")
+        print("\nloader alone, images/s (second epoch); cached: decoded once (the first run builds the cache)")
+        print(f"{'workers':>8} {'cached':>10} {'decoding':>10} {'previous':>10} {'cached/decoding per worker':>28}")
         for workers in [int(w) for w in args.workers.split(",")]:
-            ours = loader_rate(replace(config, workers=workers), previous=False)
+            cached = loader_rate(replace(config, workers=workers), previous=False)
+            decoding = loader_rate(replace(config, workers=workers, no_cache=True), previous=False)
             before = loader_rate(replace(config, workers=workers), previous=True)
-            print(f"{workers:>8} {ours:>12.1f} {before:>10.1f} {ours / before:>6.2f}x")
+            print(f"{workers:>8} {cached:>10.1f} {decoding:>10.1f} {before:>10.1f} {cached / decoding:>27.1f}x")
         if args.simulate_step_ms:
             workers = max(int(w) for w in args.workers.split(","))
             print(

@@ -67,6 +67,19 @@ def parse(argv: list[str]) -> argparse.Namespace:
     add("--test-per-class", dest="test_per_class", type=int, help="synthetic: test images per class")
     add("--image-size", dest="image_size", type=int, help="synthetic: drawn size; real data: crop size")
     add("--resize", type=int, help="real data: warp to resize x resize before cropping")
+    add(
+        "--cache-dir",
+        dest="cache_dir",
+        metavar="DIR",
+        help="real data: where the decoded, resized images are kept (- : ~/.cache/cekd-losses)",
+    )
+    add(
+        "--no-cache",
+        dest="no_cache",
+        action="store_const",
+        const=True,
+        help="real data: decode every image every epoch instead of once",
+    )
     add("--arch", help="torchvision name or timm:<name>; comma-separated for one per member")
     add("--members", type=int, help="cekd: number of members")
     add("--pretrained", help="local state-dict file (never downloaded)")
@@ -109,7 +122,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
         "--resume",
         metavar="RUN_DIR",
         help="continue the run (or ablation) in RUN_DIR with its saved config; may change --epochs (multistep "
-        "schedule only), --workers, --device (same kind), --quiet, --clip-grad, --amp",
+        "schedule only), --workers, --device (same kind), --quiet, --clip-grad, --amp, --cache-dir, --no-cache",
     )
     add("--ablation", action="store_true", help="run the ablation table instead of one method")
     add("--seeds", type=int, help="ablation: seeds per method [default: 3]")

@@ -52,6 +52,8 @@ class RunConfig:
     workers: int = 0
     seed: int = 0
     device: str = "cpu"
+    cache_dir: str | None = None  # file datasets: where decoded images are kept (None: ~/.cache/cekd-losses)
+    no_cache: bool = False  # file datasets: decode every image every epoch instead
     visualize_cams: int = 0
     keep: str = "checkpoint"  # at the end: "checkpoint" (resumable) or "weights" (weights.pt only)
     quiet: bool = False
@@ -61,7 +63,7 @@ class RunConfig:
         synthetic = self.dataset == "synthetic"
         if name in ("classes", "train_per_class", "test_per_class"):
             return synthetic
-        if name in ("data_root", "resize"):
+        if name in ("data_root", "resize", "cache_dir", "no_cache"):
             return not synthetic
         if name in CEKD_OPTIONS:
             return self.method == "cekd"

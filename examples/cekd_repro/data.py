@@ -13,6 +13,7 @@ import collections
 import math
 import queue
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -335,8 +336,11 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 PREFETCH_BATCHES = 4  # per loader worker
 
 
-def load_data(config: RunConfig):
-    """(train set, test set, num classes, normalisation mean, std); items are (uint8 image, label)."""
+def load_data(config: RunConfig, rank: int = 0, world: int = 1, say: Callable[[str], None] = print):
+    """(train set, test set, num classes, normalisation mean, std); items are (uint8 image, label).
+
+    File datasets are decoded and resized once into the cache (:mod:`cekd_repro.cache`; rank 0 builds it,
+    the other ranks wait and read it) and cropped and flipped from there, unless ``config.no_cache``."""
     if config.dataset == "synthetic":
         spec = SyntheticSpec(
             config.classes, config.train_per_class, config.test_per_class, config.image_size, config.seed
@@ -346,12 +350,33 @@ def load_data(config: RunConfig):
     import torchvision.transforms as T
 
     train, test, classes = file_splits(config.dataset, config.data_root)
-    warp = (config.resize, config.resize)
-    train_transform = T.Compose(
-        [T.Resize(warp), T.RandomCrop(config.image_size), T.RandomHorizontalFlip(), T.PILToTensor()]
-    )
-    test_transform = T.Compose([T.Resize(warp), T.CenterCrop(config.image_size), T.PILToTensor()])
-    return Augmented(train, train_transform), Augmented(test, test_transform), classes, IMAGENET_MEAN, IMAGENET_STD
+    warp = T.Resize((config.resize, config.resize))
+    crop_and_flip = [T.RandomCrop(config.image_size), T.RandomHorizontalFlip()]
+    centre = T.CenterCrop(config.image_size)
+    splits = []
+    for files, random in ((train, True), (test, False)):
+        decoded = None if config.no_cache else _decoded_once(files, config, rank, world, say)
+        if decoded is not None:  # the same pixels as decoding: crop and flip commute with PILToTensor
+            splits.append(Augmented(decoded, T.Compose(crop_and_flip) if random else centre))
+        else:
+            steps = [warp, *(crop_and_flip if random else [centre]), T.PILToTensor()]
+            splits.append(Augmented(files, T.Compose(steps)))
+    return splits[0], splits[1], classes, IMAGENET_MEAN, IMAGENET_STD
+
+
+def _decoded_once(files: FileImages, config: RunConfig, rank: int, world: int, say: Callable[[str], None]):
+    from .cache import cached_images, default_cache_dir
+
+    cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
+    arguments = (files, files.paths, files.labels, config.resize, cache_dir, config.workers)
+    decoded = cached_images(*arguments, build=rank == 0, say=say)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()  # rank 0 has built it (or could not)
+        if rank != 0:
+            decoded = cached_images(*arguments, build=False, say=lambda line: None)
+    return decoded
 
 
 class EpochBatches(Sampler):

@@ -232,8 +232,8 @@ def train(config: RunConfig, run_dir: str | Path, resume: bool = False) -> dict:
     device = run_device(config.device, local_rank)
     seed_everything(config.seed)
 
-    train_set, test_set, num_classes, mean, std = load_data(config)
     log = Log(rank == 0 and not config.quiet)
+    train_set, test_set, num_classes, mean, std = load_data(config, rank, world, log.line)
     log.line(describe_run(config, run_dir, len(train_set), len(test_set), num_classes))
     place = Placement(device, mean, std, config.channels_last, config.amp)
     per_rank = -(-len(train_set) // world)

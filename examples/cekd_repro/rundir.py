@@ -15,8 +15,9 @@ class RunDirExists(FileExistsError):
 
 
 RUN_FILES = {"config.json", "metrics.jsonl", "checkpoint.pt", "checkpoint.pt.partial", "cams.png"}
-# what --resume may change; the rest is the run. --clip-grad and --amp let a diverged run go on from its last good epoch
-RESUME_CHANGES = ("epochs", "workers", "device", "quiet", "clip_grad", "amp")
+# what --resume may change; the rest is the run. --clip-grad and --amp let a diverged run go on from its last
+# good epoch; the cache gives the same pixels as decoding
+RESUME_CHANGES = ("epochs", "workers", "device", "quiet", "clip_grad", "amp", "cache_dir", "no_cache")
 # (--device only within its kind: cuda:0 -> cuda:1, not cuda -> cpu)
 
 

@@ -273,13 +273,20 @@ def main() -> None:
                 f"{args.images // args.batch} batches"
             )
             print(
-                f"{'loader':>22} {'efficiency':>10} {'epoch-start wait ms':>20} {'steady worst / median ms':>25} "
+                f"{'loader':>30} {'efficiency':>10} {'epoch-start wait ms':>20} {'steady worst / median ms':>25} "
                 f"{'main-thread CPU ms/batch (receive, release)':>44}"
             )
-            for name, run_long in (("one stream (this)", True), ("per-epoch (previous)", False)):
-                r = simulate(replace(config, workers=workers), args.simulate_step_ms, args.epochs, run_long)
+            rows = (
+                ("one stream, cached (this)", True, False),
+                ("one stream, decoding", True, True),
+                ("per-epoch, decoding (previous)", False, True),
+            )
+            for name, run_long, no_cache in rows:
+                r = simulate(
+                    replace(config, workers=workers, no_cache=no_cache), args.simulate_step_ms, args.epochs, run_long
+                )
                 print(
-                    f"{name:>22} {r['efficiency']:>10.3f} {r['epoch_start_wait_ms']:>20.1f} "
+                    f"{name:>30} {r['efficiency']:>10.3f} {r['epoch_start_wait_ms']:>20.1f} "
                     f"{r['steady_worst_ms']:>12.1f} / {r['steady_median_ms']:<10.1f} "
                     f"{r['main_cpu_ms']:>32.2f}, {r['free_cpu_ms']:.2f}"
                 )

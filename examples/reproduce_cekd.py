@@ -23,6 +23,7 @@ from cekd_repro.ablation import run_ablation
 from cekd_repro.config import METHODS, PAPER_MIX_ALPHA, PRESETS, RunConfig, preset_config
 from cekd_repro.engine import Diverged, train
 from cekd_repro.rundir import RunDirExists, resumed_config
+from cekd_repro.transfer import SOURCE_EPOCHS, SOURCE_PER_CLASS, run_transfer
 
 PAPER_FROM_SCRATCH = (
     "warning: --preset paper is the fine-tuning recipe of the paper (ImageNet-pretrained members, lr 0.001/0.01, "
@@ -60,7 +61,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     add("--preset", choices=sorted(PRESETS), help="base values of every option below [default: quick]")
     add("--method", choices=METHODS)
     add("--mix", choices=["cutmix", "snapmix", "mixup"], help="cekd's mixing augmentation")
-    add("--dataset", choices=["synthetic", "cub", "cars", "aircraft", "imagefolder"])
+    add("--dataset", choices=["synthetic", "synthetic-source", "cub", "cars", "aircraft", "imagefolder"])
     add("--data-root", dest="data_root", help="real datasets: their folder in its native layout")
     add("--classes", type=int, help="synthetic: number of classes (colours x orientations)")
     add("--train-per-class", dest="train_per_class", type=int, help="synthetic: training images per class")
@@ -125,6 +126,14 @@ def parse(argv: list[str]) -> argparse.Namespace:
         "schedule only), --workers, --device (same kind), --quiet, --clip-grad, --amp, --cache-dir, --no-cache",
     )
     add("--ablation", action="store_true", help="run the ablation table instead of one method")
+    add(
+        "--transfer",
+        action="store_true",
+        help="the transfer proxy: pretrain on the synthetic source task (once, reused), then fine-tune every "
+        "method of the table on the target (use with --preset transfer)",
+    )
+    add("--source-per-class", dest="source_per_class", type=int, help="--transfer: source images per class [200]")
+    add("--source-epochs", dest="source_epochs", type=int, help="--transfer: pretraining epochs [15]")
     add("--seeds", type=int, help="ablation: seeds per method [default: 3]")
     return parser.parse_args(argv)
 
@@ -171,6 +180,18 @@ def main(argv: list[str] | None = None) -> int:
         seeds = 3 if args.seeds is None else args.seeds
         if seeds < 1:
             raise ValueError(f"--seeds must be >= 1, got {seeds}")
+        if args.transfer:
+            if args.resume:
+                out = Path(args.resume)
+                table = run_transfer(None, None, out, resume=True)
+            else:
+                out = Path(args.run_dir or f"runs/transfer-{time.strftime('%Y%m%d-%H%M%S')}")
+                table = run_transfer(
+                    config, seeds, out, args.source_per_class or SOURCE_PER_CLASS, args.source_epochs or SOURCE_EPOCHS
+                )
+            print(table)
+            print(f"results in {out} ({time.time() - start:.0f} s)")
+            return 0
         if args.ablation:
             if args.resume:
                 out = Path(args.resume)

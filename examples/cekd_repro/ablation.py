@@ -24,6 +24,8 @@ ABLATION = [
     ("cekd+snapmix w/o ensemble", {"method": "cekd", "mix": "snapmix", "no_ensemble": True}),
     ("cekd+snapmix", {"method": "cekd", "mix": "snapmix"}),
 ]
+# the transfer table adds MixUp (the paper compares it too)
+ALL_ROWS = [*ABLATION[:1], ("mixup", {"method": "mixup"}), *ABLATION[1:]]
 COLUMNS = ("member0", "member1", "ensemble")
 
 
@@ -41,9 +43,15 @@ def _cell(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {spread:.2f}"
 
 
-def run_ablation(base: RunConfig | None, seeds: int | None, out_dir: Path, resume_changes: dict | None = None) -> str:
-    """Train every variant for every seed under ``out_dir``; write results.csv, results.md and curves.png;
-    return the table.
+def run_ablation(
+    base: RunConfig | None,
+    seeds: int | None,
+    out_dir: Path,
+    resume_changes: dict | None = None,
+    variants: list[tuple[str, dict]] = ABLATION,
+) -> str:
+    """Train every variant (``variants``: the rows of the table, :data:`ABLATION` by default) for every seed
+    under ``out_dir``; write results.csv, results.md and curves.png; return the table.
 
     A new ablation (``base`` and ``seeds`` given) saves them to ``ablation.json`` in ``out_dir``, which
     must not hold an ablation yet. To resume, pass ``base=seeds=None`` and the ``resume_changes``
@@ -57,14 +65,18 @@ def run_ablation(base: RunConfig | None, seeds: int | None, out_dir: Path, resum
                 "or choose another --run-dir"
             )
         out_dir.mkdir(parents=True, exist_ok=True)
-        plan.write_text(json.dumps({"seeds": seeds, "base": asdict(base)}, indent=2))
+        plan.write_text(
+            json.dumps({"seeds": seeds, "base": asdict(base), "rows": [name for name, _ in variants]}, indent=2)
+        )
     else:
         if not plan.exists():
             raise ValueError(f"--resume {out_dir}: no ablation there (no ablation.json)")
         saved = json.loads(plan.read_text())
         seeds, base = saved["seeds"], apply_resume_changes(RunConfig(**saved["base"]), resume_changes, plan)
+        known = dict(ALL_ROWS)
+        variants = [(name, known[name]) for name in saved.get("rows", [name for name, _ in ABLATION])]
     rows, curves = [], {}
-    for name, overrides in ABLATION:
+    for name, overrides in variants:
         for seed in range(seeds):
             config = replace(base, seed=base.seed + seed, **overrides)
             run_dir = out_dir / f"{name.replace(' ', '_').replace('/', '').replace('+', '-')}-seed{config.seed}"
@@ -88,7 +100,7 @@ def run_ablation(base: RunConfig | None, seeds: int | None, out_dir: Path, resum
         writer.writerows(rows)
     header = "| method | " + " | ".join(COLUMNS) + " |\n|---|" + "---|" * len(COLUMNS) + "\n"
     lines = []
-    for name, _ in ABLATION:
+    for name, _ in variants:
         cells = [_cell([r["top1"] for r in rows if r["method"] == name and r["model"] == column]) for column in COLUMNS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     table = header + "\n".join(lines) + "\n"

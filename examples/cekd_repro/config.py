@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass, field, replace
 from .device import run_device
 
 METHODS = ("baseline", "mixup", "cutmix", "snapmix", "cekd")
+# drawn in memory: the target task, and the transfer proxy's source task (the classes the target does not use)
+SYNTHETIC = ("synthetic", "synthetic-source")
 CEKD_OPTIONS = ("mix", "members", "temperature", "alpha", "beta", "combine", "rampup_epochs", "no_cross", "no_ensemble")
 MIXING_OPTIONS = ("mix_alpha", "mix_p", "same_on_batch")
 
@@ -60,7 +62,7 @@ class RunConfig:
 
     def applies(self, name: str) -> bool:
         """Whether the option ``name`` takes part in this run (config.json records only those)."""
-        synthetic = self.dataset == "synthetic"
+        synthetic = self.dataset in SYNTHETIC
         if name in ("classes", "train_per_class", "test_per_class"):
             return synthetic
         if name in ("data_root", "resize", "cache_dir", "no_cache"):
@@ -129,7 +131,7 @@ class RunConfig:
                 raise ValueError(f"{flag} must be > 0, got {value}")
         if not 0 <= self.mix_p <= 1:
             raise ValueError(f"--mix-p must be in [0, 1], got {self.mix_p}")
-        if self.dataset != "synthetic" and self.image_size > self.resize:
+        if self.dataset not in SYNTHETIC and self.image_size > self.resize:
             raise ValueError(
                 f"--image-size {self.image_size} must be <= --resize {self.resize} (images are cropped "
                 "from the resized image)"
@@ -177,17 +179,39 @@ PRESETS = {
         "rampup_epochs": 0,
         "workers": 8,
     },
+    # The transfer proxy's target (--transfer): the paper's fine-tuning recipe (lr split 0.001 / 0.01, every
+    # batch mixed with one draw, no ramp-up, no clipping) on the synthetic set with few images per class,
+    # its 200-epoch schedule scaled to 30 epochs (milestones at 40%, 75% and 90%).
+    "transfer": {
+        "dataset": "synthetic",
+        "classes": 12,
+        "train_per_class": 20,
+        "test_per_class": 40,
+        "image_size": 64,
+        "arch": "resnet18",
+        "batch_size": 16,
+        "epochs": 30,
+        "lr": 0.001,
+        "head_lr": 0.01,
+        "momentum": 0.9,
+        "weight_decay": 1e-4,
+        "schedule": "multistep",
+        "milestones": [12, 22, 27],
+        "mix_p": 1.0,
+        "same_on_batch": True,
+        "rampup_epochs": 0,
+    },
 }
 # the paper preset's Beta parameter of each mixing, as the SnapMix code base
 PAPER_MIX_ALPHA = {"snapmix": 5.0, "cutmix": 3.0, "mixup": 1.0}
 
 
 def preset_config(preset: str, given: dict) -> RunConfig:
-    """The run of ``preset`` with the options ``given`` on the command line; the paper preset takes the
-    mixing's own Beta parameter unless ``mix_alpha`` is given."""
+    """The run of ``preset`` with the options ``given`` on the command line; the paper and transfer presets
+    take the mixing's own Beta parameter unless ``mix_alpha`` is given."""
     config = replace(RunConfig(), **{**PRESETS[preset], **given})
-    if preset == "paper" and "mix_alpha" not in given and config.mixer_method is not None:
+    if preset in ("paper", "transfer") and "mix_alpha" not in given and config.mixer_method is not None:
         config = replace(config, mix_alpha=PAPER_MIX_ALPHA[config.mixer_method])
-    if config.dataset != "synthetic" and not config.data_root:
+    if config.dataset not in SYNTHETIC and not config.data_root:
         raise ValueError(f"--dataset {config.dataset} needs --data-root")
     return config

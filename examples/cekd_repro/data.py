@@ -34,6 +34,7 @@ MARK_COLOURS = [
     (0.0, 0.9, 0.9),
 ]
 STRIPE_ANGLES = [0, 60, 120, 30, 90, 150]  # degrees; no horizontal flips are used on this set
+SOURCE_SEED_OFFSET = 1_000  # the source task's images are drawn from seeds apart from the target's
 EPOCH_SEED_STRIDE = 1_000_003  # a prime: the order of epoch e of seed s is drawn from seed s * stride + e
 
 
@@ -205,6 +206,30 @@ def synthetic_splits(spec: SyntheticSpec) -> tuple[TensorImages, TensorImages, i
     return splits[0], splits[1], spec.num_classes
 
 
+def source_pairs(spec: SyntheticSpec) -> list[int]:
+    """The transfer proxy's source classes: every (head colour, stripe orientation) pair of the full
+    6 x 6 grid that the target task of ``spec.num_classes`` classes does not use, as labels of the grid
+    (colour + 6 x orientation). Disjoint from the target's classes, drawn the same way: the low-level
+    statistics are shared, the classes are not (12 target classes leave 24 source classes)."""
+    colours, orientations = spec.factors()
+    grid = len(MARK_COLOURS)
+    return [c + grid * a for a in range(len(STRIPE_ANGLES)) for c in range(grid) if c >= colours or a >= orientations]
+
+
+def source_splits(spec: SyntheticSpec) -> tuple[TensorImages, TensorImages, int]:
+    """(train, test, num_classes) of the source task (:func:`source_pairs`), ``spec.train_per_class`` and
+    ``spec.test_per_class`` images per class, deterministic for ``spec.seed`` (drawn apart from the target)."""
+    pairs = torch.tensor(source_pairs(spec))
+    splits = []
+    for offset, per_class in ((0, spec.train_per_class), (1, spec.test_per_class)):
+        generator = torch.Generator().manual_seed(spec.seed * 2 + offset + SOURCE_SEED_OFFSET)
+        labels = torch.arange(len(pairs)).repeat_interleave(per_class)
+        labels = labels[torch.randperm(labels.numel(), generator=generator)]
+        images = draw_birds(pairs[labels], spec.size, len(MARK_COLOURS), generator, spec.decoys)
+        splits.append(TensorImages((images * 255).round().to(torch.uint8), labels))
+    return splits[0], splits[1], len(pairs)
+
+
 # ---------------------------------------------------------------- real datasets in their native layouts
 
 LAYOUTS = {
@@ -341,11 +366,11 @@ def load_data(config: RunConfig, rank: int = 0, world: int = 1, say: Callable[[s
 
     File datasets are decoded and resized once into the cache (:mod:`cekd_repro.cache`; rank 0 builds it,
     the other ranks wait and read it) and cropped and flipped from there, unless ``config.no_cache``."""
-    if config.dataset == "synthetic":
+    if config.dataset in ("synthetic", "synthetic-source"):
         spec = SyntheticSpec(
             config.classes, config.train_per_class, config.test_per_class, config.image_size, config.seed
         )
-        train, test, classes = synthetic_splits(spec)
+        train, test, classes = (synthetic_splits if config.dataset == "synthetic" else source_splits)(spec)
         return Augmented(train, shift_crop), Augmented(test), classes, (0.5,) * 3, (0.25,) * 3
     import torchvision.transforms as T
 

@@ -198,7 +198,7 @@ def describe_run(config: RunConfig, run_dir: Path, train_size: int, test_size: i
     archs = config.archs()
     models = f"{len(archs)} x {archs[0]}" if len(set(archs)) == 1 else " + ".join(archs)
     what = {"baseline": "baseline (no mixing)", "cekd": f"cekd over {config.mix}"}.get(config.method, config.method)
-    data = "synthetic" if config.dataset == "synthetic" else f"{config.dataset} ({config.data_root})"
+    data = config.dataset if config.data_root is None else f"{config.dataset} ({config.data_root})"
     return (
         f"training {what}: {models}, {data} {num_classes} classes, {train_size} train / {test_size} test images "
         f"at {config.image_size} px, {config.device}, {config.epochs} epochs of batch {config.batch_size} "

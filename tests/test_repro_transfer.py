@@ -1,0 +1,44 @@
+"""Specifications of the transfer proxy: a source task disjoint from the target, pretraining once, fine-tuning."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from repro_helpers import TINY
+
+from cekd_repro import transfer
+from cekd_repro.data import SyntheticSpec, source_pairs, source_splits, synthetic_splits
+from cekd_repro.device import Placement
+from cekd_repro.engine import build_run
+
+
+def test_source_classes_are_the_grid_pairs_the_target_does_not_use():
+    spec = SyntheticSpec(num_classes=12, train_per_class=3, test_per_class=2, size=32)
+    pairs = source_pairs(spec)
+    target = {colour + 6 * angle for angle in range(3) for colour in range(4)}  # 4 colours x 3 orientations
+    assert len(pairs) == 24 and target.isdisjoint(pairs) and set(pairs) | target == set(range(36))
+    train, test, classes = source_splits(spec)
+    assert classes == 24 and len(train) == 72 and len(test) == 48
+    assert not torch.equal(train.images[:3], synthetic_splits(spec)[0].images[:3])  # drawn apart from the target
+
+
+def test_pretraining_once_then_fine_tuning_from_it(tmp_path):
+    base = replace(TINY, method="cekd", lr=0.001, head_lr=0.01, schedule="multistep", milestones=[9])
+    weights = transfer.pretrained_weights(base, tmp_path, per_class=4, epochs=1)
+    source = torch.load(weights, weights_only=True)  # an ordinary state-dict file
+    assert source["fc.weight"].shape == (32, 512)  # 4 target classes (2 x 2) leave 32 source classes
+    stamp = weights.stat().st_mtime_ns
+    assert transfer.pretrained_weights(base, tmp_path, per_class=4, epochs=1) == weights  # reused, not retrained
+    assert weights.stat().st_mtime_ns == stamp
+
+    place = Placement(torch.device("cpu"), (0.5,) * 3, (0.25,) * 3)
+    run = build_run(replace(base, pretrained=str(weights)), 4, place, steps_per_epoch=1)
+    for member in run.members:  # every member starts from the source weights, with a new head
+        assert torch.equal(member.conv1.weight, source["conv1.weight"])
+        assert torch.equal(member.layer4[1].bn2.running_var, source["layer4.1.bn2.running_var"])
+        assert member.fc.weight.shape == (4, 512)
+    backbone, head = run.optimizer.param_groups
+    assert (backbone["lr"], head["lr"]) == (0.001, 0.01)  # the paper's split: the new head learns 10x faster
+    heads = {id(p) for member in run.members for p in member.fc.parameters()}
+    assert {id(p) for p in head["params"]} == heads

@@ -180,25 +180,22 @@ def main(argv: list[str] | None = None) -> int:
         seeds = 3 if args.seeds is None else args.seeds
         if seeds < 1:
             raise ValueError(f"--seeds must be >= 1, got {seeds}")
-        if args.transfer:
-            if args.resume:
-                out = Path(args.resume)
-                table = run_transfer(None, None, out, resume=True)
-            else:
-                out = Path(args.run_dir or f"runs/transfer-{time.strftime('%Y%m%d-%H%M%S')}")
-                table = run_transfer(
-                    config, seeds, out, args.source_per_class or SOURCE_PER_CLASS, args.source_epochs or SOURCE_EPOCHS
+        if args.transfer or args.ablation:  # a table of runs
+            kind = "transfer" if args.transfer else "ablation"
+            out = Path(args.resume or args.run_dir or f"runs/{kind}-{time.strftime('%Y%m%d-%H%M%S')}")
+            if args.transfer:
+                source = (args.source_per_class or SOURCE_PER_CLASS, args.source_epochs or SOURCE_EPOCHS)
+                table = (
+                    run_transfer(None, None, out, resume=True)
+                    if args.resume
+                    else run_transfer(config, seeds, out, *source)
                 )
-            print(table)
-            print(f"results in {out} ({time.time() - start:.0f} s)")
-            return 0
-        if args.ablation:
-            if args.resume:
-                out = Path(args.resume)
-                table = run_ablation(None, None, out, resume_changes=changes)
             else:
-                out = Path(args.run_dir or f"runs/ablation-{time.strftime('%Y%m%d-%H%M%S')}")
-                table = run_ablation(config, seeds, out)
+                table = (
+                    run_ablation(None, None, out, resume_changes=changes)
+                    if args.resume
+                    else run_ablation(config, seeds, out)
+                )
             print(table)
             print(f"results in {out} ({time.time() - start:.0f} s)")
             return 0

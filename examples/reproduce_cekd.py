@@ -37,8 +37,8 @@ def _default(name: str) -> str:
     """The effective default of a RunConfig field under each preset, for --help."""
     base = RunConfig()
     values = {preset: PRESETS[preset].get(name, getattr(base, name)) for preset in PRESETS}
-    if name == "mix_alpha":
-        values["paper"] = ", ".join(f"{v:g} {k}" for k, v in PAPER_MIX_ALPHA.items())
+    if name == "mix_alpha":  # the paper and transfer presets take each mixing's own
+        values["paper"] = values["transfer"] = ", ".join(f"{v:g} {k}" for k, v in PAPER_MIX_ALPHA.items())
     shown = {k: ("-" if v is None else f"{v:g}" if isinstance(v, float) else str(v)) for k, v in values.items()}
     if len(set(shown.values())) == 1:
         return f"default: {shown['quick']}"

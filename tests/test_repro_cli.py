@@ -138,10 +138,10 @@ def test_cli_help_shows_each_presets_defaults(capsys):
     with pytest.raises(SystemExit):
         cli_module.parse(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "[quick: 0.1; paper: 0.001]" in text  # --lr
-    assert "[quick: 5; paper: -]" in text  # --clip-grad
-    assert "[quick: resnet18; paper: resnet50]" in text and "[default: 3]" in text
-    assert "paper: 5 snapmix, 3 cutmix, 1 mixup" in text
+    assert "[quick: 0.1; paper: 0.001; transfer: 0.001]" in text  # --lr
+    assert "[quick: 5; paper: -; transfer: -]" in text  # --clip-grad
+    assert "[quick: resnet18; paper: resnet50; transfer: resnet18]" in text and "[default: 3]" in text
+    assert "paper: 5 snapmix, 3 cutmix, 1 mixup; transfer: 5 snapmix, 3 cutmix, 1 mixup" in text
 
 
 def test_cli_bad_choice(tmp_path):
@@ -185,6 +185,14 @@ def test_presets_and_explicit_arguments():
     assert config("--preset", "paper", "--dataset", "cub", "--data-root", "x", "--method", "cutmix").mix_alpha == 3.0
     assert config("--preset", "paper", "--dataset", "cub", "--data-root", "x", "--mix-alpha", "2").mix_alpha == 2.0
     assert config("--epochs", "3", "--no-cross").epochs == 3 and config("--no-cross").no_cross
+    transfer = config("--preset", "transfer", "--mix", "snapmix")  # the paper's recipe on the synthetic target
+    assert (transfer.dataset, transfer.train_per_class, transfer.epochs, transfer.milestones) == (
+        "synthetic",
+        20,
+        30,
+        [12, 22, 27],
+    )
+    assert (transfer.lr, transfer.head_lr, transfer.mix_p, transfer.mix_alpha) == (0.001, 0.01, 1.0, 5.0)
 
 
 def test_cli_divergence_is_one_line_and_a_failure(tmp_path):

@@ -59,6 +59,10 @@ def _ddp_worker(rank: int, world_size: int, init_file: str, results: str) -> Non
     if rank == 0:
         torch.save({"gathered": gathered, "initial": initial}, results)
     dist.destroy_process_group()
+    # Seen once in a full CI run: a spawned rank aborted in interpreter teardown ("terminate called without an
+    # active exception", a C++ thread still joinable at exit) after all of the above had finished. The results
+    # are on disk and checked by the parent; leave without the teardown.
+    os._exit(0)
 
 
 def test_ddp_two_cpu_processes_keep_identical_parameters(tmp_path):

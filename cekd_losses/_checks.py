@@ -34,12 +34,15 @@ def check_tensor(name: str, value: object) -> Tensor:
 def check_shape(name: str, value: object, expected: Sequence[int | str]) -> Tensor:
     """Check ``value`` has ``len(expected)`` dims; int entries must match exactly, str entries are labels."""
     tensor = check_tensor(name, value)
+    shape = tensor.shape
+    if len(shape) == len(expected):
+        for size, wanted_size in zip(shape, expected, strict=True):
+            if isinstance(wanted_size, int) and size != wanted_size:
+                break
+        else:
+            return tensor
     wanted = "(" + ", ".join(str(e) for e in expected) + ("," if len(expected) == 1 else "") + ")"
-    if tensor.ndim != len(expected) or any(
-        isinstance(e, int) and s != e for s, e in zip(tensor.shape, expected, strict=True)
-    ):
-        raise ValueError(f"`{name}` must have shape {wanted}, got shape {tuple(tensor.shape)}")
-    return tensor
+    raise ValueError(f"`{name}` must have shape {wanted}, got shape {tuple(shape)}")
 
 
 def check_floating(name: str, value: Tensor) -> Tensor:
@@ -148,9 +151,15 @@ def check_boxes(name: str, value: object, batch: int, height: int, width: int) -
     return boxes
 
 
+def autocast_on(device: torch.device) -> bool:
+    """Whether autocast is on for ``device`` (CPU and CUDA; other devices have none to turn off)."""
+    kind = device.type
+    return (kind == "cpu" or kind == "cuda") and torch.is_autocast_enabled(kind)
+
+
 def without_autocast(device: torch.device) -> contextlib.AbstractContextManager[None]:
     """A region where autocast is off on ``device`` (CPU and CUDA; other devices have none to turn off)."""
-    if device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type):
+    if autocast_on(device):
         return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()
 

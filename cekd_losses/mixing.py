@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 import torch
@@ -36,7 +35,6 @@ MixMethod = Literal["mixup", "cutmix", "snapmix"]
 _METHODS = ("mixup", "cutmix", "snapmix")
 
 
-@dataclass(frozen=True)
 class MixedBatch:
     """A mixed batch and how it was made.
 
@@ -53,18 +51,49 @@ class MixedBatch:
         source_boxes: snapmix: (B, 4) int64 box of the partner that was cut out and resized into
             ``boxes``; otherwise None.
 
+    ``lam_b`` and ``applied`` are computed when first read where they follow from the rest (MixUp's
+    ``lam_b = 1 - lam_a``; a mix is applied where the partner differs and ``lam_b > 0``): a training step
+    that reads only ``images`` and ``targets`` launches no kernel for them.
+
     With ``partner``, ``lam_a`` and the boxes, the kernels replay a mix exactly on another tensor of
     the same batch (a second view, a mask): ``cutmix(other, targets, batch.partner, batch.boxes)``.
     """
 
-    images: Tensor
-    targets: Tensor
-    partner: Tensor
-    lam_a: Tensor
-    lam_b: Tensor
-    applied: Tensor
-    boxes: Tensor | None = None
-    source_boxes: Tensor | None = None
+    __slots__ = ("images", "targets", "partner", "lam_a", "boxes", "source_boxes", "_lam_b", "_applied")
+
+    def __init__(
+        self,
+        images: Tensor,
+        targets: Tensor,
+        partner: Tensor,
+        lam_a: Tensor,
+        lam_b: Tensor | None = None,
+        applied: Tensor | None = None,
+        boxes: Tensor | None = None,
+        source_boxes: Tensor | None = None,
+    ) -> None:
+        self.images, self.targets, self.partner, self.lam_a = images, targets, partner, lam_a
+        self.boxes, self.source_boxes = boxes, source_boxes
+        self._lam_b, self._applied = lam_b, applied
+
+    @property
+    def lam_b(self) -> Tensor:
+        """(B,) float32 weight of the partner's target."""
+        if self._lam_b is None:
+            self._lam_b = 1.0 - self.lam_a
+        return self._lam_b
+
+    @property
+    def applied(self) -> Tensor:
+        """(B,) bool, True where the image received content from a different image."""
+        if self._applied is None:
+            others = self.partner != torch.arange(self.partner.shape[0], device=self.partner.device)
+            self._applied = others & (self.lam_b > 0)
+        return self._applied
+
+    def __repr__(self) -> str:
+        fields = ("images", "targets", "partner", "lam_a", "lam_b", "applied", "boxes", "source_boxes")
+        return "MixedBatch(" + ", ".join(f"{name}={getattr(self, name)!r}" for name in fields) + ")"
 
 
 def _check_pairing(images: object, targets: object, partner: object) -> tuple[Tensor, Tensor, Tensor]:
@@ -86,9 +115,10 @@ def _mix_targets(targets: Tensor, partner: Tensor, lam_a: Tensor, lam_b: Tensor)
 
 
 def _blend_targets(targets: Tensor, partner: Tensor, lam_a: Tensor) -> Tensor:
-    """``lam_a * own + (1 - lam_a) * partner's`` rows (float32), exactly ``own`` where ``lam_a == 1``."""
-    own = targets.float()
-    return torch.lerp(own.index_select(0, partner), own, lam_a[:, None])
+    """``lam_a * own + (1 - lam_a) * partner's`` rows (float32), exactly ``own`` where ``lam_a == 1``;
+    ``lam_a`` a (B, 1) column."""
+    own = targets if targets.dtype == torch.float32 else targets.float()
+    return torch.lerp(own.index_select(0, partner), own, lam_a)
 
 
 # Small constant tensors (positions, sizes, resize matrices) are built once per shape and device: on a GPU
@@ -161,18 +191,16 @@ def mixup(images: Tensor, targets: Tensor, partner: Tensor, lam: Tensor) -> Mixe
     _checks.check_same_device("lam", lam, "images", images)
     if _checks.can_read_values(lam) and not bool(((lam >= 0) & (lam <= 1)).all()):
         raise ValueError(f"`lam` must be in [0, 1], got values in [{float(lam.min())}, {float(lam.max())}]")
-    return _mixup(images, targets, partner.long(), lam)
+    return _mixup(images, targets, partner.long(), lam.view(batch, 1))
 
 
 def _mixup(images: Tensor, targets: Tensor, partner: Tensor, lam: Tensor) -> MixedBatch:
-    """:func:`mixup` on checked input (``partner`` int64)."""
+    """:func:`mixup` on checked input (``partner`` int64, ``lam`` a (B, 1) column)."""
     batch = images.shape[0]
-    weight = lam.to(images.dtype)
+    weight = lam if lam.dtype == images.dtype else lam.to(images.dtype)
     mixed = torch.lerp(images.index_select(0, partner), images, weight.view(batch, 1, 1, 1))
-    lam_a = weight.float()
-    lam_b = 1.0 - lam_a
-    applied = torch.logical_and(partner != _positions(batch, partner.device), lam_b)
-    return MixedBatch(mixed, _blend_targets(targets, partner, lam_a), partner, lam_a, lam_b, applied)
+    lam_a = weight if weight.dtype == torch.float32 else weight.float()  # (B, 1)
+    return MixedBatch(mixed, _blend_targets(targets, partner, lam_a), partner, lam_a.view(batch))
 
 
 def cutmix(images: Tensor, targets: Tensor, partner: Tensor, boxes: Tensor) -> MixedBatch:
@@ -211,8 +239,7 @@ def _cutmix(images: Tensor, targets: Tensor, partner: Tensor, boxes: Tensor) -> 
     area = (boxes[:, 2:] - boxes[:, :2]).prod(dim=1)
     lam_b = area / (height * width)
     lam_a = 1.0 - lam_b
-    applied = torch.logical_and(partner != _positions(batch, partner.device), area)
-    return MixedBatch(mixed, _blend_targets(targets, partner, lam_a), partner, lam_a, lam_b, applied, boxes)
+    return MixedBatch(mixed, _blend_targets(targets, partner, lam_a.view(batch, 1)), partner, lam_a, lam_b, boxes=boxes)
 
 
 def _bilinear_weights(out_size: int, in_size: int, device: torch.device) -> Tensor:
@@ -378,18 +405,23 @@ def _snapmix(
     )
 
 
-def _sample_beta(alpha: float, count: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
-    """(count,) float32 draws of Beta(alpha, alpha), seeded by ``generator``.
+_HAS_DIRICHLET = hasattr(torch, "_sample_dirichlet")
+
+
+def _sample_beta(
+    alpha: float, shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device
+) -> Tensor:
+    """float32 draws of Beta(alpha, alpha) of the given ``shape``, seeded by ``generator``.
 
     PyTorch's Dirichlet sampler (one kernel) where this torch has it; it is private API, so otherwise
     two Gamma draws with public ops: Beta = G1 / (G1 + G2)."""
-    if hasattr(torch, "_sample_dirichlet"):
+    if _HAS_DIRICHLET:
         concentration = _constant(
-            ("concentration", alpha, count, device), lambda: torch.full((count, 2), alpha, device=device)
+            ("concentration", alpha, shape, device), lambda: torch.full((*shape, 2), alpha, device=device)
         )
-        return torch._sample_dirichlet(concentration, generator=generator)[:, 0]
-    gammas = _sample_gamma(alpha, 2 * count, generator, device).view(count, 2)
-    return gammas[:, 0] / gammas.sum(dim=1)
+        return torch._sample_dirichlet(concentration, generator=generator).select(-1, 0)
+    gammas = _sample_gamma(alpha, 2 * math.prod(shape), generator, device).view(*shape, 2)
+    return gammas.select(-1, 0) / gammas.sum(dim=-1)
 
 
 def _sample_gamma(shape: float, count: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
@@ -425,7 +457,7 @@ def _random_draws(
     box centres uniform in [0, 2**62) (reduced modulo the image size later), and (decisions,) uniforms
     for the mixing decision (none when ``decisions`` is 0)."""
     partner = torch.randperm(batch, generator=generator, device=device)
-    lam = _sample_beta(alpha, draws * lambdas, generator, device).view(draws, lambdas)
+    lam = _sample_beta(alpha, (draws, lambdas), generator, device)
     centres = torch.randint(0, 2**62, (draws, boxes, 2), generator=generator, device=device) if boxes else None
     decision = torch.rand(decisions, generator=generator, device=device) if decisions else None
     return partner, lam, centres, decision
@@ -508,7 +540,7 @@ class _Draw(NamedTuple):
 
 
 def _apply_mixup(images: Tensor, targets: Tensor, cams: Tensor | None, draw: _Draw, normalize: bool) -> MixedBatch:
-    return _mixup(images, targets, draw.partner, draw.lam[:, 0])
+    return _mixup(images, targets, draw.partner, draw.lam)
 
 
 def _apply_cutmix(images: Tensor, targets: Tensor, cams: Tensor | None, draw: _Draw, normalize: bool) -> MixedBatch:
@@ -629,7 +661,7 @@ class MixingAugmenter(nn.Module):
             _checks.check_integer("labels", labels)
             targets = torch.full((batch, classes), smoothing / classes, device=labels.device)
             try:  # on CPU scatter_ checks the ids itself: the range check costs nothing until it fails
-                return targets.scatter_(1, labels.long()[:, None], 1.0 - smoothing + smoothing / classes)
+                return targets.scatter_(1, labels.view(batch, 1).long(), 1.0 - smoothing + smoothing / classes)
             except RuntimeError:
                 _checks.check_class_ids("labels", labels, classes)  # names the argument and the values
                 raise
@@ -645,13 +677,15 @@ class MixingAugmenter(nn.Module):
         Runs outside any autocast region (its own precision rules hold under AMP), so a mix is the
         same with and without ``torch.autocast``."""
         images = _checks.check_images("images", images)
-        with _checks.without_autocast(images.device):
-            return self._mix(images, labels, cams)
+        if _checks.autocast_on(images.device):
+            with torch.autocast(images.device.type, enabled=False):
+                return self._mix(images, labels, cams)
+        return self._mix(images, labels, cams)
 
     def _mix(self, images: Tensor, labels: Tensor, cams: Tensor | None) -> MixedBatch:
         batch = images.shape[0]
-        _checks.check_same_device("labels", _checks.check_tensor("labels", labels), "images", images)
         targets = self.soft_targets(labels, batch)
+        _checks.check_same_device("labels", targets, "images", images)
         kernel = _KERNELS[self.method]
         if kernel.needs_cams and cams is None:
             raise ValueError(
@@ -705,14 +739,17 @@ def _draw(
         decision = found[3] if decisions else None
     else:
         partner, lam, centres, decision = _random_draws(*arguments, generator, draw_device)
-    partner, lam = partner.to(device, non_blocking=True), lam.to(device, non_blocking=True)
+    if draw_device != device:
+        partner, lam = partner.to(device, non_blocking=True), lam.to(device, non_blocking=True)
+        centres = centres.to(device, non_blocking=True) if centres is not None else None
+        decision = decision.to(device, non_blocking=True) if decision is not None else None
     boxes_float = None
     if centres is not None:
-        boxes_float = _boxes_from_draws(lam, centres.to(device, non_blocking=True), height, width)
-        boxes_float = boxes_float.expand(batch, -1, -1)
-    lam = lam.expand(batch, -1)
+        boxes_float = _boxes_from_draws(lam, centres, height, width)
+        boxes_float = boxes_float.expand(batch, -1, -1) if same_on_batch else boxes_float
+    lam = lam.expand(batch, -1) if same_on_batch else lam
     if decision is not None:  # unmixed samples: their own partner, lam 1, empty boxes
-        mixed = (decision.to(device, non_blocking=True) < p).expand(batch)
+        mixed = (decision < p).expand(batch)
         partner = torch.where(mixed, partner, _positions(batch, device))
         if boxes_float is not None:
             boxes_float = torch.where(mixed[:, None, None], boxes_float, 0.0)

@@ -104,3 +104,25 @@ def test_global_rng_draws_compile_too():
     eager = mixer(images, labels)
     torch.manual_seed(11)
     assert_same_batch(eager, compiled(images, labels))
+
+
+@pytest.mark.parametrize("method", ["mixup", "cutmix"])
+def test_lam_b_and_applied_cost_kernels_only_when_read(method, monkeypatch):
+    """A step that reads images and targets only pays for neither; read, they hold their definitions."""
+    mixer, inputs = mixer_call(method, False, p=1.0)
+    batch = None
+
+    def call() -> None:
+        nonlocal batch
+        batch = mixer(*inputs)
+
+    plain = count_call(call, monkeypatch)
+    assert batch is not None
+    monkeypatch.setattr(_checks, "can_read_values", lambda tensor: False)
+    read = count_launches(lambda: (batch.lam_b, batch.applied), warm=False)
+    assert len(read.ops) > 0 and read.reads == 0
+    again = count_launches(lambda: (batch.lam_b, batch.applied), warm=False)
+    assert len(again.ops) == 0  # computed once
+    assert torch.allclose(batch.lam_a + batch.lam_b, torch.ones(32), atol=1e-6)
+    expected = (batch.partner != torch.arange(32)) & (batch.lam_b > 0)
+    assert torch.equal(batch.applied, expected) and len(plain.ops) <= BUDGETS[method]

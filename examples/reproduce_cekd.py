@@ -39,6 +39,9 @@ def _default(name: str) -> str:
     values = {preset: PRESETS[preset].get(name, getattr(base, name)) for preset in PRESETS}
     if name == "mix_alpha":  # the paper and transfer presets take each mixing's own
         values["paper"] = values["transfer"] = ", ".join(f"{v:g} {k}" for k, v in PAPER_MIX_ALPHA.items())
+    if name == "milestones":  # the quick preset's schedule is one-cycle
+        values["quick"] = None
+        values = {k: " ".join(map(str, v)) if v else v for k, v in values.items()}
     shown = {k: ("-" if v is None else f"{v:g}" if isinstance(v, float) else str(v)) for k, v in values.items()}
     if len(set(shown.values())) == 1:
         return f"default: {shown['quick']}"
@@ -85,6 +88,14 @@ def parse(argv: list[str]) -> argparse.Namespace:
     add("--members", type=int, help="cekd: number of members")
     add("--pretrained", help="local state-dict file (never downloaded)")
     add("--epochs", type=int)
+    add(
+        "--milestones",
+        type=int,
+        nargs="+",
+        metavar="EPOCH",
+        help="multistep schedule (paper, transfer): epochs after which the learning rates drop 10x; give them "
+        "with a changed --epochs",
+    )
     add("--batch-size", dest="batch_size", type=int)
     add("--lr", type=float, help="peak learning rate")
     add("--head-lr", dest="head_lr", type=float, help="learning rate of the classifier heads (-: as --lr)")

@@ -31,6 +31,9 @@ from repro_helpers import TINY_ARGS, cli
         (["--mix-p", "1.5"], "--mix-p must be in [0, 1], got 1.5"),
         (["--device", "banana"], "--device must be a torch device such as cpu, cuda or cuda:1, got 'banana'"),
         (["--ablation", "--seeds", "0"], "--seeds must be >= 1, got 0"),
+        (["--milestones", "5"], "--milestones applies to the multistep schedule of --preset paper and transfer"),
+        (["--preset", "transfer", "--milestones", "5", "3"], "--milestones must be increasing epochs >= 1, got 5 3"),
+        (["--preset", "transfer", "--milestones", "0"], "--milestones must be increasing epochs >= 1, got 0"),
     ],
 )
 def test_cli_errors(args, message, tmp_path, monkeypatch):
@@ -142,6 +145,7 @@ def test_cli_help_shows_each_presets_defaults(capsys):
     assert "[quick: 5; paper: -; transfer: -]" in text  # --clip-grad
     assert "[quick: resnet18; paper: resnet50; transfer: resnet18]" in text and "[default: 3]" in text
     assert "paper: 5 snapmix, 3 cutmix, 1 mixup; transfer: 5 snapmix, 3 cutmix, 1 mixup" in text
+    assert "[quick: -; paper: 80 150 180; transfer: 12 22 27]" in text  # --milestones
 
 
 def test_cli_bad_choice(tmp_path):
@@ -193,6 +197,8 @@ def test_presets_and_explicit_arguments():
         [12, 22, 27],
     )
     assert (transfer.lr, transfer.head_lr, transfer.mix_p, transfer.mix_alpha) == (0.001, 0.01, 1.0, 5.0)
+    longer = config("--preset", "transfer", "--epochs", "90", "--milestones", "36", "67", "81")
+    assert (longer.epochs, longer.milestones) == (90, [36, 67, 81])
 
 
 def test_cli_divergence_is_one_line_and_a_failure(tmp_path):

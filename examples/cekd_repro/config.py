@@ -129,6 +129,8 @@ class RunConfig:
         ):
             if value is not None and not value > 0:
                 raise ValueError(f"{flag} must be > 0, got {value}")
+        if any(m < 1 for m in self.milestones) or sorted(set(self.milestones)) != list(self.milestones):
+            raise ValueError(f"--milestones must be increasing epochs >= 1, got {' '.join(map(str, self.milestones))}")
         if not 0 <= self.mix_p <= 1:
             raise ValueError(f"--mix-p must be in [0, 1], got {self.mix_p}")
         if self.dataset not in SYNTHETIC and self.image_size > self.resize:
@@ -214,4 +216,9 @@ def preset_config(preset: str, given: dict) -> RunConfig:
         config = replace(config, mix_alpha=PAPER_MIX_ALPHA[config.mixer_method])
     if config.dataset not in SYNTHETIC and not config.data_root:
         raise ValueError(f"--dataset {config.dataset} needs --data-root")
+    if "milestones" in given and config.schedule != "multistep":
+        raise ValueError(
+            f"--milestones applies to the multistep schedule of --preset paper and transfer; --preset {preset} "
+            f"uses {config.schedule}"
+        )
     return config

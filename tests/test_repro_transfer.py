@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import statistics
 from dataclasses import replace
 
 import pytest
 import torch
-from repro_helpers import TINY
+import torch.nn.functional as F
+from repro_helpers import TINY, TINY_ARGS
+from torch import nn
 
 from cekd_repro import transfer
 from cekd_repro.config import preset_config
@@ -60,3 +63,50 @@ def test_a_fine_tuned_member_beats_the_same_member_from_scratch(tmp_path):
         runs = [train(replace(base, pretrained=pretrained, seed=seed), tmp_path / f"{name}-{seed}") for seed in (0, 1)]
         top1[name] = statistics.mean(run["top1_model"] for run in runs)
     assert top1["fine-tuned"] >= top1["scratch"] + 15, top1
+
+
+class _Probed(nn.Module):
+    """Features = the flattened image, then a linear head (what find_classifier finds)."""
+
+    def __init__(self, features: int, classes: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(features, classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.fc(images.flatten(1))
+
+
+def test_the_linear_probe_reads_what_the_features_hold():
+    """Features that spell the class out are probed perfectly, features without it at the majority class's
+    share, and the probe does not touch the model's own head."""
+    classes, generator = 3, torch.Generator().manual_seed(0)
+    labels = torch.arange(classes).repeat(8)
+    coded = F.one_hot(labels, classes).float().view(-1, 1, 1, classes) + 0.1 * torch.rand(
+        24, 1, 1, classes, generator=generator
+    )
+    model = _Probed(classes, classes)
+    head = model.fc.weight.clone()
+    assert transfer.probe_top1(model, (coded[:12], labels[:12]), (coded[12:], labels[12:]), classes) == 100.0
+    assert torch.equal(model.fc.weight, head)
+    blank = torch.zeros(24, 1, 1, classes)  # every sample looks the same: one prediction for all
+    test_labels = torch.tensor([0] * 6 + [1] * 4 + [2] * 2)
+    top1 = transfer.probe_top1(model, (blank[:12], labels[:12]), (blank[12:], test_labels), classes)
+    assert top1 in (50.0, 100 / 3, 100 / 6)
+    with pytest.raises(ValueError, match="no linear classifier head"):
+        transfer.probe_top1(nn.Flatten(), (blank, labels), (blank, labels), classes)
+
+
+@pytest.mark.slow
+def test_the_transfer_command_runs_every_row_and_probes_the_source(tmp_path, monkeypatch, capsys):
+    import reproduce_cekd as cli_module
+
+    monkeypatch.chdir(tmp_path)
+    args = [*TINY_ARGS, "--preset", "transfer", "--transfer", "--seeds", "1", "--source-per-class", "2"]
+    assert cli_module.main([*args, "--source-epochs", "1", "--run-dir", "tr"]) == 0
+    out = capsys.readouterr().out
+    for row in ("baseline", "mixup", "cutmix", "snapmix", "cekd+cutmix w/o cross", "cekd+snapmix"):
+        assert f"| {row} |" in out
+    probe = [line for line in out.splitlines() if line.startswith("linear probe of the source features")]
+    assert len(probe) == 1 and json.loads((tmp_path / "tr" / "probe.json").read_text())["top1"]
+    assert cli_module.main(["--transfer", "--resume", "tr"]) == 0  # every run done: the same table and probe
+    assert probe[0] in capsys.readouterr().out

@@ -10,12 +10,22 @@ it with the ``transfer`` preset (the paper preset's recipe on the synthetic targ
 
 from __future__ import annotations
 
+import json
+import statistics
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cekd_losses import find_classifier
+
 from .ablation import ALL_ROWS, run_ablation
 from .config import RunConfig
+from .data import load_data
 from .engine import train
+from .models import build_model
 from .rundir import resumed_config
 
 SOURCE_PER_CLASS = 200  # source images per class (24 classes for a 12-class target): 4,800 images
@@ -58,6 +68,71 @@ def pretrained_weights(base: RunConfig, out_dir: Path, per_class: int, epochs: i
     return weights
 
 
+def probe_top1(model: nn.Module, train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor], classes: int) -> float:
+    """Test top-1 (%) of a linear probe: a new linear classifier fitted on ``model``'s frozen features (the
+    input of its classifier head), standardised, by L2-regularised multinomial logistic regression (full-batch
+    L-BFGS from zeros: a convex problem, so one answer). ``train``/``test``: (images, labels), images already
+    normalised as the model expects."""
+    head = find_classifier(model)
+    if head is None:
+        raise ValueError(f"{type(model).__name__} has no linear classifier head to probe below")
+    captured: list[Tensor] = []
+    hook = head.register_forward_pre_hook(lambda module, inputs: captured.append(inputs[0].flatten(1)))
+    try:
+        with torch.no_grad():
+            features = []
+            for images, _ in (train, test):
+                captured.clear()
+                model.eval()(images)
+                features.append(captured[0].double())
+    finally:
+        hook.remove()
+    mean, std = features[0].mean(dim=0), features[0].std(dim=0).clamp(min=1e-6)
+    train_features, test_features = ((f - mean) / std for f in features)
+    weight = torch.zeros(classes, train_features.shape[1], dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(classes, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=500, line_search_fn="strong_wolfe")
+
+    def loss() -> Tensor:
+        optimizer.zero_grad()
+        value = F.cross_entropy(train_features @ weight.T + bias, train[1]) + 1e-3 * weight.square().sum()
+        value.backward()
+        return value
+
+    optimizer.step(loss)
+    predictions = (test_features @ weight.T + bias).argmax(dim=1)
+    return 100.0 * (predictions == test[1]).double().mean().item()
+
+
+def source_probe(base: RunConfig, seeds: int) -> list[float]:
+    """:func:`probe_top1` of ``base.pretrained`` (the source weights) on the target of each seed's run: how much
+    of the target the source features solve before any fine-tuning."""
+    results = []
+    for seed in range(base.seed, base.seed + seeds):
+        config = replace(base, seed=seed)
+        train_set, test_set, classes, mean, std = load_data(config)
+        model = build_model(config.archs()[0], classes, config.pretrained, config.image_size)
+        shift, scale = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
+        splits = [((s.dataset.images.float() / 255 - shift) / scale, s.dataset.labels) for s in (train_set, test_set)]
+        results.append(probe_top1(model, splits[0], splits[1], classes))
+    return results
+
+
+def _probe_line(base: RunConfig, seeds: int, out_dir: Path) -> str:
+    """The linear probe's line under the table, computed once per transfer dir (probe.json)."""
+    saved = out_dir / "probe.json"
+    if saved.exists():
+        top1 = json.loads(saved.read_text())["top1"]
+    else:
+        top1 = source_probe(base, seeds)
+        saved.write_text(json.dumps({"top1": top1}))
+    spread = f" ± {statistics.stdev(top1):.2f}" if len(top1) > 1 else ""
+    return (
+        f"linear probe of the source features (a new head on the frozen backbone): {statistics.mean(top1):.2f}"
+        f"{spread} over {len(top1)} seed(s); the fine-tuned baseline shows what fine-tuning adds"
+    )
+
+
 def run_transfer(
     base: RunConfig | None,
     seeds: int | None,
@@ -66,10 +141,16 @@ def run_transfer(
     epochs: int = SOURCE_EPOCHS,
     resume: bool = False,
 ) -> str:
-    """Pretrain (or reuse), then fine-tune every row of the table for every seed under ``out_dir/finetune``;
-    returns the table. ``resume``: continue the table in ``out_dir`` as saved."""
+    """Pretrain (or reuse), then fine-tune every row of the table for every seed under ``out_dir/finetune``, and
+    probe the source features linearly on the target (:func:`source_probe`); returns the table and the probe.
+    ``resume``: continue the table in ``out_dir`` as saved."""
     if resume:
-        return run_ablation(None, None, out_dir / "finetune", resume_changes={})
-    assert base is not None and seeds is not None
-    weights = pretrained_weights(base, out_dir, per_class, epochs)
-    return run_ablation(replace(base, pretrained=str(weights)), seeds, out_dir / "finetune", variants=ALL_ROWS)
+        table = run_ablation(None, None, out_dir / "finetune", resume_changes={})
+        plan = json.loads((out_dir / "finetune" / "ablation.json").read_text())
+        base, seeds = RunConfig(**plan["base"]), plan["seeds"]
+    else:
+        assert base is not None and seeds is not None
+        weights = pretrained_weights(base, out_dir, per_class, epochs)
+        base = replace(base, pretrained=str(weights))
+        table = run_ablation(base, seeds, out_dir / "finetune", variants=ALL_ROWS)
+    return f"{table}\n{_probe_line(base, seeds, out_dir)}"

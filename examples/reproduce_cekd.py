@@ -20,10 +20,10 @@ from dataclasses import fields
 from pathlib import Path
 
 from cekd_repro.ablation import run_ablation
-from cekd_repro.config import METHODS, PAPER_MIX_ALPHA, PRESETS, RunConfig, preset_config
+from cekd_repro.config import METHODS, PAPER_MIX_ALPHA, PRESETS, SYNTHETIC, RunConfig, preset_config
 from cekd_repro.engine import Diverged, train
 from cekd_repro.rundir import RunDirExists, resumed_config
-from cekd_repro.transfer import SOURCE_EPOCHS, SOURCE_PER_CLASS, run_transfer
+from cekd_repro.transfer import SOURCE_EPOCHS, SOURCE_PER_CLASS, SOURCES, run_transfer
 
 PAPER_FROM_SCRATCH = (
     "warning: --preset paper is the fine-tuning recipe of the paper (ImageNet-pretrained members, lr 0.001/0.01, "
@@ -64,7 +64,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     add("--preset", choices=sorted(PRESETS), help="base values of every option below [default: quick]")
     add("--method", choices=METHODS)
     add("--mix", choices=["cutmix", "snapmix", "mixup"], help="cekd's mixing augmentation")
-    add("--dataset", choices=["synthetic", "synthetic-source", "cub", "cars", "aircraft", "imagefolder"])
+    add("--dataset", choices=[*SYNTHETIC, "cub", "cars", "aircraft", "imagefolder"])
     add("--data-root", dest="data_root", help="real datasets: their folder in its native layout")
     add("--classes", type=int, help="synthetic: number of classes (colours x orientations)")
     add("--train-per-class", dest="train_per_class", type=int, help="synthetic: training images per class")
@@ -145,6 +145,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
     )
     add("--source-per-class", dest="source_per_class", type=int, help="--transfer: source images per class [200]")
     add("--source-epochs", dest="source_epochs", type=int, help="--transfer: pretraining epochs [15]")
+    add(
+        "--source-dataset",
+        dest="source_dataset",
+        choices=list(SOURCES),
+        help="--transfer: the source task, the target's unused classes or only those sharing no part with it "
+        "[synthetic-source]",
+    )
     add("--seeds", type=int, help="ablation: seeds per method [default: 3]")
     return parser.parse_args(argv)
 
@@ -199,7 +206,9 @@ def main(argv: list[str] | None = None) -> int:
                 table = (
                     run_transfer(None, None, out, resume=True)
                     if args.resume
-                    else run_transfer(config, seeds, out, *source)
+                    else run_transfer(
+                        config, seeds, out, *source, source_dataset=args.source_dataset or "synthetic-source"
+                    )
                 )
             else:
                 table = (

@@ -29,6 +29,16 @@ def test_source_classes_are_the_grid_pairs_the_target_does_not_use():
     assert not torch.equal(train.images[:3], synthetic_splits(spec)[0].images[:3])  # drawn apart from the target
 
 
+def test_the_distant_source_shares_no_part_with_the_target():
+    spec = SyntheticSpec(num_classes=12, train_per_class=3, test_per_class=2, size=32)
+    distant = source_pairs(spec, distant=True)
+    colours, orientations = {p % 6 for p in distant}, {p // 6 for p in distant}
+    assert colours == {4, 5} and orientations == {3, 4, 5}  # the target uses colours 0-3, orientations 0-2
+    assert set(distant) < set(source_pairs(spec))
+    train, _, classes = source_splits(spec, distant=True)
+    assert classes == 6 and len(train) == 18 and int(train.labels.max()) == 5
+
+
 def test_pretraining_once_then_fine_tuning_from_it(tmp_path):
     base = replace(TINY, method="cekd", lr=0.001, head_lr=0.01, schedule="multistep", milestones=[9])
     weights = transfer.pretrained_weights(base, tmp_path, per_class=4, epochs=1)

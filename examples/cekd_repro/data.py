@@ -206,20 +206,29 @@ def synthetic_splits(spec: SyntheticSpec) -> tuple[TensorImages, TensorImages, i
     return splits[0], splits[1], spec.num_classes
 
 
-def source_pairs(spec: SyntheticSpec) -> list[int]:
-    """The transfer proxy's source classes: every (head colour, stripe orientation) pair of the full
-    6 x 6 grid that the target task of ``spec.num_classes`` classes does not use, as labels of the grid
-    (colour + 6 x orientation). Disjoint from the target's classes, drawn the same way: the low-level
-    statistics are shared, the classes are not (12 target classes leave 24 source classes)."""
+def source_pairs(spec: SyntheticSpec, distant: bool = False) -> list[int]:
+    """The transfer proxy's source classes, as labels of the full 6 x 6 grid (colour + 6 x orientation) of
+    (head colour, stripe orientation) pairs, drawn the same way as the target task of ``spec.num_classes``:
+
+    - near (``--dataset synthetic-source``): every pair the target does not use. The classes are disjoint,
+      but each of the target's colours and orientations is a part of some source class (12 target classes
+      leave 24 source classes);
+    - ``distant`` (``--dataset synthetic-distant``): the pairs that share neither colour nor orientation
+      with any target class (12 target classes leave 6): the target's parts are never a source class's."""
     colours, orientations = spec.factors()
     grid = len(MARK_COLOURS)
-    return [c + grid * a for a in range(len(STRIPE_ANGLES)) for c in range(grid) if c >= colours or a >= orientations]
+    return [
+        c + grid * a
+        for a in range(len(STRIPE_ANGLES))
+        for c in range(grid)
+        if ((c >= colours and a >= orientations) if distant else (c >= colours or a >= orientations))
+    ]
 
 
-def source_splits(spec: SyntheticSpec) -> tuple[TensorImages, TensorImages, int]:
+def source_splits(spec: SyntheticSpec, distant: bool = False) -> tuple[TensorImages, TensorImages, int]:
     """(train, test, num_classes) of the source task (:func:`source_pairs`), ``spec.train_per_class`` and
     ``spec.test_per_class`` images per class, deterministic for ``spec.seed`` (drawn apart from the target)."""
-    pairs = torch.tensor(source_pairs(spec))
+    pairs = torch.tensor(source_pairs(spec, distant))
     splits = []
     for offset, per_class in ((0, spec.train_per_class), (1, spec.test_per_class)):
         generator = torch.Generator().manual_seed(spec.seed * 2 + offset + SOURCE_SEED_OFFSET)
@@ -366,11 +375,14 @@ def load_data(config: RunConfig, rank: int = 0, world: int = 1, say: Callable[[s
 
     File datasets are decoded and resized once into the cache (:mod:`cekd_repro.cache`; rank 0 builds it,
     the other ranks wait and read it) and cropped and flipped from there, unless ``config.no_cache``."""
-    if config.dataset in ("synthetic", "synthetic-source"):
+    if config.dataset in ("synthetic", "synthetic-source", "synthetic-distant"):
         spec = SyntheticSpec(
             config.classes, config.train_per_class, config.test_per_class, config.image_size, config.seed
         )
-        train, test, classes = (synthetic_splits if config.dataset == "synthetic" else source_splits)(spec)
+        if config.dataset == "synthetic":
+            train, test, classes = synthetic_splits(spec)
+        else:
+            train, test, classes = source_splits(spec, distant=config.dataset == "synthetic-distant")
         return Augmented(train, shift_crop), Augmented(test), classes, (0.5,) * 3, (0.25,) * 3
     import torchvision.transforms as T
 

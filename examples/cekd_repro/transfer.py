@@ -30,18 +30,22 @@ from .rundir import resumed_config
 
 SOURCE_PER_CLASS = 200  # source images per class (24 classes for a 12-class target): 4,800 images
 SOURCE_EPOCHS = 15
+SOURCES = {"synthetic-source": "source", "synthetic-distant": "distant"}  # source dataset -> its run dir's prefix
 
 
-def source_config(base: RunConfig, per_class: int, epochs: int) -> RunConfig:
-    """The pretraining run of ``base``'s architecture: a plain model on the source task, from scratch, with
-    the quick preset's from-scratch recipe (one-cycle at lr 0.1, gradient clipping)."""
+def source_config(base: RunConfig, per_class: int, epochs: int, source: str = "synthetic-source") -> RunConfig:
+    """The pretraining run of ``base``'s architecture: a plain model on the ``source`` task (one of
+    :data:`SOURCES`), from scratch, with the quick preset's from-scratch recipe (one-cycle at lr 0.1, gradient
+    clipping)."""
+    if source not in SOURCES:
+        raise ValueError(f"--source-dataset must be one of {', '.join(SOURCES)}, got {source!r}")
     archs = set(base.archs())
     if len(archs) != 1:
         raise ValueError(f"--transfer pretrains one architecture for every member, got --arch {base.arch}")
     return replace(
         base,
         method="baseline",
-        dataset="synthetic-source",
+        dataset=source,
         arch=archs.pop(),
         train_per_class=per_class,
         test_per_class=20,
@@ -57,10 +61,13 @@ def source_config(base: RunConfig, per_class: int, epochs: int) -> RunConfig:
     )
 
 
-def pretrained_weights(base: RunConfig, out_dir: Path, per_class: int, epochs: int) -> Path:
+def pretrained_weights(
+    base: RunConfig, out_dir: Path, per_class: int, epochs: int, source_dataset: str = "synthetic-source"
+) -> Path:
     """The source weights for ``base``'s architecture: trained into ``out_dir`` once, reused after."""
-    source = source_config(base, per_class, epochs)
-    run_dir = out_dir / f"source-{source.arch.replace(':', '-')}-{per_class}x{epochs}-seed{source.seed}"
+    source = source_config(base, per_class, epochs, source_dataset)
+    name = f"{SOURCES[source_dataset]}-{source.arch.replace(':', '-')}-{per_class}x{epochs}-seed{source.seed}"
+    run_dir = out_dir / name
     weights = run_dir / "weights.pt"
     if not weights.exists():
         started = (run_dir / "config.json").exists()
@@ -140,6 +147,7 @@ def run_transfer(
     per_class: int = SOURCE_PER_CLASS,
     epochs: int = SOURCE_EPOCHS,
     resume: bool = False,
+    source_dataset: str = "synthetic-source",
 ) -> str:
     """Pretrain (or reuse), then fine-tune every row of the table for every seed under ``out_dir/finetune``, and
     probe the source features linearly on the target (:func:`source_probe`); returns the table and the probe.
@@ -150,7 +158,7 @@ def run_transfer(
         base, seeds = RunConfig(**plan["base"]), plan["seeds"]
     else:
         assert base is not None and seeds is not None
-        weights = pretrained_weights(base, out_dir, per_class, epochs)
+        weights = pretrained_weights(base, out_dir, per_class, epochs, source_dataset)
         base = replace(base, pretrained=str(weights))
         table = run_ablation(base, seeds, out_dir / "finetune", variants=ALL_ROWS)
     return f"{table}\n{_probe_line(base, seeds, out_dir)}"

@@ -3,9 +3,11 @@ the target task with few images per class, through ``--pretrained`` and the pape
 
 The source task (``--dataset synthetic-source``) draws the same "birds" as the target, with the (head
 colour, stripe orientation) classes the target does not use: the low-level statistics are shared, the
-classes are disjoint, as ImageNet and CUB. Pretraining runs once per architecture and source size and is
-reused (its ``weights.pt`` is an ordinary state-dict file); then every row of the table fine-tunes from
-it with the ``transfer`` preset (the paper preset's recipe on the synthetic target, its schedule scaled).
+classes are disjoint, as ImageNet and CUB; ``--dataset synthetic-distant`` keeps only the classes that
+share no part (colour, orientation) with the target's. Pretraining runs once per source, architecture and
+source size and is reused (its ``weights.pt`` is an ordinary state-dict file); then every row of the table
+fine-tunes from it with the ``transfer`` preset (the paper preset's recipe on the synthetic target, its
+schedule scaled), and a linear probe tells how much of the target the frozen source features already solve.
 """
 
 from __future__ import annotations

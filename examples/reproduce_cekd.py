@@ -149,8 +149,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
         "--source-dataset",
         dest="source_dataset",
         choices=list(SOURCES),
-        help="--transfer: the source task, the target's unused classes or only those sharing no part with it "
-        "[synthetic-source]",
+        help="--transfer: the source task: the target's unused classes, those of its colours on other "
+        "orientations, or those sharing no part with it [synthetic-source]",
     )
     add("--seeds", type=int, help="ablation: seeds per method [default: 3]")
     return parser.parse_args(argv)

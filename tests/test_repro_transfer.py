@@ -29,13 +29,15 @@ def test_source_classes_are_the_grid_pairs_the_target_does_not_use():
     assert not torch.equal(train.images[:3], synthetic_splits(spec)[0].images[:3])  # drawn apart from the target
 
 
-def test_the_distant_source_shares_no_part_with_the_target():
+def test_farther_sources_share_fewer_parts_with_the_target():
+    """The target (12 classes) uses colours 0-3 and orientations 0-2 of the 6 x 6 grid."""
     spec = SyntheticSpec(num_classes=12, train_per_class=3, test_per_class=2, size=32)
-    distant = source_pairs(spec, distant=True)
-    colours, orientations = {p % 6 for p in distant}, {p // 6 for p in distant}
-    assert colours == {4, 5} and orientations == {3, 4, 5}  # the target uses colours 0-3, orientations 0-2
-    assert set(distant) < set(source_pairs(spec))
-    train, _, classes = source_splits(spec, distant=True)
+    parts = lambda pairs: ({p % 6 for p in pairs}, {p // 6 for p in pairs})  # noqa: E731
+    near, colours, distant = (source_pairs(spec, kind) for kind in ("near", "colours", "distant"))
+    assert parts(colours) == (set(range(6)), {3, 4, 5}) and len(colours) == 18
+    assert parts(distant) == ({4, 5}, {3, 4, 5}) and len(distant) == 6
+    assert set(distant) < set(colours) < set(near)
+    train, _, classes = source_splits(spec, "distant")
     assert classes == 6 and len(train) == 18 and int(train.labels.max()) == 5
 
 

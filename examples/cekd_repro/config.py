@@ -7,9 +7,8 @@ from dataclasses import asdict, dataclass, field, replace
 from .device import run_device
 
 METHODS = ("baseline", "mixup", "cutmix", "snapmix", "cekd")
-# drawn in memory: the target task, and the transfer proxy's source tasks (the classes the target does not
-# use; those sharing no part with it)
-SYNTHETIC = ("synthetic", "synthetic-source", "synthetic-distant")
+# drawn in memory: the target task, and the transfer proxy's source tasks (cekd_repro.data.SOURCE_TASKS)
+SYNTHETIC = ("synthetic", "synthetic-source", "synthetic-colours", "synthetic-distant")
 CEKD_OPTIONS = ("mix", "members", "temperature", "alpha", "beta", "combine", "rampup_epochs", "no_cross", "no_ensemble")
 MIXING_OPTIONS = ("mix_alpha", "mix_p", "same_on_batch")
 

@@ -206,29 +206,35 @@ def synthetic_splits(spec: SyntheticSpec) -> tuple[TensorImages, TensorImages, i
     return splits[0], splits[1], spec.num_classes
 
 
-def source_pairs(spec: SyntheticSpec, distant: bool = False) -> list[int]:
+# the transfer proxy's source tasks (dataset name -> what its classes share with the target's)
+SOURCE_TASKS = {"synthetic-source": "near", "synthetic-colours": "colours", "synthetic-distant": "distant"}
+
+
+def source_pairs(spec: SyntheticSpec, kind: str = "near") -> list[int]:
     """The transfer proxy's source classes, as labels of the full 6 x 6 grid (colour + 6 x orientation) of
     (head colour, stripe orientation) pairs, drawn the same way as the target task of ``spec.num_classes``:
 
-    - near (``--dataset synthetic-source``): every pair the target does not use. The classes are disjoint,
-      but each of the target's colours and orientations is a part of some source class (12 target classes
-      leave 24 source classes);
+    - ``near`` (``--dataset synthetic-source``): every pair the target does not use. The classes are
+      disjoint, but each of the target's colours and orientations is a part of some source class (12
+      target classes leave 24 source classes);
+    - ``colours`` (``--dataset synthetic-colours``): the target's colours (and the others) on stripe
+      orientations the target never uses (18 classes for 12 target classes);
     - ``distant`` (``--dataset synthetic-distant``): the pairs that share neither colour nor orientation
       with any target class (12 target classes leave 6): the target's parts are never a source class's."""
     colours, orientations = spec.factors()
+    keep = {
+        "near": lambda c, a: c >= colours or a >= orientations,
+        "colours": lambda c, a: a >= orientations,
+        "distant": lambda c, a: c >= colours and a >= orientations,
+    }[kind]
     grid = len(MARK_COLOURS)
-    return [
-        c + grid * a
-        for a in range(len(STRIPE_ANGLES))
-        for c in range(grid)
-        if ((c >= colours and a >= orientations) if distant else (c >= colours or a >= orientations))
-    ]
+    return [c + grid * a for a in range(len(STRIPE_ANGLES)) for c in range(grid) if keep(c, a)]
 
 
-def source_splits(spec: SyntheticSpec, distant: bool = False) -> tuple[TensorImages, TensorImages, int]:
+def source_splits(spec: SyntheticSpec, kind: str = "near") -> tuple[TensorImages, TensorImages, int]:
     """(train, test, num_classes) of the source task (:func:`source_pairs`), ``spec.train_per_class`` and
     ``spec.test_per_class`` images per class, deterministic for ``spec.seed`` (drawn apart from the target)."""
-    pairs = torch.tensor(source_pairs(spec, distant))
+    pairs = torch.tensor(source_pairs(spec, kind))
     splits = []
     for offset, per_class in ((0, spec.train_per_class), (1, spec.test_per_class)):
         generator = torch.Generator().manual_seed(spec.seed * 2 + offset + SOURCE_SEED_OFFSET)
@@ -375,14 +381,14 @@ def load_data(config: RunConfig, rank: int = 0, world: int = 1, say: Callable[[s
 
     File datasets are decoded and resized once into the cache (:mod:`cekd_repro.cache`; rank 0 builds it,
     the other ranks wait and read it) and cropped and flipped from there, unless ``config.no_cache``."""
-    if config.dataset in ("synthetic", "synthetic-source", "synthetic-distant"):
+    if config.dataset == "synthetic" or config.dataset in SOURCE_TASKS:
         spec = SyntheticSpec(
             config.classes, config.train_per_class, config.test_per_class, config.image_size, config.seed
         )
         if config.dataset == "synthetic":
             train, test, classes = synthetic_splits(spec)
         else:
-            train, test, classes = source_splits(spec, distant=config.dataset == "synthetic-distant")
+            train, test, classes = source_splits(spec, SOURCE_TASKS[config.dataset])
         return Augmented(train, shift_crop), Augmented(test), classes, (0.5,) * 3, (0.25,) * 3
     import torchvision.transforms as T
 

@@ -3,11 +3,12 @@ the target task with few images per class, through ``--pretrained`` and the pape
 
 The source task (``--dataset synthetic-source``) draws the same "birds" as the target, with the (head
 colour, stripe orientation) classes the target does not use: the low-level statistics are shared, the
-classes are disjoint, as ImageNet and CUB; ``--dataset synthetic-distant`` keeps only the classes that
-share no part (colour, orientation) with the target's. Pretraining runs once per source, architecture and
-source size and is reused (its ``weights.pt`` is an ordinary state-dict file); then every row of the table
-fine-tunes from it with the ``transfer`` preset (the paper preset's recipe on the synthetic target, its
-schedule scaled), and a linear probe tells how much of the target the frozen source features already solve.
+classes are disjoint, as ImageNet and CUB; ``--dataset synthetic-colours`` keeps the classes whose stripe
+orientation the target never uses, ``--dataset synthetic-distant`` those sharing no part with the target's.
+Pretraining runs once per source, architecture and source size and is reused (its ``weights.pt`` is an
+ordinary state-dict file); then every row of the table fine-tunes from it with the ``transfer`` preset (the
+paper preset's recipe on the synthetic target, its schedule scaled), and a linear probe tells how much of
+the target the frozen source features already solve.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from .rundir import resumed_config
 
 SOURCE_PER_CLASS = 200  # source images per class (24 classes for a 12-class target): 4,800 images
 SOURCE_EPOCHS = 15
-SOURCES = {"synthetic-source": "source", "synthetic-distant": "distant"}  # source dataset -> its run dir's prefix
+# source dataset -> its run dir's prefix (what each shares with the target: cekd_repro.data.source_pairs)
+SOURCES = {"synthetic-source": "source", "synthetic-colours": "colours", "synthetic-distant": "distant"}
 
 
 def source_config(base: RunConfig, per_class: int, epochs: int, source: str = "synthetic-source") -> RunConfig:

@@ -87,7 +87,7 @@ class MixedBatch:
     def applied(self) -> Tensor:
         """(B,) bool, True where the image received content from a different image."""
         if self._applied is None:
-            others = self.partner != torch.arange(self.partner.shape[0], device=self.partner.device)
+            others = self.partner != _positions(self.partner.shape[0], self.partner.device)
             self._applied = others & (self.lam_b > 0)
         return self._applied
 
@@ -151,9 +151,9 @@ def _box_indicators(boxes: Tensor, height: int, width: int) -> Tensor:
     return past.select(-3, 0) ^ past.select(-3, 1)
 
 
-def _box_masks(boxes: Tensor, height: int, width: int) -> Tensor:
-    """(B, 1, H, W) bool masks, True inside each (B, 4) box."""
-    columns, rows = _box_indicators(boxes, height, width).unsqueeze(1).unbind(2)  # (B, 1, L) each
+def _box_masks(inside: Tensor, height: int, width: int) -> Tensor:
+    """(B, 1, H, W) bool masks, True inside each box, from its (B, 2, L) indicators (:func:`_box_indicators`)."""
+    columns, rows = inside.unsqueeze(1).unbind(2)  # (B, 1, L) each
     return rows[..., :height, None] & columns[..., None, :width]
 
 
@@ -237,7 +237,9 @@ def cutmix(images: Tensor, targets: Tensor, partner: Tensor, boxes: Tensor) -> M
 def _cutmix(images: Tensor, targets: Tensor, partner: Tensor, boxes: Tensor) -> MixedBatch:
     """:func:`cutmix` on checked input (``partner`` and ``boxes`` int64)."""
     batch, _, height, width = images.shape
-    mixed = _paste(_box_masks(boxes, height, width), images.index_select(0, partner), images)
+    mixed = _paste(
+        _box_masks(_box_indicators(boxes, height, width), height, width), images.index_select(0, partner), images
+    )
     area = (boxes[:, 2:] - boxes[:, :2]).prod(dim=1)
     lam_b = area / (height * width)
     lam_a = 1.0 - lam_b
@@ -346,8 +348,7 @@ def _snapmix(
     sides = high - low
     area = sides.prod(dim=2)  # (B, 2) float
     active = torch.logical_and(partner != _positions(batch, partner.device), area.prod(dim=1))
-    columns, rows = inside.select(1, 0).unsqueeze(1).unbind(2)  # the target box's, (B, 1, L) each
-    mask = rows[..., :height, None] & columns[..., None, :width] & active.view(batch, 1, 1, 1)
+    mask = _box_masks(inside.select(1, 0), height, width) & active.view(batch, 1, 1, 1)  # the target box
 
     # The paste: target pixel i of each axis reads source pixel lo_s + (i - lo_t) * (side_s - 1) / (side_t - 1),
     # bilinear resizing with corners aligned (a 1-pixel target side reads the first source pixel), as one

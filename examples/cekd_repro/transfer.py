@@ -26,15 +26,15 @@ from cekd_losses import find_classifier
 
 from .ablation import ALL_ROWS, run_ablation
 from .config import RunConfig
-from .data import load_data
+from .data import SOURCE_TASKS, load_data
 from .engine import train
 from .models import build_model
 from .rundir import resumed_config
 
 SOURCE_PER_CLASS = 200  # source images per class (24 classes for a 12-class target): 4,800 images
 SOURCE_EPOCHS = 15
-# source dataset -> its run dir's prefix (what each shares with the target: cekd_repro.data.source_pairs)
-SOURCES = {"synthetic-source": "source", "synthetic-colours": "colours", "synthetic-distant": "distant"}
+# source dataset -> its run dir's prefix: "source" for the near one, else its kind (cekd_repro.data.source_pairs)
+SOURCES = {name: "source" if kind == "near" else kind for name, kind in SOURCE_TASKS.items()}
 
 
 def source_config(base: RunConfig, per_class: int, epochs: int, source: str = "synthetic-source") -> RunConfig:

@@ -80,7 +80,7 @@ class _KorniaMix(MixAugmentationBaseV2):
         )
         params = {"mix_pairs": draw.partner, "mix_lambdas": draw.lam}
         if draw.boxes is not None:
-            params["mix_boxes"] = draw.boxes
+            params["mix_boxes"] = draw.boxes.long()
         return params
 
     def forward_parameters(self, batch_shape: tuple[int, ...]) -> dict[str, Tensor]:
@@ -300,7 +300,7 @@ class RandomSnapMix(_KorniaMix):
 def _params_draw(params: dict[str, Tensor]) -> _Draw:
     """The kernels' draw from a parameter dictionary (recorded by a call, or given to replay it)."""
     boxes = params.get("mix_boxes")
-    return _Draw(params["mix_pairs"].long(), params["mix_lambdas"], boxes, boxes.float() if boxes is not None else None)
+    return _Draw(params["mix_pairs"].long(), params["mix_lambdas"], boxes.float() if boxes is not None else None)
 
 
 def kornia_soft_targets(labels: Tensor, num_classes: int) -> Tensor:

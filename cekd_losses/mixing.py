@@ -5,7 +5,7 @@ as an explicit tensor (partners, lambdas, boxes) and are deterministic; :class:`
 draws those parameters (from an optional ``torch.Generator``, in three or four kernels) and calls
 the kernel of its method from one table. Everything is vectorised over the batch: no Python loop
 over samples and no host sync. SnapMix pastes with one ``grid_sample`` over a separable grid and
-weighs labels with box sums of the resized CAMs; small constants (positions, resize matrices) are
+weighs labels with box sums of the resized CAMs; small constants (positions, one-hot rows, box offsets) are
 built once per shape and device.
 
 Mixing is differentiable: where the images require grad, gradients reach both images of each pair
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _checks
+from .cam import _resized_maps
 
 __all__ = ["MixMethod", "MixedBatch", "MixingAugmenter", "cutmix", "mixup", "snapmix"]
 
@@ -51,30 +52,44 @@ class MixedBatch:
         source_boxes: snapmix: (B, 4) int64 box of the partner that was cut out and resized into
             ``boxes``; otherwise None.
 
-    ``lam_b`` and ``applied`` are computed when first read where they follow from the rest (MixUp's
-    ``lam_b = 1 - lam_a``; a mix is applied where the partner differs and ``lam_b > 0``): a training step
+    ``lam_a``, ``lam_b``, ``applied`` and the boxes are computed when first read where they follow from the
+    rest (MixUp's ``lam_b = 1 - lam_a``, CutMix's ``lam_a = 1 - lam_b``; a mix is applied where the partner
+    differs and ``lam_b > 0``; integer boxes from the float corners the mix was made with): a training step
     that reads only ``images`` and ``targets`` launches no kernel for them.
 
     With ``partner``, ``lam_a`` and the boxes, the kernels replay a mix exactly on another tensor of
     the same batch (a second view, a mask): ``cutmix(other, targets, batch.partner, batch.boxes)``.
     """
 
-    __slots__ = ("images", "targets", "partner", "lam_a", "boxes", "source_boxes", "_lam_b", "_applied")
+    __slots__ = ("images", "targets", "partner", "_lam_a", "_lam_b", "_applied", "_boxes", "_source_boxes", "_corners")
 
     def __init__(
         self,
         images: Tensor,
         targets: Tensor,
         partner: Tensor,
-        lam_a: Tensor,
+        lam_a: Tensor | None = None,
         lam_b: Tensor | None = None,
         applied: Tensor | None = None,
         boxes: Tensor | None = None,
         source_boxes: Tensor | None = None,
+        *,
+        corners: Tensor | None = None,
     ) -> None:
-        self.images, self.targets, self.partner, self.lam_a = images, targets, partner, lam_a
-        self.boxes, self.source_boxes = boxes, source_boxes
-        self._lam_b, self._applied = lam_b, applied
+        if lam_a is None and lam_b is None:
+            raise TypeError("MixedBatch needs `lam_a` or `lam_b` (the other is 1 minus it), got neither")
+        self.images, self.targets, self.partner = images, targets, partner
+        self._lam_a, self._lam_b, self._applied = lam_a, lam_b, applied
+        self._boxes, self._source_boxes = boxes, source_boxes
+        self._corners = corners  # (B, k, 4) float32 corners of the k boxes per sample, made integer when read
+
+    @property
+    def lam_a(self) -> Tensor:
+        """(B,) float32 weight of the sample's own target."""
+        if self._lam_a is None:
+            assert self._lam_b is not None
+            self._lam_a = 1.0 - self._lam_b
+        return self._lam_a
 
     @property
     def lam_b(self) -> Tensor:
@@ -90,6 +105,20 @@ class MixedBatch:
             others = self.partner != _positions(self.partner.shape[0], self.partner.device)
             self._applied = others & (self.lam_b > 0)
         return self._applied
+
+    @property
+    def boxes(self) -> Tensor | None:
+        """cutmix and snapmix: (B, 4) int64 box ``(x1, y1, x2, y2)`` that received the partner's content."""
+        if self._boxes is None and self._corners is not None:
+            self._boxes = self._corners.select(1, 0).long()
+        return self._boxes
+
+    @property
+    def source_boxes(self) -> Tensor | None:
+        """snapmix: (B, 4) int64 box of the partner that was cut out and resized into ``boxes``."""
+        if self._source_boxes is None and self._corners is not None and self._corners.shape[1] > 1:
+            self._source_boxes = self._corners.select(1, 1).long()
+        return self._source_boxes
 
     def __repr__(self) -> str:
         fields = ("images", "targets", "partner", "lam_a", "lam_b", "applied", "boxes", "source_boxes")
@@ -108,20 +137,17 @@ def _check_pairing(images: object, targets: object, partner: object) -> tuple[Te
     return images, targets, partner
 
 
+def _float32(targets: Tensor) -> Tensor:
+    return targets if targets.dtype == torch.float32 else targets.float()
+
+
 def _mix_targets(targets: Tensor, partner: Tensor, lam_a: Tensor, lam_b: Tensor) -> Tensor:
     """``lam_a * own + lam_b * partner's`` rows (float32)."""
-    own = targets if targets.dtype == torch.float32 else targets.float()
+    own = _float32(targets)
     return torch.addcmul(lam_a.unsqueeze(1) * own, lam_b.unsqueeze(1), own.index_select(0, partner))
 
 
-def _blend_targets(targets: Tensor, partner: Tensor, lam_a: Tensor) -> Tensor:
-    """``lam_a * own + (1 - lam_a) * partner's`` rows (float32), exactly ``own`` where ``lam_a == 1``;
-    ``lam_a`` a (B, 1) column."""
-    own = targets if targets.dtype == torch.float32 else targets.float()
-    return torch.lerp(own.index_select(0, partner), own, lam_a)
-
-
-# Small constant tensors (positions, sizes, resize matrices) are built once per shape and device: on a GPU
+# Small constant tensors (positions, one-hot rows, box offsets) are built once per shape and device: on a GPU
 # each build would be kernel launches on every call. Under torch.compile they are built in the graph.
 _CONSTANTS: dict[tuple[object, ...], Tensor] = {}
 
@@ -135,6 +161,11 @@ def _constant(key: tuple[object, ...], build: Callable[[], Tensor]) -> Tensor:
             _CONSTANTS.clear()
         value = _CONSTANTS[key] = build()
     return value
+
+
+def _zero(device: torch.device) -> Tensor:
+    """A 0-dim float32 zero."""
+    return _constant(("zero", device), lambda: torch.zeros((), device=device))
 
 
 def _positions(size: int, device: torch.device) -> Tensor:
@@ -201,8 +232,9 @@ def _mixup(images: Tensor, targets: Tensor, partner: Tensor, lam: Tensor) -> Mix
     batch = images.shape[0]
     weight = lam if lam.dtype == images.dtype else lam.to(images.dtype)
     mixed = torch.lerp(images.index_select(0, partner), images, weight.view(batch, 1, 1, 1))
-    lam_a = weight if weight.dtype == torch.float32 else weight.float()  # (B, 1)
-    return MixedBatch(mixed, _blend_targets(targets, partner, lam_a), partner, lam_a.view(batch))
+    lam_a = _float32(weight)  # (B, 1)
+    own = _float32(targets)  # exactly own where lam_a == 1
+    return MixedBatch(mixed, torch.lerp(own.index_select(0, partner), own, lam_a), partner, lam_a.view(batch))
 
 
 def cutmix(images: Tensor, targets: Tensor, partner: Tensor, boxes: Tensor) -> MixedBatch:
@@ -235,43 +267,14 @@ def cutmix(images: Tensor, targets: Tensor, partner: Tensor, boxes: Tensor) -> M
 
 
 def _cutmix(images: Tensor, targets: Tensor, partner: Tensor, boxes: Tensor) -> MixedBatch:
-    """:func:`cutmix` on checked input (``partner`` and ``boxes`` int64)."""
+    """:func:`cutmix` on checked input: ``partner`` int64, ``boxes`` (B, 4) int64 or float32 integer corners."""
     batch, _, height, width = images.shape
-    mixed = _paste(
-        _box_masks(_box_indicators(boxes, height, width), height, width), images.index_select(0, partner), images
-    )
-    area = (boxes[:, 2:] - boxes[:, :2]).prod(dim=1)
-    lam_b = area / (height * width)
-    lam_a = 1.0 - lam_b
-    return MixedBatch(mixed, _blend_targets(targets, partner, lam_a.view(batch, 1)), partner, lam_a, lam_b, boxes=boxes)
-
-
-def _bilinear_weights(out_size: int, in_size: int, device: torch.device) -> Tensor:
-    """(out, in) float32 matrix of 1-D bilinear resizing with ``align_corners=False`` (as
-    ``F.interpolate``); its rows sum to 1. Built in float64 once per shape and device."""
-
-    def build() -> Tensor:
-        source = (torch.arange(out_size, dtype=torch.float64, device=device) + 0.5) * (in_size / out_size) - 0.5
-        source = source.clamp(min=0)
-        low = source.floor().long().clamp(max=in_size - 1)
-        high = (low + 1).clamp(max=in_size - 1)
-        fraction = source - low
-        rows = torch.arange(out_size, device=device)
-        weights = torch.zeros(out_size, in_size, dtype=torch.float64, device=device)
-        weights.index_put_((rows, low), 1.0 - fraction, accumulate=True)
-        weights.index_put_((rows, high), fraction, accumulate=True)
-        return weights.float()
-
-    return _constant(("bilinear", out_size, in_size, device), build)
-
-
-def _resized(cams: Tensor, height: int, width: int) -> Tensor:
-    """(B, H, W) float32 bilinear resize (``align_corners=False``) of (B, h, w) maps, as two matrix products."""
-    maps = cams.float()
-    h, w = maps.shape[-2:]
-    if (h, w) == (height, width):
-        return maps
-    return _bilinear_weights(height, h, maps.device) @ maps @ _bilinear_weights(width, w, maps.device).T
+    mask = _box_masks(_box_indicators(boxes, height, width), height, width)
+    mixed = _paste(mask, images.index_select(0, partner), images)
+    lam_b = mask.mean(dim=(1, 2, 3), dtype=torch.float32)  # the pasted pixel fraction, area / (H * W)
+    own = _float32(targets)  # exactly own where lam_b == 0
+    targets = torch.lerp(own, own.index_select(0, partner), lam_b.view(batch, 1))
+    return MixedBatch(mixed, targets, partner, lam_b=lam_b, corners=boxes.unsqueeze(1))
 
 
 def snapmix(
@@ -327,8 +330,8 @@ def snapmix(
     for name, tensor in (("cams", cams), ("target_boxes", target_boxes), ("source_boxes", source_boxes)):
         _checks.check_same_device(name, tensor, "images", images)
 
-    boxes = torch.stack([target_boxes, source_boxes], dim=1).long()
-    return _snapmix(images, targets, cams, partner.long(), boxes, boxes.float(), normalize_targets)
+    corners = torch.stack([target_boxes, source_boxes], dim=1).float()
+    return _snapmix(images, targets, cams, partner.long(), corners, normalize_targets)
 
 
 def _snapmix(
@@ -336,15 +339,14 @@ def _snapmix(
     targets: Tensor,
     cams: Tensor,
     partner: Tensor,
-    boxes: Tensor,
-    boxes_float: Tensor,
+    corners: Tensor,
     normalize_targets: bool,
 ) -> MixedBatch:
-    """:func:`snapmix` on checked input: ``partner`` int64, ``boxes`` (B, 2, 4) int64 (target box, then the
-    partner's source box) and the same boxes as float32."""
+    """:func:`snapmix` on checked input: ``partner`` int64, ``corners`` (B, 2, 4) float32 integer-valued boxes
+    (the target box, then the partner's source box)."""
     batch, _, height, width = images.shape
-    inside = _box_indicators(boxes, height, width)  # (B, 2 boxes, 2 axes, L)
-    low, high = boxes_float.view(batch, 2, 2, 2).unbind(2)  # (B, 2 boxes, 2 axes (x, y)) each
+    inside = _box_indicators(corners, height, width)  # (B, 2 boxes, 2 axes, L)
+    low, high = corners.view(batch, 2, 2, 2).unbind(2)  # (B, 2 boxes, 2 axes (x, y)) each
     sides = high - low
     area = sides.prod(dim=2)  # (B, 2) float
     active = torch.logical_and(partner != _positions(batch, partner.device), area.prod(dim=1))
@@ -386,19 +388,19 @@ def _snapmix(
     # Label weights: each map resized to the image (bilinear), minimum subtracted; the share of its mass in the
     # target box (own map) and in the source box (partner's map). No mass (flat, NaN, inf): the target box's
     # area fraction, as the SnapMix reference code.
-    full = _resized(cams, height, width)
+    full = _resized_maps(cams, (height, width))
     shifted = full - full.amin(dim=(1, 2), keepdim=True)
     totals = shifted.sum(dim=(1, 2))
+    totals = torch.addcmul(totals, totals, _zero(totals.device))  # an infinite total becomes NaN (inf * 0)
     pair = torch.stack([_positions(batch, partner.device), partner], dim=1).view(2 * batch)  # own, partner's
     columns, rows = inside.to(shifted.dtype).unbind(2)  # (B, 2 boxes, L) each
     row_weights, column_weights = rows[..., None, :height], columns[..., :width, None]  # (B, 2, 1, H), (B, 2, W, 1)
     maps = shifted.index_select(0, pair).view(batch, 2, height, width)
     box_mass = torch.matmul(torch.matmul(row_weights, maps), column_weights).view(batch, 2)
     pair_totals = totals.index_select(0, pair).view(batch, 2)
-    fraction = box_mass / pair_totals
-    has_mass = (fraction * pair_totals).abs() < math.inf  # False for a total of 0, inf or NaN
+    fraction = box_mass / pair_totals  # NaN for a total of 0 (0 / 0), inf or NaN: no mass
     target_fraction = area.select(1, 0).unsqueeze(1) / (height * width)
-    share = torch.where(has_mass, fraction, target_fraction).clamp(0.0, 1.0) * active.unsqueeze(1)
+    share = torch.where(fraction == fraction, fraction, target_fraction).clamp(0.0, 1.0) * active.unsqueeze(1)
     own_share, lam_b = share.unbind(1)
     lam_a = 1.0 - own_share
     if normalize_targets:
@@ -409,7 +411,7 @@ def _snapmix(
         lam_a = torch.where(some, lam_a / safe_total, 1.0 - area_fraction)
         lam_b = torch.where(some, lam_b / safe_total, area_fraction)
     return MixedBatch(
-        mixed, _mix_targets(targets, partner, lam_a, lam_b), partner, lam_a, lam_b, active, *boxes.unbind(1)
+        mixed, _mix_targets(targets, partner, lam_a, lam_b), partner, lam_a, lam_b, active, corners=corners
     )
 
 
@@ -532,10 +534,23 @@ def _boxes_from_draws(side_draws: Tensor, centres: Tensor, height: int, width: i
     sizes = _constant(
         ("box sizes", height, width, device), lambda: torch.tensor([width, height], dtype=torch.long, device=device)
     )
-    zero = _constant(("zero", device), lambda: torch.zeros((), device=device))
+    zero = _zero(device)
     sides = (table[0] * side_draws.sqrt()[..., None]).floor()  # (n, k, 2)
     corners = torch.addcmul((centres % sizes)[..., None, :], sides[..., None, :], table[1:])  # (n, k, 2, 2)
     return corners.ceil().clamp(min=zero, max=table[0]).flatten(-2)
+
+
+_TABLE_CLASSES = 1024  # up to this many classes the (K, K) table of smoothed one-hot rows is kept (<= 4 MiB)
+
+
+def _smoothed_one_hot(classes: int, smoothing: float, device: torch.device) -> Tensor:
+    """(K, K) float32 rows ``onehot * (1 - s) + s / K``, each value rounded once from float64."""
+
+    def build() -> Tensor:
+        table = torch.eye(classes, dtype=torch.float64, device=device) * (1.0 - smoothing) + smoothing / classes
+        return table.float()
+
+    return _constant(("one-hot", classes, smoothing, device), build)
 
 
 class _Draw(NamedTuple):
@@ -543,8 +558,7 @@ class _Draw(NamedTuple):
 
     partner: Tensor  # (B,) int64, a sample left unmixed is its own partner
     lam: Tensor  # (B, lambdas) float32
-    boxes: Tensor | None  # (B, k, 4) int64
-    boxes_float: Tensor | None  # (B, k, 4) float32
+    boxes: Tensor | None  # (B, k, 4) float32 integer-valued corners (x1, y1, x2, y2)
 
 
 def _apply_mixup(images: Tensor, targets: Tensor, cams: Tensor | None, draw: _Draw, normalize: bool) -> MixedBatch:
@@ -553,12 +567,12 @@ def _apply_mixup(images: Tensor, targets: Tensor, cams: Tensor | None, draw: _Dr
 
 def _apply_cutmix(images: Tensor, targets: Tensor, cams: Tensor | None, draw: _Draw, normalize: bool) -> MixedBatch:
     assert draw.boxes is not None
-    return _cutmix(images, targets, draw.partner, draw.boxes[:, 0])
+    return _cutmix(images, targets, draw.partner, draw.boxes.select(1, 0))
 
 
 def _apply_snapmix(images: Tensor, targets: Tensor, cams: Tensor | None, draw: _Draw, normalize: bool) -> MixedBatch:
-    assert cams is not None and draw.boxes is not None and draw.boxes_float is not None
-    return _snapmix(images, targets, cams, draw.partner, draw.boxes, draw.boxes_float, normalize)
+    assert cams is not None and draw.boxes is not None
+    return _snapmix(images, targets, cams, draw.partner, draw.boxes, normalize)
 
 
 class _Method(NamedTuple):
@@ -606,7 +620,7 @@ class MixingAugmenter(nn.Module):
     for its own label, e.g. from :class:`~cekd_losses.cam.FeatureTap`.
 
     A call launches few kernels and never reads a tensor value back to the host (on CPU tensors
-    only, argument values are checked): per call 8 kernels for MixUp, 24 for CutMix and 56 for
+    only, argument values are checked): per call 7 kernels for MixUp, 19 for CutMix and 52 for
     SnapMix, in either mode. ``torch.compile(mixer, fullgraph=True)`` traces every configuration
     whole and makes the same draws as eager for the same generator state (see :doc:`/benchmarks`).
 
@@ -667,10 +681,13 @@ class MixingAugmenter(nn.Module):
         if labels.ndim == 1:
             _checks.check_shape("labels", labels, (batch,))
             _checks.check_integer("labels", labels)
-            targets = torch.full((batch, classes), smoothing / classes, device=labels.device)
-            try:  # on CPU scatter_ checks the ids itself: the range check costs nothing until it fails
-                return targets.scatter_(1, labels.view(batch, 1).long(), 1.0 - smoothing + smoothing / classes)
-            except RuntimeError:
+            ids = labels if labels.dtype in (torch.int64, torch.int32) else labels.long()
+            try:  # on CPU indexing checks the ids itself: the range check costs nothing until it fails
+                if classes <= _TABLE_CLASSES:  # rows of a cached table: one kernel
+                    return _smoothed_one_hot(classes, smoothing, labels.device).index_select(0, ids)
+                targets = torch.full((batch, classes), smoothing / classes, device=labels.device)
+                return targets.scatter_(1, ids.view(batch, 1), 1.0 - smoothing + smoothing / classes)
+            except (IndexError, RuntimeError):
                 _checks.check_class_ids("labels", labels, classes)  # names the argument and the values
                 raise
         _checks.check_shape("labels", labels, (batch, classes))
@@ -751,17 +768,16 @@ def _draw(
         partner, lam = partner.to(device, non_blocking=True), lam.to(device, non_blocking=True)
         centres = centres.to(device, non_blocking=True) if centres is not None else None
         decision = decision.to(device, non_blocking=True) if decision is not None else None
-    boxes_float = None
+    boxes = None
     if centres is not None:
-        boxes_float = _boxes_from_draws(lam, centres, height, width)
-        boxes_float = boxes_float.expand(batch, -1, -1) if same_on_batch else boxes_float
+        boxes = _boxes_from_draws(lam, centres, height, width)
+        boxes = boxes.expand(batch, -1, -1) if same_on_batch else boxes
     lam = lam.expand(batch, -1) if same_on_batch else lam
     if decision is not None:  # unmixed samples: their own partner, lam 1, empty boxes
         mixed = (decision < p).expand(batch)
         partner = torch.where(mixed, partner, _positions(batch, device))
-        if boxes_float is not None:
-            boxes_float = torch.where(mixed[:, None, None], boxes_float, 0.0)
+        if boxes is not None:
+            boxes = torch.where(mixed[:, None, None], boxes, 0.0)
         else:
             lam = torch.where(mixed[:, None], lam, 1.0)
-    boxes = boxes_float.long() if boxes_float is not None else None
-    return _Draw(partner, lam, boxes, boxes_float)
+    return _Draw(partner, lam, boxes)

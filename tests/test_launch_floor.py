@@ -106,9 +106,10 @@ def test_global_rng_draws_compile_too():
     assert_same_batch(eager, compiled(images, labels))
 
 
-@pytest.mark.parametrize("method", ["mixup", "cutmix"])
-def test_lam_b_and_applied_cost_kernels_only_when_read(method, monkeypatch):
-    """A step that reads images and targets only pays for neither; read, they hold their definitions."""
+@pytest.mark.parametrize("method", list(BUDGETS))
+def test_derived_fields_cost_kernels_only_when_read(method, monkeypatch):
+    """A step that reads images and targets only pays for the fields that follow from the rest (MixUp's lam_b,
+    CutMix's lam_a, applied, the integer boxes); read, they hold their definitions."""
     mixer, inputs = mixer_call(method, False, p=1.0)
     batch = None
 
@@ -117,12 +118,18 @@ def test_lam_b_and_applied_cost_kernels_only_when_read(method, monkeypatch):
         batch = mixer(*inputs)
 
     plain = count_call(call, monkeypatch)
-    assert batch is not None
+    assert batch is not None and len(plain.ops) <= BUDGETS[method]
     monkeypatch.setattr(_checks, "can_read_values", lambda tensor: False)
-    read = count_launches(lambda: (batch.lam_b, batch.applied), warm=False)
+    derived = ("lam_a", "lam_b", "applied", "boxes", "source_boxes")
+    read = count_launches(lambda: [getattr(batch, name) for name in derived], warm=False)
     assert len(read.ops) > 0 and read.reads == 0
-    again = count_launches(lambda: (batch.lam_b, batch.applied), warm=False)
+    again = count_launches(lambda: [getattr(batch, name) for name in derived], warm=False)
     assert len(again.ops) == 0  # computed once
-    assert torch.allclose(batch.lam_a + batch.lam_b, torch.ones(32), atol=1e-6)
-    expected = (batch.partner != torch.arange(32)) & (batch.lam_b > 0)
-    assert torch.equal(batch.applied, expected) and len(plain.ops) <= BUDGETS[method]
+    assert torch.allclose(batch.lam_a + batch.lam_b, torch.ones(32), atol=1e-6) or method == "snapmix"
+    if method != "snapmix":
+        expected = (batch.partner != torch.arange(32)) & (batch.lam_b > 0)
+        assert torch.equal(batch.applied, expected)
+    if method == "cutmix":
+        x1, y1, x2, y2 = batch.boxes.unbind(1)
+        assert batch.boxes.dtype == torch.int64
+        assert torch.equal(batch.lam_b, (x2 - x1) * (y2 - y1) / (64 * 64))  # the pasted pixel fraction

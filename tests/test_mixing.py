@@ -131,6 +131,25 @@ def test_snapmix_falls_back_to_area_without_cam_mass():
     assert torch.isfinite(out.targets).all()
 
 
+def test_snapmix_falls_back_to_area_for_infinite_cam_mass():
+    """An infinite pixel, or finite pixels whose sum overflows: the total is not finite, so no share of it is
+    evidence; the target box's area fraction stands in (a 1-pixel box of finite mass would otherwise read 0)."""
+    overflow = torch.full((4, 4), 3e38)
+    overflow[3, 3] = 0.0  # minimum 0: every other pixel keeps 3e38, the sum overflows
+    infinite = torch.rand(4, 4)
+    infinite[0, 0] = float("inf")
+    out = snapmix(
+        torch.rand(2, 1, 4, 4),
+        torch.eye(2),
+        torch.stack([overflow, infinite]),
+        torch.tensor([1, 0]),
+        target_boxes=torch.tensor([[0, 0, 1, 1], [1, 1, 3, 3]]),
+        source_boxes=torch.tensor([[2, 2, 4, 4], [0, 0, 2, 1]]),
+    )
+    assert torch.equal(out.lam_a, torch.tensor([1 - 1 / 16, 1 - 4 / 16]))
+    assert torch.equal(out.lam_b, torch.tensor([1 / 16, 4 / 16]))
+
+
 def test_snapmix_normalize_targets():
     images = torch.rand(2, 1, 4, 4)
     cams = torch.rand(2, 4, 4)
@@ -369,6 +388,25 @@ def test_soft_label_input_and_smoothing():
     soft = torch.tensor([[0.5, 0.5, 0.0], [0.0, 0.0, 1.0]])
     out = MixingAugmenter("mixup", 3, p=0.0, label_smoothing=0.3)(torch.rand(2, 1, 2, 2), soft)
     assert torch.allclose(out.targets, soft * 0.7 + 0.1)
+
+
+@pytest.mark.parametrize("classes", [3, 1025], ids=["table", "scatter"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1, 0.3])
+def test_label_ids_become_smoothed_one_hot_rows(classes, smoothing):
+    """Up to 1024 classes the rows come from a cached table, above from a scatter: both are the smoothed
+    one-hot rows, each value rounded once to float32; any integer dtype; a fresh tensor each call."""
+    mixer = MixingAugmenter("mixup", classes, label_smoothing=smoothing)
+    labels = torch.tensor([0, classes - 1, 1, 1])
+    expected = (F.one_hot(labels, classes).double() * (1 - smoothing) + smoothing / classes).float()
+    for dtype in (torch.int64, torch.int32, torch.uint8 if classes < 256 else torch.int16):
+        targets = mixer.soft_targets(labels.to(dtype), 4)
+        assert targets.dtype == torch.float32 and torch.equal(targets, expected)
+    targets.zero_()
+    assert torch.equal(mixer.soft_targets(labels, 4), expected)
+    with pytest.raises(
+        ValueError, match=rf"`labels` must hold class ids in \[0, {classes}\), got values in \[0, {classes}\]"
+    ):
+        mixer.soft_targets(torch.tensor([0, classes]), 2)
 
 
 def test_mixup_blends_in_image_dtype_and_reports_rounded_lambda():

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from . import _checks
 from .cam import FeatureTap
-from .mixing import _KERNELS, MixedBatch, _constant, _Draw, _draw, _register
+from .mixing import _KERNELS, MixedBatch, _clipped, _constant, _Draw, _draw, _register
 
 __all__ = ["RandomCutMix", "RandomMixUp", "RandomSnapMix", "kornia_soft_targets"]
 
@@ -80,7 +80,7 @@ class _KorniaMix(MixAugmentationBaseV2):
         )
         params = {"mix_pairs": draw.partner, "mix_lambdas": draw.lam}
         if draw.boxes is not None:
-            params["mix_boxes"] = draw.boxes.long()
+            params["mix_boxes"] = _clipped(draw.boxes, height, width).long()
         return params
 
     def forward_parameters(self, batch_shape: tuple[int, ...]) -> dict[str, Tensor]:

@@ -81,7 +81,7 @@ class MixedBatch:
         self.images, self.targets, self.partner = images, targets, partner
         self._lam_a, self._lam_b, self._applied = lam_a, lam_b, applied
         self._boxes, self._source_boxes = boxes, source_boxes
-        self._corners = corners  # (B, k, 4) float32 corners of the k boxes per sample, made integer when read
+        self._corners = corners  # (B, k, 4) corners of the k boxes per sample, clipped and made integer when read
 
     @property
     def lam_a(self) -> Tensor:
@@ -110,14 +110,14 @@ class MixedBatch:
     def boxes(self) -> Tensor | None:
         """cutmix and snapmix: (B, 4) int64 box ``(x1, y1, x2, y2)`` that received the partner's content."""
         if self._boxes is None and self._corners is not None:
-            self._boxes = self._corners.select(1, 0).long()
+            self._boxes = _clipped(self._corners.select(1, 0), *self.images.shape[-2:]).long()
         return self._boxes
 
     @property
     def source_boxes(self) -> Tensor | None:
         """snapmix: (B, 4) int64 box of the partner that was cut out and resized into ``boxes``."""
         if self._source_boxes is None and self._corners is not None and self._corners.shape[1] > 1:
-            self._source_boxes = self._corners.select(1, 1).long()
+            self._source_boxes = _clipped(self._corners.select(1, 1), *self.images.shape[-2:]).long()
         return self._source_boxes
 
     def __repr__(self) -> str:
@@ -267,7 +267,8 @@ def cutmix(images: Tensor, targets: Tensor, partner: Tensor, boxes: Tensor) -> M
 
 
 def _cutmix(images: Tensor, targets: Tensor, partner: Tensor, boxes: Tensor) -> MixedBatch:
-    """:func:`cutmix` on checked input: ``partner`` int64, ``boxes`` (B, 4) int64 or float32 integer corners."""
+    """:func:`cutmix` on checked input: ``partner`` int64, ``boxes`` (B, 4) int64 boxes or float32 integer corners
+    (may reach past the image: the mask clips them, :class:`MixedBatch` clips its integer boxes)."""
     batch, _, height, width = images.shape
     mask = _box_masks(_box_indicators(boxes, height, width), height, width)
     mixed = _paste(mask, images.index_select(0, partner), images)
@@ -334,6 +335,28 @@ def snapmix(
     return _snapmix(images, targets, cams, partner.long(), corners, normalize_targets)
 
 
+def _normalised_steps(height: int, width: int, device: torch.device) -> Tensor:
+    """(2, 2) float32 ``[[k_x, k_y], [-1, -1]]``: pixel ``p`` is at ``p * k - 1`` in ``grid_sample``'s
+    coordinates with ``align_corners=True``, ``k = 2 / (size - 1)`` (2 for a 1-pixel side)."""
+
+    def build() -> Tensor:
+        return torch.tensor([[2.0 / max(width - 1, 1), 2.0 / max(height - 1, 1)], [-1.0, -1.0]], device=device)
+
+    return _constant(("normalised steps", height, width, device), build)
+
+
+def _normalised_grid(height: int, width: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """(H, W, 2) ``(x * k_x, y * k_y)`` at each pixel (see :func:`_normalised_steps`)."""
+
+    def build() -> Tensor:
+        steps = _normalised_steps(height, width, device)[0].to(dtype)
+        x = torch.arange(width, dtype=dtype, device=device) * steps[0]
+        y = torch.arange(height, dtype=dtype, device=device) * steps[1]
+        return torch.stack([x.expand(height, width), y[:, None].expand(height, width)], dim=-1)
+
+    return _constant(("normalised grid", height, width, dtype, device), build)
+
+
 def _snapmix(
     images: Tensor,
     targets: Tensor,
@@ -343,8 +366,9 @@ def _snapmix(
     normalize_targets: bool,
 ) -> MixedBatch:
     """:func:`snapmix` on checked input: ``partner`` int64, ``corners`` (B, 2, 4) float32 integer-valued boxes
-    (the target box, then the partner's source box)."""
+    (the target box, then the partner's source box), clipped here."""
     batch, _, height, width = images.shape
+    corners = _clipped(corners, height, width)
     inside = _box_indicators(corners, height, width)  # (B, 2 boxes, 2 axes, L)
     low, high = corners.view(batch, 2, 2, 2).unbind(2)  # (B, 2 boxes, 2 axes (x, y)) each
     sides = high - low
@@ -354,28 +378,20 @@ def _snapmix(
 
     # The paste: target pixel i of each axis reads source pixel lo_s + (i - lo_t) * (side_s - 1) / (side_t - 1),
     # bilinear resizing with corners aligned (a 1-pixel target side reads the first source pixel), as one
-    # grid_sample over a separable grid in normalised coordinates n = p * 2 / (size - 1) - 1.
-    to_normal = _constant(
-        ("to_normal", height, width, images.device),
-        lambda: torch.tensor([[2.0 / max(width - 1, 1), 2.0 / max(height - 1, 1)], [-1.0, -1.0]], device=images.device),
-    )
+    # grid_sample over a separable grid in normalised coordinates n = p * k - 1, k = 2 / (size - 1): with a
+    # cached grid of i * k, n = (k * (lo_s - lo_t * scale) - 1) + scale * (i * k), one op for the whole grid.
+    sample_dtype = torch.float64 if images.dtype == torch.float64 else torch.float32  # half: inexact past 256 px
+    steps = _normalised_steps(height, width, images.device)  # (2, 2): [k_x, k_y], [-1, -1]
     target_steps, source_steps = (sides - 1).unbind(1)
     scale = source_steps / target_steps.clamp(min=1)  # (B, 2 axes): source pixels per target pixel
     target_low, source_low = low.unbind(1)
     offset = torch.addcmul(source_low, target_low, scale, value=-1)  # source pixel at target pixel 0
-    sample_dtype = torch.float64 if images.dtype == torch.float64 else torch.float32  # half: inexact past 256 px
-    coordinates = torch.addcmul(
-        torch.addcmul(to_normal[1], offset, to_normal[0])[..., None],
-        _positions(max(height, width), images.device),
-        (scale * to_normal[0])[..., None],
+    start = torch.addcmul(steps[1], offset, steps[0])  # (B, 2): normalised source coordinate at target pixel 0
+    grid = torch.addcmul(
+        start.view(batch, 1, 1, 2),
+        scale.view(batch, 1, 1, 2),
+        _normalised_grid(height, width, sample_dtype, images.device),
     )
-    grid = torch.stack(
-        [
-            coordinates[:, 0, None, :width].expand(batch, height, width),
-            coordinates[:, 1, :height, None].expand(batch, height, width),
-        ],
-        dim=-1,
-    ).to(sample_dtype)
     patches = F.grid_sample(
         images.index_select(0, partner).to(sample_dtype),
         grid,
@@ -390,15 +406,14 @@ def _snapmix(
     # area fraction, as the SnapMix reference code.
     full = _resized_maps(cams, (height, width))
     shifted = full - full.amin(dim=(1, 2), keepdim=True)
-    totals = shifted.sum(dim=(1, 2))
-    totals = torch.addcmul(totals, totals, _zero(totals.device))  # an infinite total becomes NaN (inf * 0)
     pair = torch.stack([_positions(batch, partner.device), partner], dim=1).view(2 * batch)  # own, partner's
+    maps = shifted.index_select(0, pair).view(batch, 2, height, width)
+    totals = maps.sum(dim=(2, 3))  # (B, 2)
+    totals = torch.addcmul(totals, totals, _zero(totals.device))  # an infinite total becomes NaN (inf * 0)
     columns, rows = inside.to(shifted.dtype).unbind(2)  # (B, 2 boxes, L) each
     row_weights, column_weights = rows[..., None, :height], columns[..., :width, None]  # (B, 2, 1, H), (B, 2, W, 1)
-    maps = shifted.index_select(0, pair).view(batch, 2, height, width)
     box_mass = torch.matmul(torch.matmul(row_weights, maps), column_weights).view(batch, 2)
-    pair_totals = totals.index_select(0, pair).view(batch, 2)
-    fraction = box_mass / pair_totals  # NaN for a total of 0 (0 / 0), inf or NaN: no mass
+    fraction = box_mass / totals  # NaN for a total of 0 (0 / 0), inf or NaN: no mass
     target_fraction = area.select(1, 0).unsqueeze(1) / (height * width)
     share = torch.where(fraction == fraction, fraction, target_fraction).clamp(0.0, 1.0) * active.unsqueeze(1)
     own_share, lam_b = share.unbind(1)
@@ -522,9 +537,10 @@ def _(
 
 
 def _boxes_from_draws(side_draws: Tensor, centres: Tensor, height: int, width: int) -> Tensor:
-    """(n, k, 4) float32 boxes ``(x1, y1, x2, y2)`` from (n, k) Beta draws ``u`` and (n, k, 2) raw centres:
-    sides ``floor(size * sqrt(u))`` around a centre uniform over the pixels, clipped to the image. As
-    CutMix (timm), with ``u`` in the place of ``1 - lam``: the Beta(alpha, alpha) law is symmetric."""
+    """(n, k, 4) float32 corners ``(x1, y1, x2, y2)`` from (n, k) Beta draws ``u`` and (n, k, 2) raw centres:
+    sides ``floor(size * sqrt(u))`` around a centre uniform over the pixels, not yet clipped to the image
+    (:func:`_clipped`; a box mask needs no clipping). As CutMix (timm), with ``u`` in the place of ``1 - lam``:
+    the Beta(alpha, alpha) law is symmetric."""
     device = side_draws.device
 
     def constants() -> Tensor:  # rows: sizes (x, y), then the half-side offsets of the low and high corners
@@ -534,10 +550,19 @@ def _boxes_from_draws(side_draws: Tensor, centres: Tensor, height: int, width: i
     sizes = _constant(
         ("box sizes", height, width, device), lambda: torch.tensor([width, height], dtype=torch.long, device=device)
     )
-    zero = _zero(device)
     sides = (table[0] * side_draws.sqrt()[..., None]).floor()  # (n, k, 2)
     corners = torch.addcmul((centres % sizes)[..., None, :], sides[..., None, :], table[1:])  # (n, k, 2, 2)
-    return corners.ceil().clamp(min=zero, max=table[0]).flatten(-2)
+    return corners.ceil().flatten(-2)
+
+
+def _clipped(corners: Tensor, height: int, width: int) -> Tensor:
+    """(..., 4) corners ``(x1, y1, x2, y2)`` clipped to the image, in their dtype."""
+    device = corners.device
+
+    def sizes() -> Tensor:
+        return torch.tensor([width, height, width, height], dtype=torch.float32, device=device)
+
+    return corners.clamp(min=_zero(device), max=_constant(("corner limits", height, width, device), sizes))
 
 
 _TABLE_CLASSES = 1024  # up to this many classes the (K, K) table of smoothed one-hot rows is kept (<= 4 MiB)
@@ -558,7 +583,7 @@ class _Draw(NamedTuple):
 
     partner: Tensor  # (B,) int64, a sample left unmixed is its own partner
     lam: Tensor  # (B, lambdas) float32
-    boxes: Tensor | None  # (B, k, 4) float32 integer-valued corners (x1, y1, x2, y2)
+    boxes: Tensor | None  # (B, k, 4) float32 integer-valued corners (x1, y1, x2, y2), not clipped
 
 
 def _apply_mixup(images: Tensor, targets: Tensor, cams: Tensor | None, draw: _Draw, normalize: bool) -> MixedBatch:

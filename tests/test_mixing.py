@@ -526,12 +526,12 @@ def test_kernel_parameter_errors():
 def test_boxes_are_timm_cutmix_boxes(seed, height, width):
     """Side int(size * sqrt(u)) (u ~ Beta, in the place of 1 - lam), centred on a uniform pixel, clipped: the
     vectorised float construction equals the integer recipe of timm's rand_bbox, written here per box."""
-    from cekd_losses.mixing import _boxes_from_draws
+    from cekd_losses.mixing import _boxes_from_draws, _clipped
 
     g = torch.Generator().manual_seed(seed)
     u = torch.rand(64, 2, generator=g)
     centres = torch.randint(0, 2**62, (64, 2, 2), generator=g)
-    boxes = _boxes_from_draws(u, centres, height, width)
+    boxes = _clipped(_boxes_from_draws(u, centres, height, width), height, width)
     assert boxes.shape == (64, 2, 4) and boxes.dtype == torch.float32
     for n in range(64):
         for k in range(2):

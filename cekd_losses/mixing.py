@@ -183,8 +183,8 @@ def _box_indicators(boxes: Tensor, height: int, width: int) -> Tensor:
 
 
 def _box_masks(inside: Tensor, height: int, width: int) -> Tensor:
-    """(B, 1, H, W) bool masks, True inside each box, from its (B, 2, L) indicators (:func:`_box_indicators`)."""
-    columns, rows = inside.unsqueeze(1).unbind(2)  # (B, 1, L) each
+    """(..., H, W) bool masks, True inside each box, from its (..., 2, L) indicators (:func:`_box_indicators`)."""
+    columns, rows = inside.unbind(-2)  # (..., L) each
     return rows[..., :height, None] & columns[..., None, :width]
 
 
@@ -270,7 +270,7 @@ def _cutmix(images: Tensor, targets: Tensor, partner: Tensor, boxes: Tensor) -> 
     """:func:`cutmix` on checked input: ``partner`` int64, ``boxes`` (B, 4) int64 boxes or float32 integer corners
     (may reach past the image: the mask clips them, :class:`MixedBatch` clips its integer boxes)."""
     batch, _, height, width = images.shape
-    mask = _box_masks(_box_indicators(boxes, height, width), height, width)
+    mask = _box_masks(_box_indicators(boxes, height, width).unsqueeze(1), height, width)  # (B, 1, H, W)
     mixed = _paste(mask, images.index_select(0, partner), images)
     lam_b = mask.mean(dim=(1, 2, 3), dtype=torch.float32)  # the pasted pixel fraction, area / (H * W)
     own = _float32(targets)  # exactly own where lam_b == 0
@@ -369,12 +369,12 @@ def _snapmix(
     (the target box, then the partner's source box), clipped here."""
     batch, _, height, width = images.shape
     corners = _clipped(corners, height, width)
-    inside = _box_indicators(corners, height, width)  # (B, 2 boxes, 2 axes, L)
     low, high = corners.view(batch, 2, 2, 2).unbind(2)  # (B, 2 boxes, 2 axes (x, y)) each
     sides = high - low
-    area = sides.prod(dim=2)  # (B, 2) float
-    active = torch.logical_and(partner != _positions(batch, partner.device), area.prod(dim=1))
-    mask = _box_masks(inside.select(1, 0), height, width) & active.view(batch, 1, 1, 1)  # the target box
+    # a pair mixes where the partner is another image and neither box is empty; its box masks are empty otherwise
+    active = torch.logical_and(partner != _positions(batch, partner.device), sides.view(batch, 4).prod(dim=1))
+    masks = _box_masks(_box_indicators(corners, height, width), height, width) & active.view(batch, 1, 1, 1)
+    mask = masks[:, :1]  # (B, 1, H, W): the target box
 
     # The paste: target pixel i of each axis reads source pixel lo_s + (i - lo_t) * (side_s - 1) / (side_t - 1),
     # bilinear resizing with corners aligned (a 1-pixel target side reads the first source pixel), as one
@@ -410,12 +410,9 @@ def _snapmix(
     maps = shifted.index_select(0, pair).view(batch, 2, height, width)
     totals = maps.sum(dim=(2, 3))  # (B, 2)
     totals = torch.addcmul(totals, totals, _zero(totals.device))  # an infinite total becomes NaN (inf * 0)
-    columns, rows = inside.to(shifted.dtype).unbind(2)  # (B, 2 boxes, L) each
-    row_weights, column_weights = rows[..., None, :height], columns[..., :width, None]  # (B, 2, 1, H), (B, 2, W, 1)
-    box_mass = torch.matmul(torch.matmul(row_weights, maps), column_weights).view(batch, 2)
-    fraction = box_mass / totals  # NaN for a total of 0 (0 / 0), inf or NaN: no mass
-    target_fraction = area.select(1, 0).unsqueeze(1) / (height * width)
-    share = torch.where(fraction == fraction, fraction, target_fraction).clamp(0.0, 1.0) * active.unsqueeze(1)
+    fraction = (maps * masks).sum(dim=(2, 3)) / totals  # NaN for a total of 0 (0 / 0), inf or NaN: no mass
+    target_fraction = mask.mean(dim=(2, 3), dtype=torch.float32)  # (B, 1), 0 where the pair does not mix
+    share = torch.where(fraction == fraction, fraction, target_fraction).clamp(0.0, 1.0)
     own_share, lam_b = share.unbind(1)
     lam_a = 1.0 - own_share
     if normalize_targets:

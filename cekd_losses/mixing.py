@@ -562,6 +562,7 @@ def _clipped(corners: Tensor, height: int, width: int) -> Tensor:
     return corners.clamp(min=_zero(device), max=_constant(("corner limits", height, width, device), sizes))
 
 
+_INDEX_DTYPES = (torch.int64, torch.int32)  # what index_select takes as it is
 _TABLE_CLASSES = 1024  # up to this many classes the (K, K) table of smoothed one-hot rows is kept (<= 4 MiB)
 
 
@@ -698,12 +699,14 @@ class MixingAugmenter(nn.Module):
 
     def soft_targets(self, labels: Tensor, batch: int) -> Tensor:
         """(B, K) float32 targets from (B,) class ids or (B, K) soft targets, label smoothing applied."""
-        labels = _checks.check_tensor("labels", labels)
         smoothing, classes = self.label_smoothing, self.num_classes
+        labels = _checks.check_tensor("labels", labels)
         if labels.ndim == 1:
-            _checks.check_shape("labels", labels, (batch,))
-            _checks.check_integer("labels", labels)
-            ids = labels if labels.dtype in (torch.int64, torch.int32) else labels.long()
+            if labels.dtype in _INDEX_DTYPES and labels.shape[0] == batch:
+                ids = labels  # the common case, in as few Python calls as possible
+            else:
+                _checks.check_shape("labels", labels, (batch,))
+                ids = _checks.check_integer("labels", labels).long()
             try:  # on CPU indexing checks the ids itself: the range check costs nothing until it fails
                 if classes <= _TABLE_CLASSES:  # rows of a cached table: one kernel
                     return _smoothed_one_hot(classes, smoothing, labels.device).index_select(0, ids)

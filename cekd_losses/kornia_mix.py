@@ -78,9 +78,9 @@ class _KorniaMix(MixAugmentationBaseV2):
             self.p_batch,
             1,
         )
-        params = {"mix_pairs": draw.partner, "mix_lambdas": draw.lam}
+        params = {"mix_pairs": draw.partner, "mix_lambdas": draw.lam.flatten(1)}
         if draw.boxes is not None:
-            params["mix_boxes"] = _clipped(draw.boxes, height, width).long()
+            params["mix_boxes"] = _clipped(draw.boxes, height, width).flatten(-2).long()
         return params
 
     def forward_parameters(self, batch_shape: tuple[int, ...]) -> dict[str, Tensor]:
@@ -300,7 +300,9 @@ class RandomSnapMix(_KorniaMix):
 def _params_draw(params: dict[str, Tensor]) -> _Draw:
     """The kernels' draw from a parameter dictionary (recorded by a call, or given to replay it)."""
     boxes = params.get("mix_boxes")
-    return _Draw(params["mix_pairs"].long(), params["mix_lambdas"], boxes.float() if boxes is not None else None)
+    lambdas = params["mix_lambdas"]
+    corners = boxes.float().view(*boxes.shape[:-1], 2, 2) if boxes is not None else None
+    return _Draw(params["mix_pairs"].long(), lambdas.view(*lambdas.shape, 1, 1), corners)
 
 
 def kornia_soft_targets(labels: Tensor, num_classes: int) -> Tensor:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import weakref
 from collections.abc import Callable
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -81,7 +81,7 @@ class MixedBatch:
         self.images, self.targets, self.partner = images, targets, partner
         self._lam_a, self._lam_b, self._applied = lam_a, lam_b, applied
         self._boxes, self._source_boxes = boxes, source_boxes
-        self._corners = corners  # (B, k, 4) corners of the k boxes per sample, clipped and made integer when read
+        self._corners = corners  # (B, k, 2, 2) corners of the k boxes per sample, clipped and made integer when read
 
     @property
     def lam_a(self) -> Tensor:
@@ -110,14 +110,14 @@ class MixedBatch:
     def boxes(self) -> Tensor | None:
         """cutmix and snapmix: (B, 4) int64 box ``(x1, y1, x2, y2)`` that received the partner's content."""
         if self._boxes is None and self._corners is not None:
-            self._boxes = _clipped(self._corners.select(1, 0), *self.images.shape[-2:]).long()
+            self._boxes = _clipped(self._corners.select(1, 0), *self.images.shape[-2:]).flatten(-2).long()
         return self._boxes
 
     @property
     def source_boxes(self) -> Tensor | None:
         """snapmix: (B, 4) int64 box of the partner that was cut out and resized into ``boxes``."""
         if self._source_boxes is None and self._corners is not None and self._corners.shape[1] > 1:
-            self._source_boxes = _clipped(self._corners.select(1, 1), *self.images.shape[-2:]).long()
+            self._source_boxes = _clipped(self._corners.select(1, 1), *self.images.shape[-2:]).flatten(-2).long()
         return self._source_boxes
 
     def __repr__(self) -> str:
@@ -149,10 +149,11 @@ def _mix_targets(targets: Tensor, partner: Tensor, lam_a: Tensor, lam_b: Tensor)
 
 # Small constant tensors (positions, one-hot rows, box offsets) are built once per shape and device: on a GPU
 # each build would be kernel launches on every call. Under torch.compile they are built in the graph.
-_CONSTANTS: dict[tuple[object, ...], Tensor] = {}
+_CONSTANTS: dict[tuple[object, ...], object] = {}
+_Built = TypeVar("_Built")
 
 
-def _constant(key: tuple[object, ...], build: Callable[[], Tensor]) -> Tensor:
+def _constant(key: tuple[object, ...], build: Callable[[], _Built]) -> _Built:
     if torch.compiler.is_compiling():
         return build()
     value = _CONSTANTS.get(key)
@@ -160,7 +161,7 @@ def _constant(key: tuple[object, ...], build: Callable[[], Tensor]) -> Tensor:
         if len(_CONSTANTS) > 512:  # many shapes seen (tests, varying sizes): start again rather than grow
             _CONSTANTS.clear()
         value = _CONSTANTS[key] = build()
-    return value
+    return value  # type: ignore[return-value]  # built by ``build`` for this key
 
 
 def _zero(device: torch.device) -> Tensor:
@@ -173,13 +174,13 @@ def _positions(size: int, device: torch.device) -> Tensor:
     return _constant(("arange", size, device), lambda: torch.arange(size, device=device))
 
 
-def _box_indicators(boxes: Tensor, height: int, width: int) -> Tensor:
-    """(..., 2, L) bool, True at positions ``lo <= i < hi`` of (..., 4) boxes ``(x1, y1, x2, y2)``, so that
-    ``[..., 0, :W]`` marks the box's columns and ``[..., 1, :H]`` its rows (L = max(H, W)). As
-    ``(i >= lo) xor (i >= hi)``: one comparison for both corners (``lo <= hi``)."""
-    positions = _positions(max(height, width), boxes.device)
-    past = positions >= boxes.view(*boxes.shape[:-1], 2, 2, 1)  # (..., 2 corners, 2 axes, L)
-    return past.select(-3, 0) ^ past.select(-3, 1)
+def _box_indicators(corners: Tensor, height: int, width: int) -> Tensor:
+    """(..., 2, L) bool, True at positions ``lo <= i < hi`` of boxes given by their (..., 2, 2) corners
+    ``[[x1, y1], [x2, y2]]`` (a (..., 4) box ``(x1, y1, x2, y2)`` viewed as (..., 2, 2)), so that ``[..., 0, :W]``
+    marks the box's columns and ``[..., 1, :H]`` its rows (L = max(H, W)). As ``(i >= lo) xor (i >= hi)``: one
+    comparison for both corners (``lo <= hi``)."""
+    past_low, past_high = (_positions(max(height, width), corners.device) >= corners[..., None]).unbind(-3)
+    return past_low ^ past_high
 
 
 def _box_masks(inside: Tensor, height: int, width: int) -> Tensor:
@@ -224,15 +225,15 @@ def mixup(images: Tensor, targets: Tensor, partner: Tensor, lam: Tensor) -> Mixe
     _checks.check_same_device("lam", lam, "images", images)
     if _checks.can_read_values(lam) and not bool(((lam >= 0) & (lam <= 1)).all()):
         raise ValueError(f"`lam` must be in [0, 1], got values in [{float(lam.min())}, {float(lam.max())}]")
-    return _mixup(images, targets, partner.long(), lam.view(batch, 1))
+    return _mixup(images, targets, partner.long(), lam.view(batch, 1, 1, 1))
 
 
 def _mixup(images: Tensor, targets: Tensor, partner: Tensor, lam: Tensor) -> MixedBatch:
-    """:func:`mixup` on checked input (``partner`` int64, ``lam`` a (B, 1) column)."""
+    """:func:`mixup` on checked input (``partner`` int64, ``lam`` (B, 1, 1, 1))."""
     batch = images.shape[0]
     weight = lam if lam.dtype == images.dtype else lam.to(images.dtype)
-    mixed = torch.lerp(images.index_select(0, partner), images, weight.view(batch, 1, 1, 1))
-    lam_a = _float32(weight)  # (B, 1)
+    mixed = torch.lerp(images.index_select(0, partner), images, weight)
+    lam_a = _float32(weight).view(batch, 1)
     own = _float32(targets)  # exactly own where lam_a == 1
     return MixedBatch(mixed, torch.lerp(own.index_select(0, partner), own, lam_a), partner, lam_a.view(batch))
 
@@ -263,19 +264,19 @@ def cutmix(images: Tensor, targets: Tensor, partner: Tensor, boxes: Tensor) -> M
     batch, _, height, width = images.shape
     boxes = _checks.check_boxes("boxes", boxes, batch, height, width)
     _checks.check_same_device("boxes", boxes, "images", images)
-    return _cutmix(images, targets, partner.long(), boxes.long())
+    return _cutmix(images, targets, partner.long(), boxes.long().view(batch, 1, 2, 2))
 
 
-def _cutmix(images: Tensor, targets: Tensor, partner: Tensor, boxes: Tensor) -> MixedBatch:
-    """:func:`cutmix` on checked input: ``partner`` int64, ``boxes`` (B, 4) int64 boxes or float32 integer corners
-    (may reach past the image: the mask clips them, :class:`MixedBatch` clips its integer boxes)."""
+def _cutmix(images: Tensor, targets: Tensor, partner: Tensor, corners: Tensor) -> MixedBatch:
+    """:func:`cutmix` on checked input: ``partner`` int64, ``corners`` (B, 1, 2, 2) of each box, integer-valued
+    (they may reach past the image: the mask clips them, :class:`MixedBatch` clips its integer boxes)."""
     batch, _, height, width = images.shape
-    mask = _box_masks(_box_indicators(boxes, height, width).unsqueeze(1), height, width)  # (B, 1, H, W)
+    mask = _box_masks(_box_indicators(corners, height, width), height, width)  # (B, 1, H, W)
     mixed = _paste(mask, images.index_select(0, partner), images)
-    lam_b = mask.mean(dim=(1, 2, 3), dtype=torch.float32)  # the pasted pixel fraction, area / (H * W)
+    lam_b = mask.mean(dim=(2, 3), dtype=torch.float32)  # (B, 1): the pasted pixel fraction, area / (H * W)
     own = _float32(targets)  # exactly own where lam_b == 0
-    targets = torch.lerp(own, own.index_select(0, partner), lam_b.view(batch, 1))
-    return MixedBatch(mixed, targets, partner, lam_b=lam_b, corners=boxes.unsqueeze(1))
+    targets = torch.lerp(own, own.index_select(0, partner), lam_b)
+    return MixedBatch(mixed, targets, partner, lam_b=lam_b.view(batch), corners=corners)
 
 
 def snapmix(
@@ -331,7 +332,7 @@ def snapmix(
     for name, tensor in (("cams", cams), ("target_boxes", target_boxes), ("source_boxes", source_boxes)):
         _checks.check_same_device(name, tensor, "images", images)
 
-    corners = torch.stack([target_boxes, source_boxes], dim=1).float()
+    corners = torch.stack([target_boxes, source_boxes], dim=1).float().view(batch, 2, 2, 2)
     return _snapmix(images, targets, cams, partner.long(), corners, normalize_targets)
 
 
@@ -365,11 +366,11 @@ def _snapmix(
     corners: Tensor,
     normalize_targets: bool,
 ) -> MixedBatch:
-    """:func:`snapmix` on checked input: ``partner`` int64, ``corners`` (B, 2, 4) float32 integer-valued boxes
-    (the target box, then the partner's source box), clipped here."""
+    """:func:`snapmix` on checked input: ``partner`` int64, ``corners`` (B, 2, 2, 2) float32 integer-valued
+    corners of the target box, then of the partner's source box; clipped here."""
     batch, _, height, width = images.shape
     corners = _clipped(corners, height, width)
-    low, high = corners.view(batch, 2, 2, 2).unbind(2)  # (B, 2 boxes, 2 axes (x, y)) each
+    low, high = corners.unbind(2)  # (B, 2 boxes, 2 axes (x, y)) each
     sides = high - low
     # a pair mixes where the partner is another image and neither box is empty; its box masks are empty otherwise
     active = torch.logical_and(partner != _positions(batch, partner.device), sides.view(batch, 4).prod(dim=1))
@@ -475,12 +476,12 @@ def _random_draws(
     device: torch.device,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """Every random choice of one call, made on ``device`` with ``generator`` in three or four kernels:
-    a permutation (B,) of partners, (draws, lambdas) Beta(alpha, alpha) values, (draws, boxes, 2) int64
+    a permutation (B,) of partners, (draws, lambdas, 1, 1) Beta(alpha, alpha) values, (draws, boxes, 1, 2) int64
     box centres uniform in [0, 2**62) (reduced modulo the image size later), and (decisions,) uniforms
     for the mixing decision (none when ``decisions`` is 0)."""
     partner = torch.randperm(batch, generator=generator, device=device)
-    lam = _sample_beta(alpha, (draws, lambdas), generator, device)
-    centres = torch.randint(0, 2**62, (draws, boxes, 2), generator=generator, device=device) if boxes else None
+    lam = _sample_beta(alpha, (draws, lambdas, 1, 1), generator, device)
+    centres = torch.randint(0, 2**62, (draws, boxes, 1, 2), generator=generator, device=device) if boxes else None
     decision = torch.rand(decisions, generator=generator, device=device) if decisions else None
     return partner, lam, centres, decision
 
@@ -527,37 +528,37 @@ def _(
 ) -> list[Tensor]:
     return [
         torch.empty(batch, dtype=torch.long, device=device),
-        torch.empty(draws, lambdas, device=device),
-        torch.empty((draws, boxes, 2) if boxes else (0,), dtype=torch.long if boxes else torch.float32, device=device),
+        torch.empty(draws, lambdas, 1, 1, device=device),
+        torch.empty(
+            (draws, boxes, 1, 2) if boxes else (0,), dtype=torch.long if boxes else torch.float32, device=device
+        ),
         torch.empty(decisions, device=device),
     ]
 
 
 def _boxes_from_draws(side_draws: Tensor, centres: Tensor, height: int, width: int) -> Tensor:
-    """(n, k, 4) float32 corners ``(x1, y1, x2, y2)`` from (n, k) Beta draws ``u`` and (n, k, 2) raw centres:
-    sides ``floor(size * sqrt(u))`` around a centre uniform over the pixels, not yet clipped to the image
-    (:func:`_clipped`; a box mask needs no clipping). As CutMix (timm), with ``u`` in the place of ``1 - lam``:
-    the Beta(alpha, alpha) law is symmetric."""
+    """(n, k, 2, 2) float32 corners ``[[x1, y1], [x2, y2]]`` from (n, k, 1, 1) Beta draws ``u`` and (n, k, 1, 2)
+    raw centres: sides ``floor(size * sqrt(u))`` around a centre uniform over the pixels, not yet clipped to the
+    image (:func:`_clipped`; a box mask needs no clipping). As CutMix (timm), with ``u`` in the place of
+    ``1 - lam``: the Beta(alpha, alpha) law is symmetric."""
     device = side_draws.device
 
-    def constants() -> Tensor:  # rows: sizes (x, y), then the half-side offsets of the low and high corners
-        return torch.tensor([[width, height], [-0.5, -0.5], [0.5, 0.5]], dtype=torch.float32, device=device)
+    def constants() -> tuple[Tensor, Tensor, Tensor]:  # sizes (x, y), half-side offsets of the corners, int sizes
+        sizes = torch.tensor([width, height], dtype=torch.float32, device=device)
+        offsets = torch.tensor([[-0.5], [0.5]], device=device)
+        return sizes, offsets, sizes.long()
 
-    table = _constant(("box constants", height, width, device), constants)
-    sizes = _constant(
-        ("box sizes", height, width, device), lambda: torch.tensor([width, height], dtype=torch.long, device=device)
-    )
-    sides = (table[0] * side_draws.sqrt()[..., None]).floor()  # (n, k, 2)
-    corners = torch.addcmul((centres % sizes)[..., None, :], sides[..., None, :], table[1:])  # (n, k, 2, 2)
-    return corners.ceil().flatten(-2)
+    sizes, offsets, integer_sizes = _constant(("box constants", height, width, device), constants)
+    sides = (sizes * side_draws.sqrt()).floor()  # (n, k, 1, 2)
+    return torch.addcmul(centres % integer_sizes, sides, offsets).ceil()
 
 
 def _clipped(corners: Tensor, height: int, width: int) -> Tensor:
-    """(..., 4) corners ``(x1, y1, x2, y2)`` clipped to the image, in their dtype."""
+    """(..., 2, 2) corners ``[[x1, y1], [x2, y2]]`` clipped to the image, as float32."""
     device = corners.device
 
     def sizes() -> Tensor:
-        return torch.tensor([width, height, width, height], dtype=torch.float32, device=device)
+        return torch.tensor([width, height], dtype=torch.float32, device=device)
 
     return corners.clamp(min=_zero(device), max=_constant(("corner limits", height, width, device), sizes))
 
@@ -580,8 +581,8 @@ class _Draw(NamedTuple):
     """One call's parameters on the images' device, expanded to the batch; unmixed samples already folded in."""
 
     partner: Tensor  # (B,) int64, a sample left unmixed is its own partner
-    lam: Tensor  # (B, lambdas) float32
-    boxes: Tensor | None  # (B, k, 4) float32 integer-valued corners (x1, y1, x2, y2), not clipped
+    lam: Tensor  # (B, lambdas, 1, 1) float32
+    boxes: Tensor | None  # (B, k, 2, 2) float32 integer-valued corners [[x1, y1], [x2, y2]], not clipped
 
 
 def _apply_mixup(images: Tensor, targets: Tensor, cams: Tensor | None, draw: _Draw, normalize: bool) -> MixedBatch:
@@ -590,7 +591,7 @@ def _apply_mixup(images: Tensor, targets: Tensor, cams: Tensor | None, draw: _Dr
 
 def _apply_cutmix(images: Tensor, targets: Tensor, cams: Tensor | None, draw: _Draw, normalize: bool) -> MixedBatch:
     assert draw.boxes is not None
-    return _cutmix(images, targets, draw.partner, draw.boxes.select(1, 0))
+    return _cutmix(images, targets, draw.partner, draw.boxes)
 
 
 def _apply_snapmix(images: Tensor, targets: Tensor, cams: Tensor | None, draw: _Draw, normalize: bool) -> MixedBatch:
@@ -796,13 +797,13 @@ def _draw(
     boxes = None
     if centres is not None:
         boxes = _boxes_from_draws(lam, centres, height, width)
-        boxes = boxes.expand(batch, -1, -1) if same_on_batch else boxes
-    lam = lam.expand(batch, -1) if same_on_batch else lam
+        boxes = boxes.expand(batch, -1, -1, -1) if same_on_batch else boxes
+    lam = lam.expand(batch, -1, -1, -1) if same_on_batch else lam
     if decision is not None:  # unmixed samples: their own partner, lam 1, empty boxes
         mixed = (decision < p).expand(batch)
         partner = torch.where(mixed, partner, _positions(batch, device))
         if boxes is not None:
-            boxes = torch.where(mixed[:, None, None], boxes, 0.0)
+            boxes = torch.where(mixed.view(batch, 1, 1, 1), boxes, 0.0)
         else:
-            lam = torch.where(mixed[:, None], lam, 1.0)
+            lam = torch.where(mixed.view(batch, 1, 1, 1), lam, 1.0)
     return _Draw(partner, lam, boxes)

@@ -531,8 +531,9 @@ def test_boxes_are_timm_cutmix_boxes(seed, height, width):
     g = torch.Generator().manual_seed(seed)
     u = torch.rand(64, 2, generator=g)
     centres = torch.randint(0, 2**62, (64, 2, 2), generator=g)
-    boxes = _clipped(_boxes_from_draws(u, centres, height, width), height, width)
-    assert boxes.shape == (64, 2, 4) and boxes.dtype == torch.float32
+    boxes = _clipped(_boxes_from_draws(u[..., None, None], centres[:, :, None], height, width), height, width)
+    assert boxes.shape == (64, 2, 2, 2) and boxes.dtype == torch.float32
+    boxes = boxes.flatten(-2)
     for n in range(64):
         for k in range(2):
             expected = []

@@ -59,7 +59,7 @@ def normalize_cams(cams: Tensor, size: int | tuple[int, int] | None = None) -> T
     """
     cams = _checks.check_maps("cams", cams, ("B", "h", "w"))
     size = _check_size(size)
-    maps = cams.float() if size is None else _resized_maps(cams, size)
+    maps = cams.float() if size is None else _resized_maps(cams[:, None], size)[:, 0]
     shifted = maps - maps.amin(dim=(1, 2), keepdim=True)
     total = shifted.sum(dim=(1, 2), keepdim=True)
     valid = torch.isfinite(total) & (total > 0)
@@ -67,11 +67,11 @@ def normalize_cams(cams: Tensor, size: int | tuple[int, int] | None = None) -> T
 
 
 def _resized_maps(maps: Tensor, size: tuple[int, int]) -> Tensor:
-    """(B, H, W) float32 bilinear resize (``align_corners=False``, as SnapMix) of (B, h, w) maps; one kernel."""
+    """(B, C, H, W) float32 bilinear resize (``align_corners=False``, as SnapMix) of (B, C, h, w) maps; one kernel."""
     maps = maps.float()
     if size == tuple(maps.shape[-2:]):
         return maps
-    return F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+    return F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
 
 
 def _linear_cams(

@@ -78,7 +78,7 @@ class _KorniaMix(MixAugmentationBaseV2):
             self.p_batch,
             1,
         )
-        params = {"mix_pairs": draw.partner, "mix_lambdas": draw.lam.flatten(1)}
+        params = {"mix_pairs": draw.partner, "mix_lambdas": draw.lam.flatten(1).expand(batch, -1)}
         if draw.boxes is not None:
             params["mix_boxes"] = _clipped(draw.boxes, height, width).flatten(-2).long()
         return params

@@ -336,12 +336,13 @@ def snapmix(
     return _snapmix(images, targets, cams, partner.long(), corners, normalize_targets)
 
 
-def _normalised_steps(height: int, width: int, device: torch.device) -> Tensor:
-    """(2, 2) float32 ``[[k_x, k_y], [-1, -1]]``: pixel ``p`` is at ``p * k - 1`` in ``grid_sample``'s
+def _normalised_steps(height: int, width: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """(2,) float32 ``[k_x, k_y]`` and a 0-dim -1: pixel ``p`` is at ``p * k - 1`` in ``grid_sample``'s
     coordinates with ``align_corners=True``, ``k = 2 / (size - 1)`` (2 for a 1-pixel side)."""
 
-    def build() -> Tensor:
-        return torch.tensor([[2.0 / max(width - 1, 1), 2.0 / max(height - 1, 1)], [-1.0, -1.0]], device=device)
+    def build() -> tuple[Tensor, Tensor]:
+        step = torch.tensor([2.0 / max(width - 1, 1), 2.0 / max(height - 1, 1)], device=device)
+        return step, torch.tensor(-1.0, device=device)
 
     return _constant(("normalised steps", height, width, device), build)
 
@@ -350,9 +351,9 @@ def _normalised_grid(height: int, width: int, dtype: torch.dtype, device: torch.
     """(H, W, 2) ``(x * k_x, y * k_y)`` at each pixel (see :func:`_normalised_steps`)."""
 
     def build() -> Tensor:
-        steps = _normalised_steps(height, width, device)[0].to(dtype)
-        x = torch.arange(width, dtype=dtype, device=device) * steps[0]
-        y = torch.arange(height, dtype=dtype, device=device) * steps[1]
+        step = _normalised_steps(height, width, device)[0].to(dtype)
+        x = torch.arange(width, dtype=dtype, device=device) * step[0]
+        y = torch.arange(height, dtype=dtype, device=device) * step[1]
         return torch.stack([x.expand(height, width), y[:, None].expand(height, width)], dim=-1)
 
     return _constant(("normalised grid", height, width, dtype, device), build)
@@ -370,7 +371,7 @@ def _snapmix(
     corners of the target box, then of the partner's source box; clipped here."""
     batch, _, height, width = images.shape
     corners = _clipped(corners, height, width)
-    low, high = corners.unbind(2)  # (B, 2 boxes, 2 axes (x, y)) each
+    low, high = corners.view(batch, 2, 2, 1, 1, 2).unbind(2)  # (B, 2 boxes, 1, 1, 2 axes (x, y)) each
     sides = high - low
     # a pair mixes where the partner is another image and neither box is empty; its box masks are empty otherwise
     active = torch.logical_and(partner != _positions(batch, partner.device), sides.view(batch, 4).prod(dim=1))
@@ -382,17 +383,13 @@ def _snapmix(
     # grid_sample over a separable grid in normalised coordinates n = p * k - 1, k = 2 / (size - 1): with a
     # cached grid of i * k, n = (k * (lo_s - lo_t * scale) - 1) + scale * (i * k), one op for the whole grid.
     sample_dtype = torch.float64 if images.dtype == torch.float64 else torch.float32  # half: inexact past 256 px
-    steps = _normalised_steps(height, width, images.device)  # (2, 2): [k_x, k_y], [-1, -1]
+    step, minus_one = _normalised_steps(height, width, images.device)  # (2,) [k_x, k_y] and -1
     target_steps, source_steps = (sides - 1).unbind(1)
-    scale = source_steps / target_steps.clamp(min=1)  # (B, 2 axes): source pixels per target pixel
+    scale = source_steps / target_steps.clamp(min=1)  # (B, 1, 1, 2 axes): source pixels per target pixel
     target_low, source_low = low.unbind(1)
     offset = torch.addcmul(source_low, target_low, scale, value=-1)  # source pixel at target pixel 0
-    start = torch.addcmul(steps[1], offset, steps[0])  # (B, 2): normalised source coordinate at target pixel 0
-    grid = torch.addcmul(
-        start.view(batch, 1, 1, 2),
-        scale.view(batch, 1, 1, 2),
-        _normalised_grid(height, width, sample_dtype, images.device),
-    )
+    start = torch.addcmul(minus_one, offset, step)  # normalised source coordinate at target pixel 0
+    grid = torch.addcmul(start, scale, _normalised_grid(height, width, sample_dtype, images.device))  # (B, H, W, 2)
     patches = F.grid_sample(
         images.index_select(0, partner).to(sample_dtype),
         grid,
@@ -405,8 +402,8 @@ def _snapmix(
     # Label weights: each map resized to the image (bilinear), minimum subtracted; the share of its mass in the
     # target box (own map) and in the source box (partner's map). No mass (flat, NaN, inf): the target box's
     # area fraction, as the SnapMix reference code.
-    full = _resized_maps(cams, (height, width))
-    shifted = full - full.amin(dim=(1, 2), keepdim=True)
+    full = _resized_maps(cams.unsqueeze(1), (height, width))  # (B, 1, H, W)
+    shifted = full - full.amin(dim=(2, 3), keepdim=True)
     pair = torch.stack([_positions(batch, partner.device), partner], dim=1).view(2 * batch)  # own, partner's
     maps = shifted.index_select(0, pair).view(batch, 2, height, width)
     totals = maps.sum(dim=(2, 3))  # (B, 2)
@@ -581,7 +578,7 @@ class _Draw(NamedTuple):
     """One call's parameters on the images' device, expanded to the batch; unmixed samples already folded in."""
 
     partner: Tensor  # (B,) int64, a sample left unmixed is its own partner
-    lam: Tensor  # (B, lambdas, 1, 1) float32
+    lam: Tensor  # (B, lambdas, 1, 1) float32; (1, lambdas, 1, 1) for the box methods with same_on_batch
     boxes: Tensor | None  # (B, k, 2, 2) float32 integer-valued corners [[x1, y1], [x2, y2]], not clipped
 
 
@@ -798,7 +795,8 @@ def _draw(
     if centres is not None:
         boxes = _boxes_from_draws(lam, centres, height, width)
         boxes = boxes.expand(batch, -1, -1, -1) if same_on_batch else boxes
-    lam = lam.expand(batch, -1, -1, -1) if same_on_batch else lam
+    elif same_on_batch:  # MixUp's kernel takes its lam (the box methods' lams made their boxes)
+        lam = lam.expand(batch, -1, -1, -1)
     if decision is not None:  # unmixed samples: their own partner, lam 1, empty boxes
         mixed = (decision < p).expand(batch)
         partner = torch.where(mixed, partner, _positions(batch, device))

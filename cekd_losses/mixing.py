@@ -179,14 +179,16 @@ def _box_indicators(corners: Tensor, height: int, width: int) -> Tensor:
     ``[[x1, y1], [x2, y2]]`` (a (..., 4) box ``(x1, y1, x2, y2)`` viewed as (..., 2, 2)), so that ``[..., 0, :W]``
     marks the box's columns and ``[..., 1, :H]`` its rows (L = max(H, W)). As ``(i >= lo) xor (i >= hi)``: one
     comparison for both corners (``lo <= hi``)."""
-    past_low, past_high = (_positions(max(height, width), corners.device) >= corners[..., None]).unbind(-3)
+    past_low, past_high = (_positions(max(height, width), corners.device) >= corners.unsqueeze(-1)).unbind(-3)
     return past_low ^ past_high
 
 
 def _box_masks(inside: Tensor, height: int, width: int) -> Tensor:
     """(..., H, W) bool masks, True inside each box, from its (..., 2, L) indicators (:func:`_box_indicators`)."""
     columns, rows = inside.unbind(-2)  # (..., L) each
-    return rows[..., :height, None] & columns[..., None, :width]
+    if height != width:
+        columns, rows = columns[..., :width], rows[..., :height]
+    return rows.unsqueeze(-1) & columns.unsqueeze(-2)
 
 
 def _paste(mask: Tensor, pasted: Tensor, images: Tensor) -> Tensor:

@@ -80,7 +80,7 @@ class _KorniaMix(MixAugmentationBaseV2):
         )
         params = {"mix_pairs": draw.partner, "mix_lambdas": draw.lam.flatten(1).expand(batch, -1)}
         if draw.boxes is not None:
-            params["mix_boxes"] = _clipped(draw.boxes, height, width).flatten(-2).long()
+            params["mix_boxes"] = _clipped(draw.boxes, height, width).flatten(-2).expand(batch, -1, -1).long()
         return params
 
     def forward_parameters(self, batch_shape: tuple[int, ...]) -> dict[str, Tensor]:

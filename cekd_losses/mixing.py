@@ -270,15 +270,18 @@ def cutmix(images: Tensor, targets: Tensor, partner: Tensor, boxes: Tensor) -> M
 
 
 def _cutmix(images: Tensor, targets: Tensor, partner: Tensor, corners: Tensor) -> MixedBatch:
-    """:func:`cutmix` on checked input: ``partner`` int64, ``corners`` (B, 1, 2, 2) of each box, integer-valued
-    (they may reach past the image: the mask clips them, :class:`MixedBatch` clips its integer boxes)."""
+    """:func:`cutmix` on checked input: ``partner`` int64, ``corners`` (B, 1, 2, 2) of each box, or (1, 1, 2, 2)
+    of one box for all, integer-valued (they may reach past the image: the mask clips them, :class:`MixedBatch`
+    clips its integer boxes)."""
     batch, _, height, width = images.shape
-    mask = _box_masks(_box_indicators(corners, height, width), height, width)  # (B, 1, H, W)
+    mask = _box_masks(_box_indicators(corners, height, width), height, width)  # (B or 1, 1, H, W)
     mixed = _paste(mask, images.index_select(0, partner), images)
-    lam_b = mask.mean(dim=(2, 3), dtype=torch.float32)  # (B, 1): the pasted pixel fraction, area / (H * W)
+    lam_b = mask.mean(dim=(2, 3), dtype=torch.float32)  # (B or 1, 1): the pasted pixel fraction, area / (H * W)
     own = _float32(targets)  # exactly own where lam_b == 0
     targets = torch.lerp(own, own.index_select(0, partner), lam_b)
-    return MixedBatch(mixed, targets, partner, lam_b=lam_b.view(batch), corners=corners)
+    return MixedBatch(
+        mixed, targets, partner, lam_b=lam_b.expand(batch, 1).view(batch), corners=corners.expand(batch, -1, -1, -1)
+    )
 
 
 def snapmix(
@@ -369,10 +372,10 @@ def _snapmix(
     corners: Tensor,
     normalize_targets: bool,
 ) -> MixedBatch:
-    """:func:`snapmix` on checked input: ``partner`` int64, ``corners`` (B, 2, 2, 2) float32 integer-valued
+    """:func:`snapmix` on checked input: ``partner`` int64, ``corners`` (B or 1, 2, 2, 2) float32 integer-valued
     corners of the target box, then of the partner's source box; clipped here."""
     batch, _, height, width = images.shape
-    corners = _clipped(corners, height, width)
+    corners = _clipped(corners, height, width).expand(batch, -1, -1, -1)
     low, high = corners.view(batch, 2, 2, 1, 1, 2).unbind(2)  # (B, 2 boxes, 1, 1, 2 axes (x, y)) each
     sides = high - low
     # a pair mixes where the partner is another image and neither box is empty; its box masks are empty otherwise
@@ -581,7 +584,7 @@ class _Draw(NamedTuple):
 
     partner: Tensor  # (B,) int64, a sample left unmixed is its own partner
     lam: Tensor  # (B, lambdas, 1, 1) float32; (1, lambdas, 1, 1) for the box methods with same_on_batch
-    boxes: Tensor | None  # (B, k, 2, 2) float32 integer-valued corners [[x1, y1], [x2, y2]], not clipped
+    boxes: Tensor | None  # (B or 1, k, 2, 2) float32 integer-valued corners [[x1, y1], [x2, y2]], not clipped
 
 
 def _apply_mixup(images: Tensor, targets: Tensor, cams: Tensor | None, draw: _Draw, normalize: bool) -> MixedBatch:
@@ -795,14 +798,13 @@ def _draw(
         decision = decision.to(device, non_blocking=True) if decision is not None else None
     boxes = None
     if centres is not None:
-        boxes = _boxes_from_draws(lam, centres, height, width)
-        boxes = boxes.expand(batch, -1, -1, -1) if same_on_batch else boxes
+        boxes = _boxes_from_draws(lam, centres, height, width)  # one box set for the batch with same_on_batch
     elif same_on_batch:  # MixUp's kernel takes its lam (the box methods' lams made their boxes)
         lam = lam.expand(batch, -1, -1, -1)
     if decision is not None:  # unmixed samples: their own partner, lam 1, empty boxes
         mixed = (decision < p).expand(batch)
         partner = torch.where(mixed, partner, _positions(batch, device))
-        if boxes is not None:
+        if boxes is not None:  # (B, k, 2, 2) from here
             boxes = torch.where(mixed.view(batch, 1, 1, 1), boxes, 0.0)
         else:
             lam = torch.where(mixed.view(batch, 1, 1, 1), lam, 1.0)

@@ -750,22 +750,35 @@ class MixingAugmenter(nn.Module):
         if cams is not None:
             cams = _checks.check_maps("cams", cams, (batch, "h", "w"))
             _checks.check_same_device("cams", cams, "images", images)
-        return kernel.apply(images, targets, cams, self._draw(images, kernel), self.normalize_targets)
-
-    def _draw(self, images: Tensor, kernel: _Method) -> _Draw:
-        """This call's random parameters (one set with ``same_on_batch``), on the images' device."""
-        batch, _, height, width = images.shape
-        decisions = 1 if self.same_on_batch else batch
-        return _draw(
+        _, _, height, width = images.shape
+        same = self.same_on_batch  # one draw of lambdas, boxes and decision for the batch
+        draw = _draw(
             kernel,
             (batch, height, width),
             images.device,
             self.generator,
             self.mix_alpha,
-            self.same_on_batch,
+            same,
             self.p,
-            decisions,
+            1 if same else batch,
         )
+        return kernel.apply(images, targets, cams, draw, self.normalize_targets)
+
+
+def _draw(self, images: Tensor, kernel: _Method) -> _Draw:
+    """This call's random parameters (one set with ``same_on_batch``), on the images' device."""
+    batch, _, height, width = images.shape
+    decisions = 1 if self.same_on_batch else batch
+    return _draw(
+        kernel,
+        (batch, height, width),
+        images.device,
+        self.generator,
+        self.mix_alpha,
+        self.same_on_batch,
+        self.p,
+        decisions,
+    )
 
 
 def _draw(

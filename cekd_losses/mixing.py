@@ -55,7 +55,9 @@ class MixedBatch:
     ``lam_a``, ``lam_b``, ``applied`` and the boxes are computed when first read where they follow from the
     rest (MixUp's ``lam_b = 1 - lam_a``, CutMix's ``lam_a = 1 - lam_b``; a mix is applied where the partner
     differs and ``lam_b > 0``; integer boxes from the float corners the mix was made with): a training step
-    that reads only ``images`` and ``targets`` launches no kernel for them.
+    that reads only ``images`` and ``targets`` launches no kernel for them. The kernels construct it with
+    ``lam_a`` or ``lam_b`` (at least one) and, for box methods, the keyword ``corners``: (B, k, 2, 2) float
+    ``[[x1, y1], [x2, y2]]`` of the target box (and the source box), clipped and made integer when read.
 
     With ``partner``, ``lam_a`` and the boxes, the kernels replay a mix exactly on another tensor of
     the same batch (a second view, a mask): ``cutmix(other, targets, batch.partner, batch.boxes)``.
@@ -580,7 +582,7 @@ def _smoothed_one_hot(classes: int, smoothing: float, device: torch.device) -> T
 
 
 class _Draw(NamedTuple):
-    """One call's parameters on the images' device, expanded to the batch; unmixed samples already folded in."""
+    """One call's parameters on the images' device; unmixed samples already folded in."""
 
     partner: Tensor  # (B,) int64, a sample left unmixed is its own partner
     lam: Tensor  # (B, lambdas, 1, 1) float32; (1, lambdas, 1, 1) for the box methods with same_on_batch
@@ -772,22 +774,6 @@ class MixingAugmenter(nn.Module):
             1 if same else batch,
         )
         return kernel.apply(images, targets, cams, draw, self.normalize_targets)
-
-
-def _draw(self, images: Tensor, kernel: _Method) -> _Draw:
-    """This call's random parameters (one set with ``same_on_batch``), on the images' device."""
-    batch, _, height, width = images.shape
-    decisions = 1 if self.same_on_batch else batch
-    return _draw(
-        kernel,
-        (batch, height, width),
-        images.device,
-        self.generator,
-        self.mix_alpha,
-        self.same_on_batch,
-        self.p,
-        decisions,
-    )
 
 
 def _draw(

@@ -377,11 +377,11 @@ def _snapmix(
     """:func:`snapmix` on checked input: ``partner`` int64, ``corners`` (B or 1, 2, 2, 2) float32 integer-valued
     corners of the target box, then of the partner's source box; clipped here."""
     batch, _, height, width = images.shape
-    corners = _clipped(corners, height, width).expand(batch, -1, -1, -1)
-    low, high = corners.view(batch, 2, 2, 1, 1, 2).unbind(2)  # (B, 2 boxes, 1, 1, 2 axes (x, y)) each
+    corners = _clipped(corners, height, width)  # (n, 2, 2, 2), n = 1 with one box pair for the batch
+    low, high = corners.view(-1, 2, 2, 1, 1, 2).unbind(2)  # (n, 2 boxes, 1, 1, 2 axes (x, y)) each
     sides = high - low
     # a pair mixes where the partner is another image and neither box is empty; its box masks are empty otherwise
-    active = torch.logical_and(partner != _positions(batch, partner.device), sides.view(batch, 4).prod(dim=1))
+    active = torch.logical_and(partner != _positions(batch, partner.device), sides.flatten(1).prod(dim=1))
     masks = _box_masks(_box_indicators(corners, height, width), height, width) & active.view(batch, 1, 1, 1)
     mask = masks[:, :1]  # (B, 1, H, W): the target box
 
@@ -396,10 +396,10 @@ def _snapmix(
     target_low, source_low = low.unbind(1)
     offset = torch.addcmul(source_low, target_low, scale, value=-1)  # source pixel at target pixel 0
     start = torch.addcmul(minus_one, offset, step)  # normalised source coordinate at target pixel 0
-    grid = torch.addcmul(start, scale, _normalised_grid(height, width, sample_dtype, images.device))  # (B, H, W, 2)
+    grid = torch.addcmul(start, scale, _normalised_grid(height, width, sample_dtype, images.device))  # (n, H, W, 2)
     patches = F.grid_sample(
         images.index_select(0, partner).to(sample_dtype),
-        grid,
+        grid.expand(batch, -1, -1, -1),
         mode="bilinear",
         padding_mode="zeros",
         align_corners=True,
@@ -428,7 +428,13 @@ def _snapmix(
         lam_a = torch.where(some, lam_a / safe_total, 1.0 - area_fraction)
         lam_b = torch.where(some, lam_b / safe_total, area_fraction)
     return MixedBatch(
-        mixed, _mix_targets(targets, partner, lam_a, lam_b), partner, lam_a, lam_b, active, corners=corners
+        mixed,
+        _mix_targets(targets, partner, lam_a, lam_b),
+        partner,
+        lam_a,
+        lam_b,
+        active,
+        corners=corners.expand(batch, -1, -1, -1),
     )
 
 

@@ -384,6 +384,21 @@ def test_dtype_and_device_preserved(method, dtype, device):
         assert tensor.device.type == device.type
 
 
+@pytest.mark.parametrize("p", [1.0, 0.5])
+@pytest.mark.parametrize("same_on_batch", [False, True])
+@pytest.mark.parametrize("method", ["mixup", "cutmix", "snapmix"])
+def test_every_output_stays_on_the_images_device(method, same_on_batch, p):
+    """The meta device stands in for an accelerator: a CPU generator draws, everything else (cached constants
+    included) must be on the images' device, and no value may be read back (meta tensors hold none)."""
+    mixer = MixingAugmenter(method, 5, p=p, same_on_batch=same_on_batch, generator=torch.Generator().manual_seed(0))
+    images, labels = torch.empty(4, 3, 8, 6, device="meta"), torch.empty(4, dtype=torch.long, device="meta")
+    out = mixer(images, labels, torch.empty(4, 2, 3, device="meta") if method == "snapmix" else None)
+    fields = (out.images, out.targets, out.partner, out.lam_a, out.lam_b, out.applied, out.boxes, out.source_boxes)
+    assert all(tensor.device.type == "meta" for tensor in fields if tensor is not None)
+    assert out.images.shape == (4, 3, 8, 6) and out.targets.shape == (4, 5) and out.lam_a.shape == (4,)
+    assert (out.boxes is None) == (method == "mixup") and (out.source_boxes is None) == (method != "snapmix")
+
+
 def test_soft_label_input_and_smoothing():
     soft = torch.tensor([[0.5, 0.5, 0.0], [0.0, 0.0, 1.0]])
     out = MixingAugmenter("mixup", 3, p=0.0, label_smoothing=0.3)(torch.rand(2, 1, 2, 2), soft)

@@ -149,20 +149,30 @@ def _mix_targets(targets: Tensor, partner: Tensor, lam_a: Tensor, lam_b: Tensor)
     return torch.addcmul(lam_a.unsqueeze(1) * own, lam_b.unsqueeze(1), own.index_select(0, partner))
 
 
-# Small constant tensors (positions, one-hot rows, box offsets) are built once per shape and device: on a GPU
-# each build would be kernel launches on every call. Under torch.compile they are built in the graph.
+# Small constant tensors (positions, one-hot rows, box offsets, sampling grids) are built once per shape and
+# device: on a GPU each build would be kernel launches on every call. Under torch.compile they are built in the
+# graph. Many shapes, class counts or devices seen in one process (tests, multi-scale training, sweeps) start the
+# cache again rather than let it grow past 512 entries or 64 MiB.
 _CONSTANTS: dict[tuple[object, ...], object] = {}
+_CACHE_LIMITS = (512, 64 * 2**20)  # entries, bytes
+_cached_bytes = 0
 _Built = TypeVar("_Built")
 
 
 def _constant(key: tuple[object, ...], build: Callable[[], _Built]) -> _Built:
+    global _cached_bytes
     if torch.compiler.is_compiling():
         return build()
     value = _CONSTANTS.get(key)
     if value is None:
-        if len(_CONSTANTS) > 512:  # many shapes seen (tests, varying sizes): start again rather than grow
+        value = build()
+        parts = value if isinstance(value, tuple) else (value,)
+        size = sum(part.numel() * part.element_size() for part in parts if isinstance(part, Tensor))
+        if len(_CONSTANTS) >= _CACHE_LIMITS[0] or _cached_bytes + size > _CACHE_LIMITS[1]:
             _CONSTANTS.clear()
-        value = _CONSTANTS[key] = build()
+            _cached_bytes = 0
+        _CONSTANTS[key] = value
+        _cached_bytes += size
     return value  # type: ignore[return-value]  # built by ``build`` for this key
 
 

@@ -133,3 +133,23 @@ def test_derived_fields_cost_kernels_only_when_read(method, monkeypatch):
         x1, y1, x2, y2 = batch.boxes.unbind(1)
         assert batch.boxes.dtype == torch.int64
         assert torch.equal(batch.lam_b, (x2 - x1) * (y2 - y1) / (64 * 64))  # the pasted pixel fraction
+
+
+def test_cached_constants_stay_within_their_limits(monkeypatch):
+    """Constants built once per shape, class count and device (one-hot tables, sampling grids) must not pile up in a
+    long process that sees many of them: past 512 entries or 64 MiB the cache starts again."""
+    from cekd_losses import mixing
+
+    monkeypatch.setattr(mixing, "_CONSTANTS", {})
+    monkeypatch.setattr(mixing, "_cached_bytes", 0)
+    entries, limit = mixing._CACHE_LIMITS
+    for classes in range(1000, 1040):  # 40 one-hot tables of about 4 MiB: 160 MiB if all were kept
+        table = mixing._smoothed_one_hot(classes, 0.1, torch.device("cpu"))
+        assert table.shape == (classes, classes)
+        held = sum(value.numel() * value.element_size() for value in mixing._CONSTANTS.values())
+        assert held == mixing._cached_bytes <= limit
+    for size in range(entries + 10):  # many small constants: entries bounded too
+        assert torch.equal(mixing._positions(size + 1, torch.device("cpu")), torch.arange(size + 1))
+        assert len(mixing._CONSTANTS) <= entries
+    again = mixing._positions(entries + 10, torch.device("cpu"))
+    assert mixing._positions(entries + 10, torch.device("cpu")) is again  # a cached constant is reused

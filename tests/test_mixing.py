@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cekd_losses import MixingAugmenter, cutmix, mixup, snapmix
+from cekd_losses import MixedBatch, MixingAugmenter, cutmix, mixup, snapmix
 
 FLOAT_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
@@ -397,6 +397,19 @@ def test_every_output_stays_on_the_images_device(method, same_on_batch, p):
     assert all(tensor.device.type == "meta" for tensor in fields if tensor is not None)
     assert out.images.shape == (4, 3, 8, 6) and out.targets.shape == (4, 5) and out.lam_a.shape == (4,)
     assert (out.boxes is None) == (method == "mixup") and (out.source_boxes is None) == (method != "snapmix")
+
+
+def test_a_mixed_batch_needs_one_of_its_label_weights():
+    """The other follows from it (1 minus it); with neither there is nothing to report."""
+    images, targets, partner = torch.rand(2, 1, 2, 2), torch.eye(2), torch.tensor([1, 0])
+    with pytest.raises(
+        TypeError, match=r"MixedBatch needs `lam_a` or `lam_b` \(the other is 1 minus it\), got neither"
+    ):
+        MixedBatch(images, targets, partner)
+    assert torch.equal(
+        MixedBatch(images, targets, partner, lam_b=torch.tensor([0.25, 0.0])).lam_a, torch.tensor([0.75, 1.0])
+    )
+    assert torch.equal(MixedBatch(images, targets, partner, torch.tensor([0.25, 1.0])).lam_b, torch.tensor([0.75, 0.0]))
 
 
 def test_soft_label_input_and_smoothing():

@@ -7,8 +7,10 @@ from dataclasses import asdict, dataclass, field, replace
 from .device import run_device
 
 METHODS = ("baseline", "mixup", "cutmix", "snapmix", "cekd")
-# drawn in memory: the target task, and the transfer proxy's source tasks (cekd_repro.data.SOURCE_TASKS)
-SYNTHETIC = ("synthetic", "synthetic-source", "synthetic-colours", "synthetic-distant")
+# the transfer proxy's source tasks (dataset name -> what its classes share with the target's; cekd_repro.data)
+SOURCE_TASKS = {"synthetic-source": "near", "synthetic-colours": "colours", "synthetic-distant": "distant"}
+# drawn in memory: the target task and the source tasks
+SYNTHETIC = ("synthetic", *SOURCE_TASKS)
 CEKD_OPTIONS = ("mix", "members", "temperature", "alpha", "beta", "combine", "rampup_epochs", "no_cross", "no_ensemble")
 MIXING_OPTIONS = ("mix_alpha", "mix_p", "same_on_batch")
 

@@ -22,6 +22,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from .config import SOURCE_TASKS, SYNTHETIC
+
 if TYPE_CHECKING:
     from .config import RunConfig
 
@@ -206,10 +208,6 @@ def synthetic_splits(spec: SyntheticSpec) -> tuple[TensorImages, TensorImages, i
     return splits[0], splits[1], spec.num_classes
 
 
-# the transfer proxy's source tasks (dataset name -> what its classes share with the target's)
-SOURCE_TASKS = {"synthetic-source": "near", "synthetic-colours": "colours", "synthetic-distant": "distant"}
-
-
 def source_pairs(spec: SyntheticSpec, kind: str = "near") -> list[int]:
     """The transfer proxy's source classes, as labels of the full 6 x 6 grid (colour + 6 x orientation) of
     (head colour, stripe orientation) pairs, drawn the same way as the target task of ``spec.num_classes``:
@@ -381,7 +379,7 @@ def load_data(config: RunConfig, rank: int = 0, world: int = 1, say: Callable[[s
 
     File datasets are decoded and resized once into the cache (:mod:`cekd_repro.cache`; rank 0 builds it,
     the other ranks wait and read it) and cropped and flipped from there, unless ``config.no_cache``."""
-    if config.dataset == "synthetic" or config.dataset in SOURCE_TASKS:
+    if config.dataset in SYNTHETIC:
         spec = SyntheticSpec(
             config.classes, config.train_per_class, config.test_per_class, config.image_size, config.seed
         )

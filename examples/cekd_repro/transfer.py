@@ -25,8 +25,8 @@ from torch import Tensor, nn
 from cekd_losses import find_classifier
 
 from .ablation import ALL_ROWS, run_ablation
-from .config import RunConfig
-from .data import SOURCE_TASKS, load_data
+from .config import SOURCE_TASKS, RunConfig
+from .data import load_data
 from .engine import train
 from .models import build_model
 from .rundir import resumed_config

@@ -56,8 +56,9 @@ class MixedBatch:
     rest (MixUp's ``lam_b = 1 - lam_a``, CutMix's ``lam_a = 1 - lam_b``; a mix is applied where the partner
     differs and ``lam_b > 0``; integer boxes from the float corners the mix was made with): a training step
     that reads only ``images`` and ``targets`` launches no kernel for them. The kernels construct it with
-    ``lam_a`` or ``lam_b`` (at least one) and, for box methods, the keyword ``corners``: (B, k, 2, 2) float
-    ``[[x1, y1], [x2, y2]]`` of the target box (and the source box), clipped and made integer when read.
+    ``lam_a`` or ``lam_b`` (at least one; (B,), or (B, 1) or (1, 1) expanded when read) and, for box methods,
+    the keyword ``corners``: (B, k, 2, 2) or (1, k, 2, 2) float ``[[x1, y1], [x2, y2]]`` of the target box (and
+    the source box), clipped, made integer and expanded to the batch when read.
 
     With ``partner``, ``lam_a`` and the boxes, the kernels replay a mix exactly on another tensor of
     the same batch (a second view, a mask): ``cutmix(other, targets, batch.partner, batch.boxes)``.
@@ -83,14 +84,15 @@ class MixedBatch:
         self.images, self.targets, self.partner = images, targets, partner
         self._lam_a, self._lam_b, self._applied = lam_a, lam_b, applied
         self._boxes, self._source_boxes = boxes, source_boxes
-        self._corners = corners  # (B, k, 2, 2) corners of the k boxes per sample, clipped and made integer when read
+        self._corners = corners  # (B or 1, k, 2, 2) corners of the k boxes, clipped and made integer when read
 
     @property
     def lam_a(self) -> Tensor:
         """(B,) float32 weight of the sample's own target."""
         if self._lam_a is None:
-            assert self._lam_b is not None
-            self._lam_a = 1.0 - self._lam_b
+            self._lam_a = 1.0 - self.lam_b
+        elif self._lam_a.ndim == 2:  # a kernel's (B or 1, 1) weight
+            self._lam_a = self._lam_a.expand(self.partner.shape[0], 1).view(-1)
         return self._lam_a
 
     @property
@@ -98,6 +100,8 @@ class MixedBatch:
         """(B,) float32 weight of the partner's target."""
         if self._lam_b is None:
             self._lam_b = 1.0 - self.lam_a
+        elif self._lam_b.ndim == 2:
+            self._lam_b = self._lam_b.expand(self.partner.shape[0], 1).view(-1)
         return self._lam_b
 
     @property
@@ -112,15 +116,20 @@ class MixedBatch:
     def boxes(self) -> Tensor | None:
         """cutmix and snapmix: (B, 4) int64 box ``(x1, y1, x2, y2)`` that received the partner's content."""
         if self._boxes is None and self._corners is not None:
-            self._boxes = _clipped(self._corners.select(1, 0), *self.images.shape[-2:]).flatten(-2).long()
+            self._boxes = self._integer_boxes(0)
         return self._boxes
 
     @property
     def source_boxes(self) -> Tensor | None:
         """snapmix: (B, 4) int64 box of the partner that was cut out and resized into ``boxes``."""
         if self._source_boxes is None and self._corners is not None and self._corners.shape[1] > 1:
-            self._source_boxes = _clipped(self._corners.select(1, 1), *self.images.shape[-2:]).flatten(-2).long()
+            self._source_boxes = self._integer_boxes(1)
         return self._source_boxes
+
+    def _integer_boxes(self, which: int) -> Tensor:
+        assert self._corners is not None
+        clipped = _clipped(self._corners.select(1, which), *self.images.shape[-2:])
+        return clipped.flatten(-2).long().expand(self.partner.shape[0], 4)
 
     def __repr__(self) -> str:
         fields = ("images", "targets", "partner", "lam_a", "lam_b", "applied", "boxes", "source_boxes")
@@ -186,12 +195,18 @@ def _positions(size: int, device: torch.device) -> Tensor:
     return _constant(("arange", size, device), lambda: torch.arange(size, device=device))
 
 
+def _float_positions(size: int, device: torch.device) -> Tensor:
+    """(size,) float32 ``arange``, compared with float corners without a conversion."""
+    return _constant(("float arange", size, device), lambda: torch.arange(size, dtype=torch.float32, device=device))
+
+
 def _box_indicators(corners: Tensor, height: int, width: int) -> Tensor:
-    """(..., 2, L) bool, True at positions ``lo <= i < hi`` of boxes given by their (..., 2, 2) corners
+    """(..., 2, L) bool, True at positions ``lo <= i < hi`` of boxes given by their (..., 2, 2) float corners
     ``[[x1, y1], [x2, y2]]`` (a (..., 4) box ``(x1, y1, x2, y2)`` viewed as (..., 2, 2)), so that ``[..., 0, :W]``
     marks the box's columns and ``[..., 1, :H]`` its rows (L = max(H, W)). As ``(i >= lo) xor (i >= hi)``: one
     comparison for both corners (``lo <= hi``)."""
-    past_low, past_high = (_positions(max(height, width), corners.device) >= corners.unsqueeze(-1)).unbind(-3)
+    positions = _float_positions(max(height, width), corners.device)
+    past_low, past_high = (positions >= corners.unsqueeze(-1)).unbind(-3)
     return past_low ^ past_high
 
 
@@ -278,22 +293,20 @@ def cutmix(images: Tensor, targets: Tensor, partner: Tensor, boxes: Tensor) -> M
     batch, _, height, width = images.shape
     boxes = _checks.check_boxes("boxes", boxes, batch, height, width)
     _checks.check_same_device("boxes", boxes, "images", images)
-    return _cutmix(images, targets, partner.long(), boxes.long().view(batch, 1, 2, 2))
+    return _cutmix(images, targets, partner.long(), boxes.float().view(batch, 1, 2, 2))
 
 
 def _cutmix(images: Tensor, targets: Tensor, partner: Tensor, corners: Tensor) -> MixedBatch:
-    """:func:`cutmix` on checked input: ``partner`` int64, ``corners`` (B, 1, 2, 2) of each box, or (1, 1, 2, 2)
-    of one box for all, integer-valued (they may reach past the image: the mask clips them, :class:`MixedBatch`
-    clips its integer boxes)."""
-    batch, _, height, width = images.shape
+    """:func:`cutmix` on checked input: ``partner`` int64, ``corners`` (B, 1, 2, 2) float32 of each box, or
+    (1, 1, 2, 2) of one box for all, integer-valued (they may reach past the image: the mask clips them,
+    :class:`MixedBatch` clips its integer boxes)."""
+    height, width = images.shape[-2:]
     mask = _box_masks(_box_indicators(corners, height, width), height, width)  # (B or 1, 1, H, W)
     mixed = _paste(mask, images.index_select(0, partner), images)
     lam_b = mask.mean(dim=(2, 3), dtype=torch.float32)  # (B or 1, 1): the pasted pixel fraction, area / (H * W)
     own = _float32(targets)  # exactly own where lam_b == 0
     targets = torch.lerp(own, own.index_select(0, partner), lam_b)
-    return MixedBatch(
-        mixed, targets, partner, lam_b=lam_b.expand(batch, 1).view(batch), corners=corners.expand(batch, -1, -1, -1)
-    )
+    return MixedBatch(mixed, targets, partner, lam_b=lam_b, corners=corners)
 
 
 def snapmix(
@@ -444,7 +457,7 @@ def _snapmix(
         lam_a,
         lam_b,
         active,
-        corners=corners.expand(batch, -1, -1, -1),
+        corners=corners,
     )
 
 
@@ -485,23 +498,38 @@ def _sample_gamma(shape: float, count: int, generator: torch.Generator | None, d
     return draws
 
 
+def _centre_range(height: int, width: int) -> int:
+    """Box centres are drawn in [0, range): a square image's side (the pixels themselves), else 2**62 (reduced
+    modulo each side by :func:`_boxes_from_draws`)."""
+    return height if height == width else 2**62
+
+
+def _centre_dtype(centre_range: int) -> torch.dtype:
+    """float32 where it holds every centre exactly (as the corners it makes), else int64."""
+    return torch.float32 if centre_range <= 2**24 else torch.int64
+
+
 def _random_draws(
     batch: int,
     draws: int,
     lambdas: int,
     boxes: int,
+    centre_range: int,
     decisions: int,
     alpha: float,
     generator: torch.Generator | None,
     device: torch.device,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """Every random choice of one call, made on ``device`` with ``generator`` in three or four kernels:
-    a permutation (B,) of partners, (draws, lambdas, 1, 1) Beta(alpha, alpha) values, (draws, boxes, 1, 2) int64
-    box centres uniform in [0, 2**62) (reduced modulo the image size later), and (decisions,) uniforms
-    for the mixing decision (none when ``decisions`` is 0)."""
+    a permutation (B,) of partners, (draws, lambdas, 1, 1) Beta(alpha, alpha) values, (draws, boxes, 1, 2)
+    box centres uniform in [0, centre_range) (:func:`_centre_range`), and (decisions,) uniforms for the mixing
+    decision (none when ``decisions`` is 0)."""
     partner = torch.randperm(batch, generator=generator, device=device)
     lam = _sample_beta(alpha, (draws, lambdas, 1, 1), generator, device)
-    centres = torch.randint(0, 2**62, (draws, boxes, 1, 2), generator=generator, device=device) if boxes else None
+    centres = None
+    if boxes:
+        shape, dtype = (draws, boxes, 1, 2), _centre_dtype(centre_range)
+        centres = torch.randint(0, centre_range, shape, generator=generator, dtype=dtype, device=device)
     decision = torch.rand(decisions, generator=generator, device=device) if decisions else None
     return partner, lam, centres, decision
 
@@ -526,12 +554,14 @@ def _compiled_draws(
     draws: int,
     lambdas: int,
     boxes: int,
+    centre_range: int,
     decisions: int,
     alpha: float,
     generator_key: int,
     device: torch.device,
 ) -> list[Tensor]:
-    found = _random_draws(batch, draws, lambdas, boxes, decisions, alpha, _GENERATORS.get(generator_key), device)
+    generator = _GENERATORS.get(generator_key)
+    found = _random_draws(batch, draws, lambdas, boxes, centre_range, decisions, alpha, generator, device)
     return [t.contiguous() if t is not None else torch.empty(0, device=device) for t in found]
 
 
@@ -541,6 +571,7 @@ def _(
     draws: int,
     lambdas: int,
     boxes: int,
+    centre_range: int,
     decisions: int,
     alpha: float,
     generator_key: int,
@@ -550,7 +581,9 @@ def _(
         torch.empty(batch, dtype=torch.long, device=device),
         torch.empty(draws, lambdas, 1, 1, device=device),
         torch.empty(
-            (draws, boxes, 1, 2) if boxes else (0,), dtype=torch.long if boxes else torch.float32, device=device
+            (draws, boxes, 1, 2) if boxes else (0,),
+            dtype=_centre_dtype(centre_range) if boxes else torch.float32,
+            device=device,
         ),
         torch.empty(decisions, device=device),
     ]
@@ -558,9 +591,9 @@ def _(
 
 def _boxes_from_draws(side_draws: Tensor, centres: Tensor, height: int, width: int) -> Tensor:
     """(n, k, 2, 2) float32 corners ``[[x1, y1], [x2, y2]]`` from (n, k, 1, 1) Beta draws ``u`` and (n, k, 1, 2)
-    raw centres: sides ``floor(size * sqrt(u))`` around a centre uniform over the pixels, not yet clipped to the
-    image (:func:`_clipped`; a box mask needs no clipping). As CutMix (timm), with ``u`` in the place of
-    ``1 - lam``: the Beta(alpha, alpha) law is symmetric."""
+    centres (:func:`_random_draws`; int64 ones reduced modulo each side here): sides ``floor(size * sqrt(u))``
+    around a centre uniform over the pixels, not yet clipped to the image (:func:`_clipped`; a box mask needs no
+    clipping). As CutMix (timm), with ``u`` in the place of ``1 - lam``: the Beta(alpha, alpha) law is symmetric."""
     device = side_draws.device
 
     def constants() -> tuple[Tensor, Tensor, Tensor]:  # sizes (x, y), half-side offsets of the corners, int sizes
@@ -570,7 +603,9 @@ def _boxes_from_draws(side_draws: Tensor, centres: Tensor, height: int, width: i
 
     sizes, offsets, integer_sizes = _constant(("box constants", height, width, device), constants)
     sides = (sizes * side_draws.sqrt()).floor()  # (n, k, 1, 2)
-    return torch.addcmul(centres % integer_sizes, sides, offsets).ceil()
+    if centres.dtype == torch.int64:  # uniform in [0, 2**62): each axis modulo its side
+        centres = centres % integer_sizes
+    return torch.addcmul(centres, sides, offsets).ceil()
 
 
 def _clipped(corners: Tensor, height: int, width: int) -> Tensor:
@@ -807,7 +842,7 @@ def _draw(
     batch, height, width = shape
     draws = 1 if same_on_batch else batch
     decisions = decisions if p < 1 else 0
-    arguments = (batch, draws, kernel.lambdas, kernel.boxes, decisions, alpha)
+    arguments = (batch, draws, kernel.lambdas, kernel.boxes, _centre_range(height, width), decisions, alpha)
     draw_device = generator.device if generator is not None else device
     if torch.compiler.is_compiling():
         found = _compiled_draws(*arguments, id(generator) if generator is not None else 0, draw_device)

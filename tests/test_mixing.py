@@ -550,15 +550,20 @@ def test_kernel_parameter_errors():
         )
 
 
-@given(seed=st.integers(0, 2**31 - 1), height=st.integers(1, 64), width=st.integers(1, 64))
-def test_boxes_are_timm_cutmix_boxes(seed, height, width):
+@given(seed=st.integers(0, 2**31 - 1), height=st.integers(1, 64), width=st.integers(1, 64), square=st.booleans())
+def test_boxes_are_timm_cutmix_boxes(seed, height, width, square):
     """Side int(size * sqrt(u)) (u ~ Beta, in the place of 1 - lam), centred on a uniform pixel, clipped: the
-    vectorised float construction equals the integer recipe of timm's rand_bbox, written here per box."""
+    vectorised float construction equals the integer recipe of timm's rand_bbox, written here per box. Centres
+    come as int64 in [0, 2**62) (reduced per axis), or for a square image as float32 pixels."""
     from cekd_losses.mixing import _boxes_from_draws, _clipped
 
     g = torch.Generator().manual_seed(seed)
     u = torch.rand(64, 2, generator=g)
-    centres = torch.randint(0, 2**62, (64, 2, 2), generator=g)
+    if square:
+        width = height
+        centres = torch.randint(0, height, (64, 2, 2), generator=g, dtype=torch.float32)
+    else:
+        centres = torch.randint(0, 2**62, (64, 2, 2), generator=g)
     boxes = _clipped(_boxes_from_draws(u[..., None, None], centres[:, :, None], height, width), height, width)
     assert boxes.shape == (64, 2, 2, 2) and boxes.dtype == torch.float32
     boxes = boxes.flatten(-2)
@@ -573,6 +578,23 @@ def test_boxes_are_timm_cutmix_boxes(seed, height, width):
             assert boxes[n, k].tolist() == [x1, y1, x2, y2]
 
 
+@pytest.mark.parametrize(("height", "width"), [(6, 6), (4, 7)])
+def test_box_centres_are_uniform_over_the_pixels(height, width):
+    """The drawn centres, reduced as the boxes use them, cover every pixel of each axis equally (a square
+    image draws its pixels directly, another image reduces 62-bit draws): chi-square test at p = 1e-6."""
+    from cekd_losses.mixing import _centre_range, _random_draws
+
+    draws = 6000
+    centres = _random_draws(1, draws, 1, 1, _centre_range(height, width), 0, 1.0, None, torch.device("cpu"))[2]
+    assert centres is not None and centres.shape == (draws, 1, 1, 2)
+    for axis, size in ((0, width), (1, height)):
+        counts = torch.bincount(centres[..., axis].flatten().long() % size, minlength=size).double()
+        assert counts.shape == (size,)
+        expected = draws / size
+        chi_square = float(((counts - expected) ** 2 / expected).sum())
+        assert chi_square < 38.3, (axis, counts)  # 1e-6 tail of chi-square with <= 6 degrees of freedom
+
+
 @given(
     seed=st.integers(0, 2**31 - 1),
     batch=st.integers(1, 6),
@@ -581,8 +603,8 @@ def test_boxes_are_timm_cutmix_boxes(seed, height, width):
     dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]),
 )
 def test_shared_box_slicing_path_equals_general_kernels(seed, batch, height, width, dtype):
-    """same_on_batch draws its one box on the host and pastes by slicing; replaying the boxes it returns
-    through the vectorised public kernels gives the same batch."""
+    """same_on_batch draws one box (pair) for the batch and pastes it broadcast; replaying the boxes it returns
+    through the public kernels gives the same batch."""
     g = torch.Generator().manual_seed(seed)
     images = torch.rand(batch, 3, height, width, generator=g).to(dtype)
     labels = torch.randint(0, 3, (batch,), generator=g)

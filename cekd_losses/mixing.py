@@ -152,12 +152,6 @@ def _float32(targets: Tensor) -> Tensor:
     return targets if targets.dtype == torch.float32 else targets.float()
 
 
-def _mix_targets(targets: Tensor, partner: Tensor, lam_a: Tensor, lam_b: Tensor) -> Tensor:
-    """``lam_a * own + lam_b * partner's`` rows (float32)."""
-    own = _float32(targets)
-    return torch.addcmul(lam_a.unsqueeze(1) * own, lam_b.unsqueeze(1), own.index_select(0, partner))
-
-
 # Small constant tensors (positions, one-hot rows, box offsets, sampling grids) are built once per shape and
 # device: on a GPU each build would be kernel launches on every call. Under torch.compile they are built in the
 # graph. Many shapes, class counts or devices seen in one process (tests, multi-scale training, sweeps) start the
@@ -186,8 +180,13 @@ def _constant(key: tuple[object, ...], build: Callable[[], _Built]) -> _Built:
 
 
 def _zero(device: torch.device) -> Tensor:
-    """A 0-dim float32 zero."""
+    """A 0-dim float32 zero (a tensor operand: on CPU a Python number is cast to a tensor on every op)."""
     return _constant(("zero", device), lambda: torch.zeros((), device=device))
+
+
+def _one(device: torch.device) -> Tensor:
+    """A 0-dim float32 one."""
+    return _constant(("one", device), lambda: torch.ones((), device=device))
 
 
 def _positions(size: int, device: torch.device) -> Tensor:
@@ -400,12 +399,14 @@ def _snapmix(
     """:func:`snapmix` on checked input: ``partner`` int64, ``corners`` (B or 1, 2, 2, 2) float32 integer-valued
     corners of the target box, then of the partner's source box; clipped here."""
     batch, _, height, width = images.shape
+    zero, one = _zero(images.device), _one(images.device)
     corners = _clipped(corners, height, width)  # (n, 2, 2, 2), n = 1 with one box pair for the batch
     low, high = corners.view(-1, 2, 2, 1, 1, 2).unbind(2)  # (n, 2 boxes, 1, 1, 2 axes (x, y)) each
     sides = high - low
-    # a pair mixes where the partner is another image and neither box is empty; its box masks are empty otherwise
+    # a pair mixes where the partner is another image and neither box is empty; both its boxes are emptied otherwise
     active = torch.logical_and(partner != _positions(batch, partner.device), sides.flatten(1).prod(dim=1))
-    masks = _box_masks(_box_indicators(corners, height, width), height, width) & active.view(batch, 1, 1, 1)
+    boxes = torch.where(active.view(batch, 1, 1, 1), corners, zero)  # (B, 2, 2, 2)
+    masks = _box_masks(_box_indicators(boxes, height, width), height, width)  # (B, 2, H, W)
     mask = masks[:, :1]  # (B, 1, H, W): the target box
 
     # The paste: target pixel i of each axis reads source pixel lo_s + (i - lo_t) * (side_s - 1) / (side_t - 1),
@@ -414,15 +415,15 @@ def _snapmix(
     # cached grid of i * k, n = (k * (lo_s - lo_t * scale) - 1) + scale * (i * k), one op for the whole grid.
     sample_dtype = torch.float64 if images.dtype == torch.float64 else torch.float32  # half: inexact past 256 px
     step, minus_one = _normalised_steps(height, width, images.device)  # (2,) [k_x, k_y] and -1
-    target_steps, source_steps = (sides - 1).unbind(1)
-    scale = source_steps / target_steps.clamp(min=1)  # (B, 1, 1, 2 axes): source pixels per target pixel
+    target_steps, source_steps = (sides - one).unbind(1)
+    scale = source_steps / target_steps.clamp(min=1)  # (n, 1, 1, 2 axes): source pixels per target pixel
     target_low, source_low = low.unbind(1)
     offset = torch.addcmul(source_low, target_low, scale, value=-1)  # source pixel at target pixel 0
     start = torch.addcmul(minus_one, offset, step)  # normalised source coordinate at target pixel 0
     grid = torch.addcmul(start, scale, _normalised_grid(height, width, sample_dtype, images.device))  # (n, H, W, 2)
     patches = F.grid_sample(
         images.index_select(0, partner).to(sample_dtype),
-        grid.expand(batch, -1, -1, -1),
+        grid if grid.shape[0] == batch else grid.expand(batch, -1, -1, -1),
         mode="bilinear",
         padding_mode="zeros",
         align_corners=True,
@@ -437,28 +438,21 @@ def _snapmix(
     pair = torch.stack([_positions(batch, partner.device), partner], dim=1).view(2 * batch)  # own, partner's
     maps = shifted.index_select(0, pair).view(batch, 2, height, width)
     totals = maps.sum(dim=(2, 3))  # (B, 2)
-    totals = torch.addcmul(totals, totals, _zero(totals.device))  # an infinite total becomes NaN (inf * 0)
-    fraction = (maps * masks).sum(dim=(2, 3)) / totals  # NaN for a total of 0 (0 / 0), inf or NaN: no mass
+    totals = torch.addcmul(totals, totals, zero)  # an infinite total becomes NaN (inf * 0)
+    fraction = torch.where(masks, maps, zero).sum(dim=(2, 3)) / totals  # NaN for a total of 0 (0 / 0), inf or NaN
     target_fraction = mask.mean(dim=(2, 3), dtype=torch.float32)  # (B, 1), 0 where the pair does not mix
     share = torch.where(fraction == fraction, fraction, target_fraction).clamp(0.0, 1.0)
-    own_share, lam_b = share.unbind(1)
-    lam_a = 1.0 - own_share
+    own_share, lam_b = share.split(1, dim=1)  # (B, 1) each
+    lam_a = one - own_share
     if normalize_targets:
         total = lam_a + lam_b
-        area_fraction = target_fraction.view(batch)
         some = total > 0
         safe_total = torch.where(some, total, 1.0)
-        lam_a = torch.where(some, lam_a / safe_total, 1.0 - area_fraction)
-        lam_b = torch.where(some, lam_b / safe_total, area_fraction)
-    return MixedBatch(
-        mixed,
-        _mix_targets(targets, partner, lam_a, lam_b),
-        partner,
-        lam_a,
-        lam_b,
-        active,
-        corners=corners,
-    )
+        lam_a = torch.where(some, lam_a / safe_total, 1.0 - target_fraction)
+        lam_b = torch.where(some, lam_b / safe_total, target_fraction)
+    own = _float32(targets)
+    targets = torch.addcmul(lam_a * own, lam_b, own.index_select(0, partner))
+    return MixedBatch(mixed, targets, partner, lam_a, lam_b, active, corners=boxes)
 
 
 _HAS_DIRICHLET = hasattr(torch, "_sample_dirichlet")

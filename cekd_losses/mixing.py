@@ -442,7 +442,7 @@ def _snapmix(
     fraction = torch.where(masks, maps, zero).sum(dim=(2, 3)) / totals  # NaN for a total of 0 (0 / 0), inf or NaN
     target_fraction = mask.mean(dim=(2, 3), dtype=torch.float32)  # (B, 1), 0 where the pair does not mix
     share = torch.where(fraction == fraction, fraction, target_fraction).clamp(0.0, 1.0)
-    own_share, lam_b = share.split(1, dim=1)  # (B, 1) each
+    own_share, lam_b = share.chunk(2, dim=1)  # (B, 1) each
     lam_a = one - own_share
     if normalize_targets:
         total = lam_a + lam_b

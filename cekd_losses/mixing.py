@@ -257,13 +257,12 @@ def mixup(images: Tensor, targets: Tensor, partner: Tensor, lam: Tensor) -> Mixe
 
 
 def _mixup(images: Tensor, targets: Tensor, partner: Tensor, lam: Tensor) -> MixedBatch:
-    """:func:`mixup` on checked input (``partner`` int64, ``lam`` (B, 1, 1, 1))."""
-    batch = images.shape[0]
+    """:func:`mixup` on checked input (``partner`` int64, ``lam`` (B, 1, 1, 1), or (1, 1, 1, 1) for all)."""
     weight = lam if lam.dtype == images.dtype else lam.to(images.dtype)
     mixed = torch.lerp(images.index_select(0, partner), images, weight)
-    lam_a = _float32(weight).view(batch, 1)
+    lam_a = _float32(weight).view(-1, 1)
     own = _float32(targets)  # exactly own where lam_a == 1
-    return MixedBatch(mixed, torch.lerp(own.index_select(0, partner), own, lam_a), partner, lam_a.view(batch))
+    return MixedBatch(mixed, torch.lerp(own.index_select(0, partner), own, lam_a), partner, lam_a)
 
 
 def cutmix(images: Tensor, targets: Tensor, partner: Tensor, boxes: Tensor) -> MixedBatch:
@@ -630,7 +629,7 @@ class _Draw(NamedTuple):
     """One call's parameters on the images' device; unmixed samples already folded in."""
 
     partner: Tensor  # (B,) int64, a sample left unmixed is its own partner
-    lam: Tensor  # (B, lambdas, 1, 1) float32; (1, lambdas, 1, 1) for the box methods with same_on_batch
+    lam: Tensor  # (B, lambdas, 1, 1) float32; (1, lambdas, 1, 1) with same_on_batch
     boxes: Tensor | None  # (B or 1, k, 2, 2) float32 integer-valued corners [[x1, y1], [x2, y2]], not clipped
 
 
@@ -852,8 +851,6 @@ def _draw(
     boxes = None
     if centres is not None:
         boxes = _boxes_from_draws(lam, centres, height, width)  # one box set for the batch with same_on_batch
-    elif same_on_batch:  # MixUp's kernel takes its lam (the box methods' lams made their boxes)
-        lam = lam.expand(batch, -1, -1, -1)
     if decision is not None:  # unmixed samples: their own partner, lam 1, empty boxes
         mixed = (decision < p).expand(batch)
         partner = torch.where(mixed, partner, _positions(batch, device))

@@ -438,9 +438,11 @@ def _snapmix(
     maps = shifted.index_select(0, pair).view(batch, 2, height, width)
     totals = maps.sum(dim=(2, 3))  # (B, 2)
     totals = torch.addcmul(totals, totals, zero)  # an infinite total becomes NaN (inf * 0)
+    # In [0, 1] without a clamp: the masked sum runs the total's reduction (same shape, same order) on the
+    # map with zeros outside the box, and rounding is monotone, so 0 <= masked sum <= total (equal for a full box).
     fraction = torch.where(masks, maps, zero).sum(dim=(2, 3)) / totals  # NaN for a total of 0 (0 / 0), inf or NaN
     target_fraction = mask.mean(dim=(2, 3), dtype=torch.float32)  # (B, 1), 0 where the pair does not mix
-    share = torch.where(fraction == fraction, fraction, target_fraction).clamp(0.0, 1.0)
+    share = torch.where(fraction == fraction, fraction, target_fraction)
     own_share, lam_b = share.chunk(2, dim=1)  # (B, 1) each
     lam_a = one - own_share
     if normalize_targets:

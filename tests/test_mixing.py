@@ -345,6 +345,27 @@ def test_snapmix_augmenter_properties(seed, batch, size, alpha, p, same_on_batch
     assert torch.equal(out.lam_a[untouched], torch.ones(int(untouched.sum())))
 
 
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    batch=st.integers(2, 6),
+    size=st.integers(1, 12),
+    spread=st.floats(0.0, 30.0),
+)
+def test_snapmix_box_shares_stay_in_unit_interval_unclamped(seed, batch, size, spread):
+    """CAM values over many orders of magnitude and boxes up to the whole image: a box's share of a map's mass
+    is in [0, 1] (the kernel does not clamp it), and a box over the whole image holds exactly all of it."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand(batch, 1, size, size, generator=g)
+    cams = torch.exp(torch.randn(batch, size, size, generator=g) * spread)  # up to ~1e39: some maps overflow
+    boxes = torch.tensor([random_box(g, size, size) for _ in range(2 * batch)]).view(2, batch, 4)
+    boxes[:, 0] = torch.tensor([0, 0, size, size])  # the first sample's boxes cover the whole image
+    partner = torch.roll(torch.arange(batch), 1)
+    out = snapmix(images, onehot(torch.zeros(batch, dtype=torch.long), 2), cams, partner, boxes[0], boxes[1])
+    assert ((out.lam_a >= 0) & (out.lam_a <= 1)).all() and ((out.lam_b >= 0) & (out.lam_b <= 1)).all()
+    if torch.isfinite(cams[0].sum()) and cams[0].amax() > cams[0].amin():
+        assert out.lam_a[0] == 0.0  # the whole own map is in the target box
+
+
 @pytest.mark.parametrize("method", ["mixup", "cutmix", "snapmix"])
 def test_p_zero_is_identity(method, device):
     images = torch.rand(5, 3, 8, 8, device=device)

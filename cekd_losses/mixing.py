@@ -696,8 +696,9 @@ class MixingAugmenter(nn.Module):
     A call launches few kernels and never reads a tensor value back to the host (on CPU tensors
     only, argument values are checked): per call 7 kernels for MixUp, 17 for CutMix and 44 for
     SnapMix, in either mode, on square images (one more for box methods on other shapes, whose
-    box centres are reduced per axis). ``torch.compile(mixer, fullgraph=True)`` traces every configuration
-    whole and makes the same draws as eager for the same generator state (see :doc:`/benchmarks`).
+    box centres are reduced per axis). ``torch.compile(mixer, fullgraph=True)`` traces every
+    configuration whole and makes the same draws as eager for the same generator state (see
+    :doc:`/benchmarks`).
 
     Example:
         >>> mixer = MixingAugmenter("cutmix", num_classes=10, generator=torch.Generator().manual_seed(0))

@@ -68,8 +68,9 @@ def normalize_cams(cams: Tensor, size: int | tuple[int, int] | None = None) -> T
 
 def _resized_maps(maps: Tensor, size: tuple[int, int]) -> Tensor:
     """(B, C, H, W) float32 bilinear resize (``align_corners=False``, as SnapMix) of (B, C, h, w) maps; one kernel."""
-    maps = maps.float()
-    if size == tuple(maps.shape[-2:]):
+    if maps.dtype != torch.float32:
+        maps = maps.float()
+    if size == maps.shape[-2:]:
         return maps
     return F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
 

@@ -179,24 +179,45 @@ def _constant(key: tuple[object, ...], build: Callable[[], _Built]) -> _Built:
     return value  # type: ignore[return-value]  # built by ``build`` for this key
 
 
-def _zero(device: torch.device) -> Tensor:
-    """A 0-dim float32 zero (a tensor operand: on CPU a Python number is cast to a tensor on every op)."""
-    return _constant(("zero", device), lambda: torch.zeros((), device=device))
-
-
-def _one(device: torch.device) -> Tensor:
-    """A 0-dim float32 one."""
-    return _constant(("one", device), lambda: torch.ones((), device=device))
-
-
 def _positions(size: int, device: torch.device) -> Tensor:
     """(size,) int64 ``arange``."""
     return _constant(("arange", size, device), lambda: torch.arange(size, device=device))
 
 
-def _float_positions(size: int, device: torch.device) -> Tensor:
-    """(size,) float32 ``arange``, compared with float corners without a conversion."""
-    return _constant(("float arange", size, device), lambda: torch.arange(size, dtype=torch.float32, device=device))
+class _ImageConstants(NamedTuple):
+    """The small float32 constants of one image size on one device, found with one cache lookup. Tensor
+    operands, not Python numbers: on CPU a number is cast to a tensor on every op."""
+
+    zero: Tensor  # 0-dim 0
+    one: Tensor  # 0-dim 1
+    minus_one: Tensor  # 0-dim -1
+    sizes: Tensor  # (2,) [W, H]: box sides, corner limits
+    integer_sizes: Tensor  # (2,) int64 [W, H]
+    half_sides: Tensor  # (2, 1) [[-0.5], [0.5]]: corner offsets from a box centre, in sides
+    positions: Tensor  # (max(H, W),) arange, compared with corners
+    steps: Tensor  # (2,) [k_x, k_y]: pixel p is at p * k - 1 in grid_sample's coordinates (align_corners=True)
+
+
+def _image_constants(height: int, width: int, device: torch.device) -> _ImageConstants:
+    """:class:`_ImageConstants` of an H x W image; ``k = 2 / (size - 1)`` (2 for a 1-pixel side)."""
+
+    def build() -> _ImageConstants:
+        def scalar(value: float) -> Tensor:
+            return torch.tensor(value, device=device)
+
+        sizes = torch.tensor([width, height], dtype=torch.float32, device=device)
+        return _ImageConstants(
+            scalar(0.0),
+            scalar(1.0),
+            scalar(-1.0),
+            sizes,
+            sizes.long(),
+            torch.tensor([[-0.5], [0.5]], device=device),
+            torch.arange(max(height, width), dtype=torch.float32, device=device),
+            torch.tensor([2.0 / max(width - 1, 1), 2.0 / max(height - 1, 1)], device=device),
+        )
+
+    return _constant(("image constants", height, width, device), build)
 
 
 def _box_indicators(corners: Tensor, height: int, width: int) -> Tensor:
@@ -204,7 +225,7 @@ def _box_indicators(corners: Tensor, height: int, width: int) -> Tensor:
     ``[[x1, y1], [x2, y2]]`` (a (..., 4) box ``(x1, y1, x2, y2)`` viewed as (..., 2, 2)), so that ``[..., 0, :W]``
     marks the box's columns and ``[..., 1, :H]`` its rows (L = max(H, W)). As ``(i >= lo) xor (i >= hi)``: one
     comparison for both corners (``lo <= hi``)."""
-    positions = _float_positions(max(height, width), corners.device)
+    positions = _image_constants(height, width, corners.device).positions
     past_low, past_high = (positions >= corners.unsqueeze(-1)).unbind(-3)
     return past_low ^ past_high
 
@@ -364,22 +385,11 @@ def snapmix(
     return _snapmix(images, targets, cams, partner.long(), corners, normalize_targets)
 
 
-def _normalised_steps(height: int, width: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """(2,) float32 ``[k_x, k_y]`` and a 0-dim -1: pixel ``p`` is at ``p * k - 1`` in ``grid_sample``'s
-    coordinates with ``align_corners=True``, ``k = 2 / (size - 1)`` (2 for a 1-pixel side)."""
-
-    def build() -> tuple[Tensor, Tensor]:
-        step = torch.tensor([2.0 / max(width - 1, 1), 2.0 / max(height - 1, 1)], device=device)
-        return step, torch.tensor(-1.0, device=device)
-
-    return _constant(("normalised steps", height, width, device), build)
-
-
 def _normalised_grid(height: int, width: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """(H, W, 2) ``(x * k_x, y * k_y)`` at each pixel (see :func:`_normalised_steps`)."""
+    """(H, W, 2) ``(x * k_x, y * k_y)`` at each pixel (``k``: :attr:`_ImageConstants.steps`)."""
 
     def build() -> Tensor:
-        step = _normalised_steps(height, width, device)[0].to(dtype)
+        step = _image_constants(height, width, device).steps.to(dtype)
         x = torch.arange(width, dtype=dtype, device=device) * step[0]
         y = torch.arange(height, dtype=dtype, device=device) * step[1]
         return torch.stack([x.expand(height, width), y[:, None].expand(height, width)], dim=-1)
@@ -398,7 +408,8 @@ def _snapmix(
     """:func:`snapmix` on checked input: ``partner`` int64, ``corners`` (B or 1, 2, 2, 2) float32 integer-valued
     corners of the target box, then of the partner's source box; clipped here."""
     batch, _, height, width = images.shape
-    zero, one = _zero(images.device), _one(images.device)
+    constants = _image_constants(height, width, images.device)
+    zero, one = constants.zero, constants.one
     corners = _clipped(corners, height, width)  # (n, 2, 2, 2), n = 1 with one box pair for the batch
     low, high = corners.view(-1, 2, 2, 1, 1, 2).unbind(2)  # (n, 2 boxes, 1, 1, 2 axes (x, y)) each
     sides = high - low
@@ -413,20 +424,22 @@ def _snapmix(
     # grid_sample over a separable grid in normalised coordinates n = p * k - 1, k = 2 / (size - 1): with a
     # cached grid of i * k, n = (k * (lo_s - lo_t * scale) - 1) + scale * (i * k), one op for the whole grid.
     sample_dtype = torch.float64 if images.dtype == torch.float64 else torch.float32  # half: inexact past 256 px
-    step, minus_one = _normalised_steps(height, width, images.device)  # (2,) [k_x, k_y] and -1
     target_steps, source_steps = (sides - one).unbind(1)
     scale = source_steps / target_steps.clamp(min=1)  # (n, 1, 1, 2 axes): source pixels per target pixel
     target_low, source_low = low.unbind(1)
     offset = torch.addcmul(source_low, target_low, scale, value=-1)  # source pixel at target pixel 0
-    start = torch.addcmul(minus_one, offset, step)  # normalised source coordinate at target pixel 0
+    start = torch.addcmul(constants.minus_one, offset, constants.steps)  # normalised source coordinate at pixel 0
     grid = torch.addcmul(start, scale, _normalised_grid(height, width, sample_dtype, images.device))  # (n, H, W, 2)
+    partner_images = images.index_select(0, partner)
     patches = F.grid_sample(
-        images.index_select(0, partner).to(sample_dtype),
+        partner_images if images.dtype == sample_dtype else partner_images.to(sample_dtype),
         grid if grid.shape[0] == batch else grid.expand(batch, -1, -1, -1),
         mode="bilinear",
         padding_mode="zeros",
         align_corners=True,
-    ).to(images.dtype)
+    )
+    if patches.dtype != images.dtype:
+        patches = patches.to(images.dtype)
     mixed = _paste(mask, patches, images)
 
     # Label weights: each map resized to the image (bilinear), minimum subtracted; the share of its mass in the
@@ -589,28 +602,17 @@ def _boxes_from_draws(side_draws: Tensor, centres: Tensor, height: int, width: i
     centres (:func:`_random_draws`; int64 ones reduced modulo each side here): sides ``floor(size * sqrt(u))``
     around a centre uniform over the pixels, not yet clipped to the image (:func:`_clipped`; a box mask needs no
     clipping). As CutMix (timm), with ``u`` in the place of ``1 - lam``: the Beta(alpha, alpha) law is symmetric."""
-    device = side_draws.device
-
-    def constants() -> tuple[Tensor, Tensor, Tensor]:  # sizes (x, y), half-side offsets of the corners, int sizes
-        sizes = torch.tensor([width, height], dtype=torch.float32, device=device)
-        offsets = torch.tensor([[-0.5], [0.5]], device=device)
-        return sizes, offsets, sizes.long()
-
-    sizes, offsets, integer_sizes = _constant(("box constants", height, width, device), constants)
-    sides = (sizes * side_draws.sqrt()).floor()  # (n, k, 1, 2)
+    constants = _image_constants(height, width, side_draws.device)
+    sides = (constants.sizes * side_draws.sqrt()).floor()  # (n, k, 1, 2)
     if centres.dtype == torch.int64:  # uniform in [0, 2**62): each axis modulo its side
-        centres = centres % integer_sizes
-    return torch.addcmul(centres, sides, offsets).ceil()
+        centres = centres % constants.integer_sizes
+    return torch.addcmul(centres, sides, constants.half_sides).ceil()
 
 
 def _clipped(corners: Tensor, height: int, width: int) -> Tensor:
     """(..., 2, 2) corners ``[[x1, y1], [x2, y2]]`` clipped to the image, as float32."""
-    device = corners.device
-
-    def sizes() -> Tensor:
-        return torch.tensor([width, height], dtype=torch.float32, device=device)
-
-    return corners.clamp(min=_zero(device), max=_constant(("corner limits", height, width, device), sizes))
+    constants = _image_constants(height, width, corners.device)
+    return corners.clamp(min=constants.zero, max=constants.sizes)
 
 
 _INDEX_DTYPES = (torch.int64, torch.int32)  # what index_select takes as it is

@@ -220,19 +220,14 @@ def _image_constants(height: int, width: int, device: torch.device) -> _ImageCon
     return _constant(("image constants", height, width, device), build)
 
 
-def _box_indicators(corners: Tensor, height: int, width: int) -> Tensor:
-    """(..., 2, L) bool, True at positions ``lo <= i < hi`` of boxes given by their (..., 2, 2) float corners
-    ``[[x1, y1], [x2, y2]]`` (a (..., 4) box ``(x1, y1, x2, y2)`` viewed as (..., 2, 2)), so that ``[..., 0, :W]``
-    marks the box's columns and ``[..., 1, :H]`` its rows (L = max(H, W)). As ``(i >= lo) xor (i >= hi)``: one
-    comparison for both corners (``lo <= hi``)."""
-    positions = _image_constants(height, width, corners.device).positions
-    past_low, past_high = (positions >= corners.unsqueeze(-1)).unbind(-3)
-    return past_low ^ past_high
-
-
-def _box_masks(inside: Tensor, height: int, width: int) -> Tensor:
-    """(..., H, W) bool masks, True inside each box, from its (..., 2, L) indicators (:func:`_box_indicators`)."""
-    columns, rows = inside.unbind(-2)  # (..., L) each
+def _box_masks(corners: Tensor, height: int, width: int) -> Tensor:
+    """(..., H, W) bool masks, True inside boxes given by their (..., 2, 2) float corners ``[[x1, y1], [x2, y2]]``
+    (a (..., 4) box ``(x1, y1, x2, y2)`` viewed as (..., 2, 2)); corners past the image clip implicitly. Each axis
+    is marked ``lo <= i < hi`` as ``(i >= lo) xor (i >= hi)`` (one comparison for both corners, ``lo <= hi``), and
+    the mask is the outer product of the rows' and the columns' marks."""
+    positions = _image_constants(height, width, corners.device).positions  # (L,), L = max(H, W)
+    past_low, past_high = (positions >= corners.unsqueeze(-1)).unbind(-3)  # (..., 2 axes, L) each
+    columns, rows = (past_low ^ past_high).unbind(-2)  # (..., L) each
     if height != width:
         columns, rows = columns[..., :width], rows[..., :height]
     return rows.unsqueeze(-1) & columns.unsqueeze(-2)
@@ -320,7 +315,7 @@ def _cutmix(images: Tensor, targets: Tensor, partner: Tensor, corners: Tensor) -
     (1, 1, 2, 2) of one box for all, integer-valued (they may reach past the image: the mask clips them,
     :class:`MixedBatch` clips its integer boxes)."""
     height, width = images.shape[-2:]
-    mask = _box_masks(_box_indicators(corners, height, width), height, width)  # (B or 1, 1, H, W)
+    mask = _box_masks(corners, height, width)  # (B or 1, 1, H, W)
     mixed = _paste(mask, images.index_select(0, partner), images)
     lam_b = mask.mean(dim=(2, 3), dtype=torch.float32)  # (B or 1, 1): the pasted pixel fraction, area / (H * W)
     own = _float32(targets)  # exactly own where lam_b == 0
@@ -414,9 +409,10 @@ def _snapmix(
     low, high = corners.view(-1, 2, 2, 1, 1, 2).unbind(2)  # (n, 2 boxes, 1, 1, 2 axes (x, y)) each
     sides = high - low
     # a pair mixes where the partner is another image and neither box is empty; both its boxes are emptied otherwise
-    active = torch.logical_and(partner != _positions(batch, partner.device), sides.flatten(1).prod(dim=1))
+    positions = _positions(batch, partner.device)
+    active = torch.logical_and(partner != positions, sides.flatten(1).prod(dim=1))
     boxes = torch.where(active.view(batch, 1, 1, 1), corners, zero)  # (B, 2, 2, 2)
-    masks = _box_masks(_box_indicators(boxes, height, width), height, width)  # (B, 2, H, W)
+    masks = _box_masks(boxes, height, width)  # (B, 2, H, W)
     mask = masks[:, :1]  # (B, 1, H, W): the target box
 
     # The paste: target pixel i of each axis reads source pixel lo_s + (i - lo_t) * (side_s - 1) / (side_t - 1),
@@ -447,7 +443,7 @@ def _snapmix(
     # area fraction, as the SnapMix reference code.
     full = _resized_maps(cams.unsqueeze(1), (height, width))  # (B, 1, H, W)
     shifted = full - full.amin(dim=(2, 3), keepdim=True)
-    pair = torch.stack([_positions(batch, partner.device), partner], dim=1).view(2 * batch)  # own, partner's
+    pair = torch.stack([positions, partner], dim=1).view(2 * batch)  # own, partner's
     maps = shifted.index_select(0, pair).view(batch, 2, height, width)
     totals = maps.sum(dim=(2, 3))  # (B, 2)
     totals = torch.addcmul(totals, totals, zero)  # an infinite total becomes NaN (inf * 0)

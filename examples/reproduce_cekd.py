@@ -23,7 +23,7 @@ from cekd_repro.ablation import run_ablation
 from cekd_repro.config import METHODS, PAPER_MIX_ALPHA, PRESETS, SYNTHETIC, RunConfig, preset_config
 from cekd_repro.engine import Diverged, train
 from cekd_repro.rundir import RunDirExists, resumed_config
-from cekd_repro.transfer import SOURCE_EPOCHS, SOURCE_PER_CLASS, SOURCES, run_transfer
+from cekd_repro.transfer import DEFAULT_SOURCE, SOURCE_EPOCHS, SOURCE_PER_CLASS, SOURCES, run_transfer
 
 PAPER_FROM_SCRATCH = (
     "warning: --preset paper is the fine-tuning recipe of the paper (ImageNet-pretrained members, lr 0.001/0.01, "
@@ -150,7 +150,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
         dest="source_dataset",
         choices=list(SOURCES),
         help="--transfer: the source task: the target's unused classes, those of its colours on other "
-        "orientations, or those sharing no part with it [synthetic-source]",
+        f"orientations, or those sharing no part with it [{DEFAULT_SOURCE}]",
     )
     add("--seeds", type=int, help="ablation: seeds per method [default: 3]")
     return parser.parse_args(argv)
@@ -206,9 +206,7 @@ def main(argv: list[str] | None = None) -> int:
                 table = (
                     run_transfer(None, None, out, resume=True)
                     if args.resume
-                    else run_transfer(
-                        config, seeds, out, *source, source_dataset=args.source_dataset or "synthetic-source"
-                    )
+                    else run_transfer(config, seeds, out, *source, source_dataset=args.source_dataset or DEFAULT_SOURCE)
                 )
             else:
                 table = (

@@ -36,6 +36,15 @@ def _epochs_done(metrics: Path) -> int:
     return finished[-1] if finished else 0
 
 
+def saved_plan(out_dir: Path) -> tuple[RunConfig, int, list[str]]:
+    """The base configuration, the number of seeds and the row names an ablation saved in ``out_dir``."""
+    plan = out_dir / "ablation.json"
+    if not plan.exists():
+        raise ValueError(f"--resume {out_dir}: no ablation there (no ablation.json)")
+    saved = json.loads(plan.read_text())
+    return RunConfig(**saved["base"]), saved["seeds"], saved.get("rows", [name for name, _ in ABLATION])
+
+
 def _cell(values: list[float]) -> str:
     if not values:
         return "-"
@@ -69,12 +78,10 @@ def run_ablation(
             json.dumps({"seeds": seeds, "base": asdict(base), "rows": [name for name, _ in variants]}, indent=2)
         )
     else:
-        if not plan.exists():
-            raise ValueError(f"--resume {out_dir}: no ablation there (no ablation.json)")
-        saved = json.loads(plan.read_text())
-        seeds, base = saved["seeds"], apply_resume_changes(RunConfig(**saved["base"]), resume_changes, plan)
+        saved_base, seeds, names = saved_plan(out_dir)
+        base = apply_resume_changes(saved_base, resume_changes, plan)
         known = dict(ALL_ROWS)
-        variants = [(name, known[name]) for name in saved.get("rows", [name for name, _ in ABLATION])]
+        variants = [(name, known[name]) for name in names]
     rows, curves = [], {}
     for name, overrides in variants:
         for seed in range(seeds):

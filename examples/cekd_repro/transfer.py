@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from cekd_losses import find_classifier
 
-from .ablation import ALL_ROWS, run_ablation
+from .ablation import ALL_ROWS, run_ablation, saved_plan
 from .config import SOURCE_TASKS, RunConfig
 from .data import load_data
 from .engine import train
@@ -35,9 +35,10 @@ SOURCE_PER_CLASS = 200  # source images per class (24 classes for a 12-class tar
 SOURCE_EPOCHS = 15
 # source dataset -> its run dir's prefix: "source" for the near one, else its kind (cekd_repro.data.source_pairs)
 SOURCES = {name: "source" if kind == "near" else kind for name, kind in SOURCE_TASKS.items()}
+DEFAULT_SOURCE = "synthetic-source"
 
 
-def source_config(base: RunConfig, per_class: int, epochs: int, source: str = "synthetic-source") -> RunConfig:
+def source_config(base: RunConfig, per_class: int, epochs: int, source: str = DEFAULT_SOURCE) -> RunConfig:
     """The pretraining run of ``base``'s architecture: a plain model on the ``source`` task (one of
     :data:`SOURCES`), from scratch, with the quick preset's from-scratch recipe (one-cycle at lr 0.1, gradient
     clipping)."""
@@ -66,7 +67,7 @@ def source_config(base: RunConfig, per_class: int, epochs: int, source: str = "s
 
 
 def pretrained_weights(
-    base: RunConfig, out_dir: Path, per_class: int, epochs: int, source_dataset: str = "synthetic-source"
+    base: RunConfig, out_dir: Path, per_class: int, epochs: int, source_dataset: str = DEFAULT_SOURCE
 ) -> Path:
     """The source weights for ``base``'s architecture: trained into ``out_dir`` once, reused after."""
     source = source_config(base, per_class, epochs, source_dataset)
@@ -151,15 +152,14 @@ def run_transfer(
     per_class: int = SOURCE_PER_CLASS,
     epochs: int = SOURCE_EPOCHS,
     resume: bool = False,
-    source_dataset: str = "synthetic-source",
+    source_dataset: str = DEFAULT_SOURCE,
 ) -> str:
     """Pretrain (or reuse), then fine-tune every row of the table for every seed under ``out_dir/finetune``, and
     probe the source features linearly on the target (:func:`source_probe`); returns the table and the probe.
     ``resume``: continue the table in ``out_dir`` as saved."""
     if resume:
         table = run_ablation(None, None, out_dir / "finetune", resume_changes={})
-        plan = json.loads((out_dir / "finetune" / "ablation.json").read_text())
-        base, seeds = RunConfig(**plan["base"]), plan["seeds"]
+        base, seeds, _ = saved_plan(out_dir / "finetune")
     else:
         assert base is not None and seeds is not None
         weights = pretrained_weights(base, out_dir, per_class, epochs, source_dataset)

@@ -48,6 +48,19 @@ def test_cli_errors(args, message, tmp_path, monkeypatch):
     assert message in text and "\n" not in text and text.startswith(("error: ", "--"))
 
 
+@pytest.mark.parametrize(("table", "where"), [("--ablation", "empty"), ("--transfer", "empty/finetune")])
+def test_resuming_a_table_where_there_is_none_is_one_line(table, where, tmp_path, monkeypatch):
+    """--resume of a dir that holds no ablation plan names the dir and the missing file, for the ablation and
+    for the transfer table (both read the plan through one function)."""
+    import reproduce_cekd as cli_module
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as exit_:
+        cli_module.main([table, "--resume", "empty"])
+    assert str(exit_.value.code) == f"error: --resume {where}: no ablation there (no ablation.json)"
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_cli_cuda_without_a_gpu(tmp_path):
     result = cli(*TINY_ARGS, "--device", "cuda", cwd=tmp_path)

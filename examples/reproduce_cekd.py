@@ -20,10 +20,19 @@ from dataclasses import fields
 from pathlib import Path
 
 from cekd_repro.ablation import run_ablation
-from cekd_repro.config import METHODS, PAPER_MIX_ALPHA, PRESETS, SYNTHETIC, RunConfig, preset_config
+from cekd_repro.config import (
+    FINE_TUNING_PRESETS,
+    METHODS,
+    PAPER_MIX_ALPHA,
+    PRESETS,
+    SYNTHETIC,
+    RunConfig,
+    preset_config,
+)
 from cekd_repro.engine import Diverged, train
 from cekd_repro.rundir import RunDirExists, resumed_config
-from cekd_repro.transfer import DEFAULT_SOURCE, SOURCE_EPOCHS, SOURCE_PER_CLASS, SOURCES, run_transfer
+from cekd_repro.sweep import SWEEP_ROWS, parse_lengths
+from cekd_repro.transfer import DEFAULT_SOURCE, SOURCE_EPOCHS, SOURCE_PER_CLASS, SOURCES, TINY_SOURCE, run_transfer
 
 PAPER_FROM_SCRATCH = (
     "warning: --preset paper is the fine-tuning recipe of the paper (ImageNet-pretrained members, lr 0.001/0.01, "
@@ -37,8 +46,9 @@ def _default(name: str) -> str:
     """The effective default of a RunConfig field under each preset, for --help."""
     base = RunConfig()
     values = {preset: PRESETS[preset].get(name, getattr(base, name)) for preset in PRESETS}
-    if name == "mix_alpha":  # the paper and transfer presets take each mixing's own
-        values["paper"] = values["transfer"] = ", ".join(f"{v:g} {k}" for k, v in PAPER_MIX_ALPHA.items())
+    if name == "mix_alpha":  # the fine-tuning presets take each mixing's own
+        for preset in FINE_TUNING_PRESETS:
+            values[preset] = ", ".join(f"{v:g} {k}" for k, v in PAPER_MIX_ALPHA.items())
     if name == "milestones":  # the quick preset's schedule is one-cycle
         values["quick"] = None
         values = {k: " ".join(map(str, v)) if v else v for k, v in values.items()}
@@ -122,6 +132,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
     add("--workers", type=int, help="data loader worker processes")
     add("--seed", type=int)
     add("--device", help="cpu, cuda or cuda:N (under torchrun, cuda is each rank's GPU)")
+    add(
+        "--eval-every",
+        dest="eval_every",
+        type=int,
+        metavar="N",
+        help="evaluate on the test set every N epochs (and after the last)",
+    )
     add("--visualize-cams", dest="visualize_cams", type=int, metavar="K", help="save a figure of K test images' CAMs")
     add(
         "--keep",
@@ -134,7 +151,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
         "--resume",
         metavar="RUN_DIR",
         help="continue the run (or ablation) in RUN_DIR with its saved config; may change --epochs (multistep "
-        "schedule only), --workers, --device (same kind), --quiet, --clip-grad, --amp, --cache-dir, --no-cache",
+        "schedule only), --workers, --device (same kind), --quiet, --clip-grad, --amp, --cache-dir, --no-cache, "
+        "--eval-every; a second process resuming a table at once trains the runs the first has not taken",
     )
     add("--ablation", action="store_true", help="run the ablation table instead of one method")
     add(
@@ -150,7 +168,14 @@ def parse(argv: list[str]) -> argparse.Namespace:
         dest="source_dataset",
         choices=list(SOURCES),
         help="--transfer: the source task: the target's unused classes, those of its colours on other "
-        f"orientations, or those sharing no part with it [{DEFAULT_SOURCE}]",
+        f"orientations, or those sharing no part with it [{DEFAULT_SOURCE}; transfer-tiny: {TINY_SOURCE}]",
+    )
+    add(
+        "--sweep",
+        nargs="+",
+        metavar="EPOCHS[:SEEDS]",
+        help=f"--transfer: fine-tune {', '.join(SWEEP_ROWS)} at each schedule length (milestones at the paper's "
+        "40/75/90%%), one seed or SEEDS each, every length's first seed first",
     )
     add("--seeds", type=int, help="ablation: seeds per method [default: 3]")
     return parser.parse_args(argv)
@@ -195,6 +220,10 @@ def main(argv: list[str] | None = None) -> int:
             config = build_config(args)
             if args.preset == "paper" and config.pretrained is None:
                 print(PAPER_FROM_SCRATCH, file=sys.stderr)
+        if args.sweep and (not args.transfer or args.resume):
+            raise ValueError("--sweep plans the schedule sweep of a new --transfer (a resume continues its plan)")
+        if args.sweep and args.seeds is not None:
+            raise ValueError("--sweep gives each length its seeds (EPOCHS:SEEDS); it cannot take --seeds")
         seeds = 3 if args.seeds is None else args.seeds
         if seeds < 1:
             raise ValueError(f"--seeds must be >= 1, got {seeds}")
@@ -203,10 +232,12 @@ def main(argv: list[str] | None = None) -> int:
             out = Path(args.resume or args.run_dir or f"runs/{kind}-{time.strftime('%Y%m%d-%H%M%S')}")
             if args.transfer:
                 source = (args.source_per_class or SOURCE_PER_CLASS, args.source_epochs or SOURCE_EPOCHS)
+                dataset = args.source_dataset or (TINY_SOURCE if args.preset == "transfer-tiny" else DEFAULT_SOURCE)
+                sweep = parse_lengths(args.sweep) if args.sweep else None
                 table = (
-                    run_transfer(None, None, out, resume=True)
+                    run_transfer(None, None, out, resume_changes=changes)
                     if args.resume
-                    else run_transfer(config, seeds, out, *source, source_dataset=args.source_dataset or DEFAULT_SOURCE)
+                    else run_transfer(config, seeds, out, *source, source_dataset=dataset, sweep=sweep)
                 )
             else:
                 table = (

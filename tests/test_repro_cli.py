@@ -34,6 +34,12 @@ from repro_helpers import TINY_ARGS, cli
         (["--milestones", "5"], "--milestones applies to the multistep schedule of --preset paper and transfer"),
         (["--preset", "transfer", "--milestones", "5", "3"], "--milestones must be increasing epochs >= 1, got 5 3"),
         (["--preset", "transfer", "--milestones", "0"], "--milestones must be increasing epochs >= 1, got 0"),
+        (["--eval-every", "0"], "--eval-every must be >= 1, got 0"),
+        (["--sweep", "30"], "--sweep plans the schedule sweep of a new --transfer"),
+        (["--transfer", "--sweep", "30", "--seeds", "2"], "--sweep gives each length its seeds (EPOCHS:SEEDS)"),
+        (["--transfer", "--sweep", "30x2"], "--sweep takes EPOCHS or EPOCHS:SEEDS, got '30x2'"),
+        (["--transfer", "--sweep", "30:0"], "--sweep 30:0: epochs and seeds must be >= 1"),
+        (["--transfer", "--sweep", "30", "30:2"], "--sweep names a length twice: 30 30:2"),
     ],
 )
 def test_cli_errors(args, message, tmp_path, monkeypatch):
@@ -154,11 +160,13 @@ def test_cli_help_shows_each_presets_defaults(capsys):
     with pytest.raises(SystemExit):
         cli_module.parse(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "[quick: 0.1; paper: 0.001; transfer: 0.001]" in text  # --lr
-    assert "[quick: 5; paper: -; transfer: -]" in text  # --clip-grad
-    assert "[quick: resnet18; paper: resnet50; transfer: resnet18]" in text and "[default: 3]" in text
-    assert "paper: 5 snapmix, 3 cutmix, 1 mixup; transfer: 5 snapmix, 3 cutmix, 1 mixup" in text
-    assert "[quick: -; paper: 80 150 180; transfer: 12 22 27]" in text  # --milestones
+    assert "[quick: 0.1; paper: 0.001; transfer: 0.001; transfer-tiny: 0.001]" in text  # --lr
+    assert "[quick: 5; paper: -; transfer: -; transfer-tiny: -]" in text  # --clip-grad
+    assert "[quick: resnet18; paper: resnet50; transfer: resnet18; transfer-tiny: timm:test_resnet]" in text
+    assert "[default: 3]" in text
+    mix_alpha = "5 snapmix, 3 cutmix, 1 mixup"
+    assert f"paper: {mix_alpha}; transfer: {mix_alpha}; transfer-tiny: {mix_alpha}" in text
+    assert "[quick: -; paper: 80 150 180; transfer: 12 22 27; transfer-tiny: 12 22 27]" in text  # --milestones
 
 
 def test_cli_bad_choice(tmp_path):

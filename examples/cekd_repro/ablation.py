@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .config import RunConfig
 from .engine import train
-from .rundir import RunDirExists, apply_resume_changes, resumed_config
+from .rundir import RunDirExists, apply_resume_changes, claimed, resumed_config
 
 ABLATION = [
     ("baseline", {"method": "baseline"}),
@@ -45,11 +45,51 @@ def saved_plan(out_dir: Path) -> tuple[RunConfig, int, list[str]]:
     return RunConfig(**saved["base"]), saved["seeds"], saved.get("rows", [name for name, _ in ABLATION])
 
 
-def _cell(values: list[float]) -> str:
+def mean_std(values: list[float]) -> str:
     if not values:
         return "-"
     spread = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{statistics.mean(values):.2f} ± {spread:.2f}"
+
+
+def complete_run(config: RunConfig, run_dir: Path, resume_changes: dict | None = None) -> list[dict] | None:
+    """The metrics records of the run ``config`` in ``run_dir`` once it has finished: kept when finished,
+    continued when started (with ``resume_changes``), trained when missing. None, and a line saying so,
+    while another process trains it (:func:`~cekd_repro.rundir.claimed`): run the same command twice to
+    use two cores."""
+    metrics = run_dir / "metrics.jsonl"
+    finished = lambda: metrics.exists() and _epochs_done(metrics) >= config.epochs  # noqa: E731
+    if not finished():
+        with claimed(run_dir) as mine:
+            if not mine:
+                print(f"{run_dir}: being trained by another process, left to it")
+                return None
+            if not finished():  # the other process may have finished it before this one claimed it
+                started = (run_dir / "config.json").exists()
+                train(resumed_config(run_dir, **(resume_changes or {})) if started else config, run_dir, resume=started)
+    return [json.loads(line) for line in metrics.read_text().splitlines()]
+
+
+def final_top1(history: list[dict]) -> dict[str, float]:
+    """Test top-1 of every model after the last epoch: ``member0`` for a single model, then ``member1``... and
+    ``ensemble`` for an ensemble."""
+    return {
+        "member0" if key == "top1_model" else key[len("top1_") :]: value
+        for key, value in history[-1].items()
+        if key.startswith("top1_")
+    }
+
+
+def main_curve(history: list[dict]) -> list[tuple[int, float]]:
+    """(epoch, test top-1) of the model a method is judged by (the ensemble's for an ensemble) on the epochs
+    that evaluated."""
+    main = "top1_ensemble" if "top1_ensemble" in history[-1] else "top1_model"
+    return [(record["epoch"], record[main]) for record in history if main in record]
+
+
+def run_name(row: str, seed: int) -> str:
+    """The run dir name of a table row and seed."""
+    return f"{row.replace(' ', '_').replace('/', '').replace('+', '-')}-seed{seed}"
 
 
 def run_ablation(
@@ -86,20 +126,12 @@ def run_ablation(
     for name, overrides in variants:
         for seed in range(seeds):
             config = replace(base, seed=base.seed + seed, **overrides)
-            run_dir = out_dir / f"{name.replace(' ', '_').replace('/', '').replace('+', '-')}-seed{config.seed}"
-            metrics = run_dir / "metrics.jsonl"
-            done = metrics.exists() and _epochs_done(metrics) >= config.epochs
-            if not done:
-                started = (run_dir / "config.json").exists()
-                train(resumed_config(run_dir, **(resume_changes or {})) if started else config, run_dir, resume=started)
-            history = [json.loads(line) for line in metrics.read_text().splitlines()]
-            final = history[-1]
-            for key, value in final.items():
-                if key.startswith("top1_"):
-                    member = "member0" if key == "top1_model" else key[len("top1_") :]
-                    rows.append({"method": name, "seed": config.seed, "model": member, "top1": value})
-            main = "top1_ensemble" if "top1_ensemble" in final else "top1_model"
-            curves.setdefault(name, []).append([record[main] for record in history])
+            history = complete_run(config, out_dir / run_name(name, config.seed), resume_changes)
+            if history is None:
+                continue
+            for member, value in final_top1(history).items():
+                rows.append({"method": name, "seed": config.seed, "model": member, "top1": value})
+            curves.setdefault(name, []).append(main_curve(history))
 
     with open(out_dir / "results.csv", "w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=["method", "seed", "model", "top1"])
@@ -108,31 +140,46 @@ def run_ablation(
     header = "| method | " + " | ".join(COLUMNS) + " |\n|---|" + "---|" * len(COLUMNS) + "\n"
     lines = []
     for name, _ in variants:
-        cells = [_cell([r["top1"] for r in rows if r["method"] == name and r["model"] == column]) for column in COLUMNS]
+        cells = [
+            mean_std([r["top1"] for r in rows if r["method"] == name and r["model"] == column]) for column in COLUMNS
+        ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     table = header + "\n".join(lines) + "\n"
     (out_dir / "results.md").write_text(
         f"Test top-1 (%), mean ± std over {seeds} seed(s); single-model methods fill member0.\n\n" + table
     )
-    _plot(curves, out_dir / "curves.png")
+    figure, axis = new_figure(1)
+    plot_curves(axis[0], curves)
+    save_figure(figure, out_dir / "curves.png")
     return table
 
 
-def _plot(curves: dict[str, list[list[float]]], path: Path) -> None:
+def new_figure(panels: int):
+    """A figure of ``panels`` side by side (matplotlib, drawn without a display)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(7, 4.5))
+    figure, axes = plt.subplots(1, panels, figsize=(7 if panels == 1 else 4 * panels, 4.5), squeeze=False)
+    return figure, list(axes[0])
+
+
+def plot_curves(axis, curves: dict[str, list[list[tuple[int, float]]]]) -> None:
+    """The mean over seeds of each method's (epoch, top-1) curve, on the epochs every seed evaluated."""
     for name, runs in curves.items():
-        length = min(len(run) for run in runs)
-        mean = [statistics.mean(run[e] for run in runs) for e in range(length)]
-        axis.plot(range(1, length + 1), mean, label=name + (" (ensemble)" if name.startswith("cekd") else ""))
+        epochs = sorted(set.intersection(*(set(dict(run)) for run in runs)))
+        mean = [statistics.mean(dict(run)[e] for run in runs) for e in epochs]
+        axis.plot(epochs, mean, label=name + (" (ensemble)" if name.startswith("cekd") else ""))
     axis.set_xlabel("epoch")
     axis.set_ylabel("test top-1 (%)")
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
+
+
+def save_figure(figure, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

@@ -207,12 +207,14 @@ def describe_run(config: RunConfig, run_dir: Path, train_size: int, test_size: i
 
 
 def epoch_line(record: dict, epochs: int) -> str:
-    """One readable line per epoch: losses, top-1 of every member and the ensemble, speed."""
+    """One readable line per epoch: losses, top-1 of every member and the ensemble (on the epochs that
+    evaluate, see ``--eval-every``), speed."""
     losses = " ".join(f"{k[len('loss_') :]} {v:.3f}" for k, v in record.items() if k.startswith("loss_"))
     top1 = " ".join(f"{k[len('top1_') :]} {v:.1f}" for k, v in record.items() if k.startswith("top1_"))
+    tested = f"top-1 {top1}  " if top1 else ""
     skipped = f"  {record['skipped_steps']} steps skipped (fp16 overflow)" if record.get("skipped_steps") else ""
     return (
-        f"epoch {record['epoch']}/{epochs}  loss {losses}  top-1 {top1}  "
+        f"epoch {record['epoch']}/{epochs}  loss {losses}  {tested}"
         f"{record['images_per_s']:.0f} img/s  {record['epoch_s']:.0f} s{skipped}"
     )
 
@@ -255,7 +257,8 @@ def train(config: RunConfig, run_dir: str | Path, resume: bool = False) -> dict:
         totals = train_one_epoch(
             run, itertools.islice(batches, steps_per_epoch), steps_per_epoch, epoch, config.epochs, log
         )
-        top1 = evaluate(run.model, tests, place, world, run.ensemble)
+        tested = (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs
+        top1 = evaluate(run.model, tests, place, world, run.ensemble) if tested else {}
         record = record_epoch(run, totals, top1, epoch, config, rank, world, run_dir)
         history.append(record)
         if rank == 0:

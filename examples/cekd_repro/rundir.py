@@ -3,7 +3,10 @@ saved config and may change only a few options, and the files every run writes."
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,8 +19,8 @@ class RunDirExists(FileExistsError):
 
 RUN_FILES = {"config.json", "metrics.jsonl", "checkpoint.pt", "checkpoint.pt.partial", "cams.png"}
 # what --resume may change; the rest is the run. --clip-grad and --amp let a diverged run go on from its last
-# good epoch; the cache gives the same pixels as decoding
-RESUME_CHANGES = ("epochs", "workers", "device", "quiet", "clip_grad", "amp", "cache_dir", "no_cache")
+# good epoch; the cache gives the same pixels as decoding; evaluation draws no random number and changes no weight
+RESUME_CHANGES = ("epochs", "workers", "device", "quiet", "clip_grad", "amp", "cache_dir", "no_cache", "eval_every")
 # (--device only within its kind: cuda:0 -> cuda:1, not cuda -> cpu)
 
 
@@ -96,3 +99,39 @@ def append_record(run_dir: Path, record: dict) -> None:
     """One epoch's line in metrics.jsonl."""
     with open(run_dir / "metrics.jsonl", "a") as log:
         log.write(json.dumps(record) + "\n")
+
+
+def _held_by_another(claim: Path) -> bool:
+    """Whether the process named in ``claim`` (its pid) still runs on this machine."""
+    try:
+        os.kill(int(claim.read_text()), 0)
+    except ProcessLookupError:
+        return False
+    except (ValueError, FileNotFoundError, PermissionError):  # being written, just released, another user's
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def claimed(run_dir: Path) -> Iterator[bool]:
+    """Hold ``run_dir`` for this process while the block runs, so that several processes on one machine can
+    work through one table side by side; yields False when another live process holds it. The claim is a
+    file ``.<name>.claim`` beside the run dir holding the owner's pid; a dead owner's claim is taken over."""
+    claim = run_dir.parent / f".{run_dir.name}.claim"
+    claim.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            handle = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            if _held_by_another(claim):
+                break
+            claim.unlink(missing_ok=True)  # its owner died
+            continue
+        os.write(handle, str(os.getpid()).encode())
+        os.close(handle)
+        try:
+            yield True
+        finally:
+            claim.unlink(missing_ok=True)
+        return
+    yield False

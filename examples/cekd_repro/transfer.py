@@ -30,12 +30,14 @@ from .data import load_data
 from .engine import train
 from .models import build_model
 from .rundir import resumed_config
+from .sweep import run_sweep
 
 SOURCE_PER_CLASS = 200  # source images per class (24 classes for a 12-class target): 4,800 images
 SOURCE_EPOCHS = 15
 # source dataset -> its run dir's prefix: "source" for the near one, else its kind (cekd_repro.data.source_pairs)
 SOURCES = {name: "source" if kind == "near" else kind for name, kind in SOURCE_TASKS.items()}
 DEFAULT_SOURCE = "synthetic-source"
+TINY_SOURCE = "synthetic-colours"  # the transfer-tiny preset's: the paper's gap between probe and fine-tuning
 
 
 def source_config(base: RunConfig, per_class: int, epochs: int, source: str = DEFAULT_SOURCE) -> RunConfig:
@@ -151,18 +153,29 @@ def run_transfer(
     out_dir: Path,
     per_class: int = SOURCE_PER_CLASS,
     epochs: int = SOURCE_EPOCHS,
-    resume: bool = False,
+    resume_changes: dict | None = None,
     source_dataset: str = DEFAULT_SOURCE,
+    sweep: list[tuple[int, int]] | None = None,
 ) -> str:
-    """Pretrain (or reuse), then fine-tune every row of the table for every seed under ``out_dir/finetune``, and
-    probe the source features linearly on the target (:func:`source_probe`); returns the table and the probe.
-    ``resume``: continue the table in ``out_dir`` as saved."""
-    if resume:
-        table = run_ablation(None, None, out_dir / "finetune", resume_changes={})
-        base, seeds, _ = saved_plan(out_dir / "finetune")
+    """Pretrain (or reuse), then fine-tune every row of the table for every seed under ``out_dir/finetune``
+    (with ``sweep``, the rows of :func:`~cekd_repro.sweep.run_sweep` at its lengths under ``out_dir/sweep``),
+    and probe the source features linearly on the target (:func:`source_probe`); returns the table and the
+    probe. ``resume_changes`` (a dict, maybe empty): continue the table or sweep in ``out_dir`` as saved."""
+    if resume_changes is not None:
+        if (out_dir / "sweep" / "sweep.json").exists():
+            table = run_sweep(None, None, out_dir / "sweep", resume_changes)
+            base = RunConfig(**json.loads((out_dir / "sweep" / "sweep.json").read_text())["base"])
+            seeds = 1
+        else:
+            table = run_ablation(None, None, out_dir / "finetune", resume_changes=resume_changes)
+            base, seeds, _ = saved_plan(out_dir / "finetune")
     else:
         assert base is not None and seeds is not None
         weights = pretrained_weights(base, out_dir, per_class, epochs, source_dataset)
         base = replace(base, pretrained=str(weights))
-        table = run_ablation(base, seeds, out_dir / "finetune", variants=ALL_ROWS)
+        if sweep is not None:
+            table = run_sweep(base, sweep, out_dir / "sweep")
+            seeds = 1
+        else:
+            table = run_ablation(base, seeds, out_dir / "finetune", variants=ALL_ROWS)
     return f"{table}\n{_probe_line(base, seeds, out_dir)}"

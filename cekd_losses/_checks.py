@@ -115,6 +115,18 @@ def check_real(name: str, value: object) -> float:
     return number
 
 
+def check_interval(name: str, value: object, low: float, high: float) -> tuple[float, float]:
+    """A ``(min, max)`` pair inside ``[low, high]`` with ``min <= max``, given as a sequence of two reals or a
+    tensor of two values (read once, at construction)."""
+    items = value.tolist() if isinstance(value, Tensor) and value.numel() == 2 else value
+    if not isinstance(items, (tuple, list)) or len(items) != 2:
+        raise TypeError(f"`{name}` must be a (min, max) pair, got {_describe(value)}")
+    lo, hi = (check_real(name, item) for item in items)
+    if not low <= lo <= hi <= high:
+        raise ValueError(f"`{name}` must be a (min, max) pair with {low} <= min <= max <= {high}, got {value!r}")
+    return lo, hi
+
+
 def check_positive_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"`{name}` must be an int, got {_describe(value)}")

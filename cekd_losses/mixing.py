@@ -631,6 +631,7 @@ class _Draw(NamedTuple):
     partner: Tensor  # (B,) int64, a sample left unmixed is its own partner
     lam: Tensor  # (B, lambdas, 1, 1) float32; (1, lambdas, 1, 1) with same_on_batch
     boxes: Tensor | None  # (B or 1, k, 2, 2) float32 integer-valued corners [[x1, y1], [x2, y2]], not clipped
+    mixed: Tensor | None = None  # (B,) bool, the mixing decisions; None when every sample mixes (p = 1)
 
 
 def _apply_mixup(images: Tensor, targets: Tensor, cams: Tensor | None, draw: _Draw, normalize: bool) -> MixedBatch:
@@ -831,9 +832,11 @@ def _draw(
     same_on_batch: bool,
     p: float,
     decisions: int,
+    lam_map: Callable[[Tensor], Tensor] | None = None,
 ) -> _Draw:
     """The random parameters of one call on a (B, H, W) batch, on ``device``: one set of lambdas and boxes
-    with ``same_on_batch``; ``decisions`` mixing decisions of probability ``p`` (1: one for the batch)."""
+    with ``same_on_batch``; ``decisions`` mixing decisions of probability ``p`` (1: one for the batch);
+    ``lam_map`` maps the Beta draws before they make boxes (the Kornia classes' ranges)."""
     batch, height, width = shape
     draws = 1 if same_on_batch else batch
     decisions = decisions if p < 1 else 0
@@ -850,9 +853,12 @@ def _draw(
         partner, lam = partner.to(device, non_blocking=True), lam.to(device, non_blocking=True)
         centres = centres.to(device, non_blocking=True) if centres is not None else None
         decision = decision.to(device, non_blocking=True) if decision is not None else None
+    if lam_map is not None:
+        lam = lam_map(lam)
     boxes = None
     if centres is not None:
         boxes = _boxes_from_draws(lam, centres, height, width)  # one box set for the batch with same_on_batch
+    mixed = None
     if decision is not None:  # unmixed samples: their own partner, lam 1, empty boxes
         mixed = (decision < p).expand(batch)
         partner = torch.where(mixed, partner, _positions(batch, device))
@@ -860,4 +866,4 @@ def _draw(
             boxes = torch.where(mixed.view(batch, 1, 1, 1), boxes, 0.0)
         else:
             lam = torch.where(mixed.view(batch, 1, 1, 1), lam, 1.0)
-    return _Draw(partner, lam, boxes)
+    return _Draw(partner, lam, boxes, mixed)

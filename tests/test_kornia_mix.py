@@ -239,3 +239,154 @@ def test_snapmix_reads_nothing_but_its_cam_forward(monkeypatch):
     model, images, labels = snapmix_setup()
     aug = RandomSnapMix(FeatureTap(model), data_keys=KEYS)
     assert count_launches(lambda: aug(images, labels)).reads == 0
+
+
+def test_params_hold_kornias_keys_with_kornias_meaning():
+    """Kornia's handlers' formulas, applied to our recorded params, give our images and label rows: MixUp's
+    ``mixup_pairs``/``mixup_lambdas`` and CutMix's ``crop_src`` (through Kornia's own bbox_to_mask and
+    infer_bbox_shape), with ``batch_prob``, ``image_shape`` and ``dtype`` as Kornia fills them."""
+    from kornia.constants import DType
+    from kornia.geometry.bbox import bbox_to_mask, infer_bbox_shape
+
+    images, labels = distinct_images(6, size=10), torch.arange(6)
+    aug = RandomMixUp(data_keys=KEYS, generator=torch.Generator().manual_seed(4))
+    out, rows = aug(images, labels)
+    params = aug._params
+    lam = params["mixup_lambdas"].view(-1, 1, 1, 1)
+    assert torch.allclose(out, images * (1 - lam) + images[params["mixup_pairs"]] * lam, atol=1e-6)
+    assert torch.equal(rows[:, 2], params["mixup_lambdas"]) and torch.equal(params["batch_prob"], torch.ones(6))
+    assert int(params["dtype"]) == DType.get(torch.float32).value
+
+    aug = RandomCutMix(data_keys=KEYS, generator=torch.Generator().manual_seed(5))
+    out, rows = aug(images.double(), labels)
+    params = aug._params
+    crops = params["crop_src"]
+    assert crops.shape == (1, 6, 4, 2) and params["image_shape"].tolist() == [10.0, 10.0]
+    mask = bbox_to_mask(crops[0], 10, 10).bool()[:, None].expand_as(images)
+    assert torch.equal(out, torch.where(mask, images.double()[params["mix_pairs"]], images.double()))
+    width, height = infer_bbox_shape(crops[0])
+    assert torch.allclose(rows[0, :, 2], (width * height / 100).double())
+    assert int(params["dtype"]) == DType.get(torch.float64).value
+
+
+@pytest.mark.parametrize("p", [0.0, 1.0])
+def test_batch_prob_is_the_batch_gate(p):
+    images, labels = torch.rand(5, 3, 8, 8), torch.arange(5)
+    for aug in (RandomMixUp(p=p, data_keys=KEYS), RandomCutMix(p=p, data_keys=KEYS)):
+        aug(images, labels)
+        assert aug._params["batch_prob"].dtype == torch.float32 and torch.equal(
+            aug._params["batch_prob"], torch.full((5,), p)
+        )
+
+
+def test_tensors_beyond_the_data_keys_are_ignored_as_kornia_does():
+    images, other = torch.rand(4, 3, 8, 8), torch.rand(4, 3, 8, 8)
+    theirs = KA.RandomMixUpV2()(images, other)  # data_keys=["input"]: the second tensor is not touched
+    for ours in (RandomMixUp(), RandomCutMix()):
+        out = ours(images, other)
+        assert isinstance(out, torch.Tensor) and out.shape == theirs.shape == images.shape
+    out = RandomMixUp(data_keys=KEYS)(images)  # keys beyond the inputs: only what was given comes back
+    assert isinstance(out, torch.Tensor) and out.shape == images.shape
+    with pytest.raises(ValueError, match=r"got 1 tensors for data_keys \['class', 'input'\]: no 'input'"):
+        RandomMixUp(data_keys=["class", "input"])(torch.arange(4))
+
+
+def test_an_unmixed_cutmix_row_is_label_label_zero_with_either_lambda():
+    """Kornia's documented p=0 rows, [label, label, 0], for use_correct_lambda True and False (ours returned 1 for
+    True); in a mixed batch a self-paired row keeps 1 - its box's area ratio with use_correct_lambda, as Kornia's."""
+    images, labels = torch.rand(4, 3, 8, 8), torch.tensor([3, 1, 0, 2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = KA.RandomCutMixV2(p=0.0, data_keys=KEYS, use_correct_lambda=True)(images, labels)[1]
+    for correct in (True, False):
+        _, rows = RandomCutMix(p=0.0, data_keys=KEYS, use_correct_lambda=correct)(images, labels)
+        assert torch.equal(rows, theirs) and torch.equal(rows[0, :, 2], torch.zeros(4))
+    one = torch.rand(1, 3, 8, 8)  # a batch of one pairs the image with itself: Kornia's 1 - area ratio
+    aug = RandomCutMix(data_keys=KEYS, use_correct_lambda=True)
+    _, rows = aug(one, torch.tensor([2]))
+    x1, y1, x2, y2 = aug._params["mix_boxes"][0, 0].tolist()
+    assert rows.tolist() == [[[2.0, 2.0, 1 - (x2 - x1) * (y2 - y1) / 64]]]
+
+
+@given(seed=st.integers(0, 2**31 - 1), low=st.floats(0, 1), width=st.floats(0, 1), same_on_batch=st.booleans())
+def test_kornias_ranges_map_the_same_draws(seed, low, width, same_on_batch):
+    """lambda_val=(lo, hi) makes the partner's MixUp weight lo + (hi - lo) * v of the same uniform draw; cut_size
+    clamps CutMix's lambda = 1 - u of the same Beta draw (Kornia's definitions)."""
+    high = min(1.0, low + width)
+    images, labels = torch.rand(6, 3, 8, 8), torch.arange(6)
+
+    def params(aug_class, **kwargs):
+        aug = aug_class(
+            data_keys=KEYS, same_on_batch=same_on_batch, generator=torch.Generator().manual_seed(seed), **kwargs
+        )
+        aug(images, labels)
+        return aug._params
+
+    plain, ranged = params(RandomMixUp), params(RandomMixUp, lambda_val=(low, high))
+    expected = low + (high - low) * plain["mixup_lambdas"]  # the partner weight is 1 - own, own = 1 - v
+    assert torch.allclose(ranged["mixup_lambdas"], expected, atol=1e-6)
+    assert ((ranged["mixup_lambdas"] >= low - 1e-6) & (ranged["mixup_lambdas"] <= high + 1e-6)).all()
+    if low < 1:
+        plain, clamped = params(RandomCutMix), params(RandomCutMix, cut_size=(low, high))
+        assert torch.equal(clamped["mix_lambdas"], plain["mix_lambdas"].clamp(1 - high, 1 - low))
+
+
+def test_beta_is_kornias_name_of_mix_alpha():
+    images, labels = torch.rand(6, 3, 8, 8), torch.arange(6)
+    outs = []
+    for kwargs in ({"mix_alpha": 2.5}, {"beta": 2.5}, {"beta": torch.tensor(2.5)}):
+        aug = RandomCutMix(data_keys=KEYS, generator=torch.Generator().manual_seed(0), **kwargs)
+        outs.append(aug(images, labels))
+    assert all(torch.equal(out[0], outs[0][0]) and torch.equal(out[1], outs[0][1]) for out in outs)
+
+
+@pytest.mark.parametrize(
+    ("ours", "theirs"),
+    [
+        (lambda: RandomMixUp(), lambda: KA.RandomMixUpV2()),
+        (
+            lambda: RandomMixUp(lambda_val=(0.2, 0.4), p=0.5, same_on_batch=True),
+            lambda: KA.RandomMixUpV2(lambda_val=(0.2, 0.4), p=0.5, same_on_batch=True),
+        ),
+        (lambda: RandomCutMix(), lambda: KA.RandomCutMixV2()),
+        (
+            lambda: RandomCutMix(cut_size=(0.2, 0.5), beta=2.0, p=0.3),
+            lambda: KA.RandomCutMixV2(cut_size=(0.2, 0.5), beta=2.0, p=0.3),
+        ),
+    ],
+)
+def test_reprs_are_kornias(ours, theirs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = repr(theirs())
+    assert repr(ours()).replace("Random", "", 1) == expected.replace("Random", "", 1).replace("V2(", "(")
+
+
+def test_the_kornia_classes_pickle():
+    """Kornia's multiprocessing tests hand augmentations to loader workers; the ranges are state, not closures."""
+    import pickle
+
+    images, labels = torch.rand(4, 3, 8, 8), torch.arange(4)
+    for aug in (RandomMixUp(lambda_val=(0.1, 0.3), data_keys=KEYS), RandomCutMix(cut_size=(0.2, 0.6), data_keys=KEYS)):
+        copy = pickle.loads(pickle.dumps(aug))
+        assert repr(copy) == repr(aug)
+        _, rows = copy(images, labels)
+        assert rows.shape[-1] == 3
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: RandomMixUp(mix_alpha=2.0, lambda_val=(0.1, 0.2)), r"give it with the default mix_alpha=1.0"),
+        (lambda: RandomMixUp(lambda_val=(0.5, 0.2)), r"`lambda_val` must be a \(min, max\) pair with 0.0 <= min"),
+        (lambda: RandomMixUp(lambda_val=0.5), r"`lambda_val` must be a \(min, max\) pair, got 0.5 \(float\)"),
+        (lambda: RandomCutMix(cut_size=(1.0, 1.0)), r"`cut_size` minimum must be < 1"),
+        (lambda: RandomCutMix(cut_size=(0.2, 1.5)), r"`cut_size` must be a \(min, max\) pair with 0.0 <= min"),
+        (lambda: RandomCutMix(beta=2.0, mix_alpha=3.0), r"`beta` is Kornia's name for `mix_alpha`: give one"),
+        (lambda: RandomCutMix(beta=0.0), r"`beta` must be > 0, got 0.0"),
+        (lambda: RandomCutMix(num_mix=3), r"got 3: Kornia's later cuts paste over the earlier ones"),
+    ],
+)
+def test_bad_kornia_arguments_are_named(make, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        make()

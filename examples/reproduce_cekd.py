@@ -5,10 +5,11 @@ Quick default (synthetic fine-grained data, CPU-sized)::
     python examples/reproduce_cekd.py                      # CEKD over CutMix, prints members' and ensemble's top-1
     python examples/reproduce_cekd.py --ablation --seeds 3 # the paper's ablation table on the synthetic set
 
-The paper's setting on a real dataset (a GPU and the dataset on disk; weights from a local file)::
+The paper's setting on a real dataset (a GPU and the dataset on disk; ImageNet weights from torchvision's or
+timm's cache, downloaded there once when online, or ``--pretrained FILE``)::
 
     python examples/reproduce_cekd.py --preset paper --dataset cub --data-root /data/CUB_200_2011 \\
-        --arch resnet101 --pretrained resnet101.pth --method cekd --mix snapmix --device cuda --amp bf16
+        --arch resnet101 --pretrained imagenet --method cekd --mix snapmix --device cuda --amp bf16
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from cekd_repro.transfer import DEFAULT_SOURCE, SOURCE_EPOCHS, SOURCE_PER_CLASS,
 PAPER_FROM_SCRATCH = (
     "warning: --preset paper is the fine-tuning recipe of the paper (ImageNet-pretrained members, lr 0.001/0.01, "
     "no clipping); without --pretrained it trains from scratch, where 2 x resnet50 at 448 px diverged in our runs "
-    "(epoch-1 loss ~250, gradient norm ~500). Pass --pretrained <local state-dict>, or add --clip-grad 5 "
+    "(epoch-1 loss ~250, gradient norm ~500). Pass --pretrained imagenet (or a local state-dict), or add --clip-grad 5 "
     "(see docs/reproduction.rst)"
 )
 
@@ -96,7 +97,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     )
     add("--arch", help="torchvision name or timm:<name>; comma-separated for one per member")
     add("--members", type=int, help="cekd: number of members")
-    add("--pretrained", help="local state-dict file (never downloaded)")
+    add(
+        "--pretrained",
+        metavar="imagenet|FILE",
+        help="imagenet: the architecture's default ImageNet weights (torchvision's or timm's cache, under TORCH_HOME "
+        "or HF_HOME; fetched there when online); FILE: a local state-dict",
+    )
     add("--epochs", type=int)
     add(
         "--milestones",

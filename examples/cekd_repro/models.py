@@ -1,4 +1,4 @@
-"""Build a torchvision or timm classifier for K classes, optionally from local pretrained weights."""
+"""Build a torchvision or timm classifier for K classes, optionally from ImageNet or local pretrained weights."""
 
 from __future__ import annotations
 
@@ -17,13 +17,19 @@ def _classifier(model: nn.Module) -> nn.Linear:
     return head
 
 
+IMAGENET = "imagenet"  # --pretrained imagenet: the architecture's default ImageNet weights, from its library's cache
+
+
 def build_model(arch: str, num_classes: int, pretrained: str | None = None, image_size: int | None = None) -> nn.Module:
     """``arch``: a torchvision classification model name (resnet18, resnet50, ...) or ``timm:<name>``.
 
     The head is built for ``num_classes``. ``image_size`` reaches the models that fix it at creation
     (timm ViT, DeiT, Swin and the like as ``img_size``; torchvision ViT as ``image_size``).
-    ``pretrained`` is a local state-dict file (no download): every weight but the head's must match
-    the architecture (position embeddings included, so their image size too).
+    ``pretrained``: ``"imagenet"`` for the architecture's default ImageNet weights (torchvision's weight enum
+    in torch.hub's cache under TORCH_HOME, or timm's pretrained configuration in the Hugging Face cache under
+    HF_HOME; downloaded there when the machine is online), or a local state-dict file. Every weight but the
+    head's must match the architecture (a torchvision ViT's position embeddings, so its image size too; timm
+    resamples them).
     """
     if arch.startswith("timm:"):
         import timm
@@ -31,12 +37,7 @@ def build_model(arch: str, num_classes: int, pretrained: str | None = None, imag
         name = arch[len("timm:") :]
         if name not in timm.list_models():
             raise ValueError(f"unknown timm model {name!r} in --arch {arch!r}")
-        try:
-            model = timm.create_model(
-                name, pretrained=False, num_classes=num_classes, **({"img_size": image_size} if image_size else {})
-            )
-        except TypeError:  # a model without a fixed input size (CNNs) takes no img_size
-            model = timm.create_model(name, pretrained=False, num_classes=num_classes)
+        model = _timm_model(name, num_classes, image_size, pretrained == IMAGENET)
     else:
         import torchvision
 
@@ -44,17 +45,70 @@ def build_model(arch: str, num_classes: int, pretrained: str | None = None, imag
             raise ValueError(f"unknown torchvision classification model {arch!r} in --arch; for timm use 'timm:<name>'")
         sized = {"image_size": image_size} if arch.startswith("vit_") and image_size else {}
         model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **sized)
-    if pretrained is not None:
+        if pretrained == IMAGENET:
+            load_backbone(model, _torchvision_imagenet(arch), f"--pretrained imagenet ({arch})")
+    if pretrained is not None and pretrained != IMAGENET:
         load_pretrained(model, pretrained)
     return model
 
 
+def _timm_model(name: str, num_classes: int, image_size: int | None, imagenet: bool) -> nn.Module:
+    """A timm model, with its default pretrained weights when ``imagenet`` (timm fits the head and, for token
+    models, the position embeddings); a missing or unreachable file is a one-line error naming the cache."""
+    import timm
+
+    sized = {"img_size": image_size} if image_size else {}
+    try:
+        try:
+            return timm.create_model(name, pretrained=imagenet, num_classes=num_classes, **sized)
+        except TypeError:  # a model without a fixed input size (CNNs) takes no img_size
+            return timm.create_model(name, pretrained=imagenet, num_classes=num_classes)
+    except (OSError, RuntimeError, ValueError) as error:
+        if not imagenet:
+            raise
+        from huggingface_hub import constants
+
+        config = timm.models.get_pretrained_cfg(name)
+        source = getattr(config, "hf_hub_id", None) or getattr(config, "url", None) or "none"
+        raise FileNotFoundError(
+            f"--pretrained imagenet (timm:{name}): its weights ({source}) are not in the Hugging Face cache "
+            f"{constants.HF_HUB_CACHE} and could not be fetched ({type(error).__name__}: {_first_line(error)}); "
+            "put them there (the cache follows HF_HOME) or pass a local state-dict file"
+        ) from None
+
+
+def _torchvision_imagenet(arch: str) -> dict[str, torch.Tensor]:
+    """The state dict of ``arch``'s default torchvision weights, read from torch.hub's cache (downloaded there
+    when missing and the machine is online); a one-line error naming the file otherwise."""
+    import os
+
+    import torchvision
+
+    weights = torchvision.models.get_model_weights(arch).DEFAULT  # every classification model of it has some
+    path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+    try:
+        return weights.get_state_dict(progress=False)
+    except (OSError, RuntimeError) as error:  # URLError is an OSError
+        raise FileNotFoundError(
+            f"--pretrained imagenet ({arch}): {weights} is not in torchvision's cache ({path}) and could not be "
+            f"downloaded ({type(error).__name__}: {_first_line(error)}); put the file there (the cache follows "
+            "TORCH_HOME) or pass a local state-dict file"
+        ) from None
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else ""
+
+
 def load_pretrained(model: nn.Module, path: str | Path) -> None:
-    """Load local weights into ``model``, skipping the classifier head (rebuilt for the dataset's classes)."""
+    """Load a local state-dict file into ``model``, skipping the classifier head (rebuilt for the dataset's
+    classes)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
-            f"--pretrained {path}: no such file (weights are never downloaded; pass a local state-dict file)"
+            f"--pretrained {path}: no such file (pass a local state-dict file, or imagenet for the "
+            "architecture's ImageNet weights)"
         )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -65,6 +119,12 @@ def load_pretrained(model: nn.Module, path: str | Path) -> None:
         raise ValueError(
             f"--pretrained {path}: expected a state dict (parameter name -> tensor), got {type(state).__name__}"
         )
+    load_backbone(model, state, f"--pretrained {path}")
+
+
+def load_backbone(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load ``state`` into ``model`` but for its classifier head; every other weight must be there, of the
+    model's shapes (else a ValueError naming ``source`` and the first misfits)."""
     head = {
         f"{name}.{p}"
         for name, module in model.named_modules()
@@ -77,7 +137,7 @@ def load_pretrained(model: nn.Module, path: str | Path) -> None:
     unused = [k for k in state if k not in own and k not in head]
     if missing or unused:
         raise ValueError(
-            f"--pretrained {path} does not fit {type(model).__name__}: {len(missing)} weights missing "
+            f"{source} does not fit {type(model).__name__}: {len(missing)} weights missing "
             f"or of another shape (e.g. {missing[:3]}), {len(unused)} not used (e.g. {unused[:3]})"
         )
     model.load_state_dict(kept, strict=False)

@@ -209,9 +209,27 @@ def _one_line(error: BaseException) -> str:
     return lines[-1] if lines else type(error).__name__
 
 
+def run_table(args: argparse.Namespace, config: RunConfig | None, changes: dict | None, seeds: int) -> tuple[str, Path]:
+    """The ablation, the transfer table or the sweep the flags ask for (a new one, or ``changes`` to resume one);
+    returns the table and its dir."""
+    kind = "transfer" if args.transfer else "ablation"
+    out = Path(args.resume or args.run_dir or f"runs/{kind}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if args.resume:
+        resume = run_transfer if args.transfer else run_ablation
+        return resume(None, None, out, resume_changes=changes), out
+    assert config is not None
+    if not args.transfer:
+        return run_ablation(config, seeds, out), out
+    source = (args.source_per_class or SOURCE_PER_CLASS, args.source_epochs or SOURCE_EPOCHS)
+    dataset = args.source_dataset or (TINY_SOURCE if args.preset == "transfer-tiny" else DEFAULT_SOURCE)
+    sweep = parse_lengths(args.sweep) if args.sweep else None
+    return run_transfer(config, seeds, out, *source, source_dataset=dataset, sweep=sweep), out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
     start = time.time()
+    config, changes = None, None
     try:
         if args.resume:
             extra = [
@@ -233,24 +251,8 @@ def main(argv: list[str] | None = None) -> int:
         seeds = 3 if args.seeds is None else args.seeds
         if seeds < 1:
             raise ValueError(f"--seeds must be >= 1, got {seeds}")
-        if args.transfer or args.ablation:  # a table of runs
-            kind = "transfer" if args.transfer else "ablation"
-            out = Path(args.resume or args.run_dir or f"runs/{kind}-{time.strftime('%Y%m%d-%H%M%S')}")
-            if args.transfer:
-                source = (args.source_per_class or SOURCE_PER_CLASS, args.source_epochs or SOURCE_EPOCHS)
-                dataset = args.source_dataset or (TINY_SOURCE if args.preset == "transfer-tiny" else DEFAULT_SOURCE)
-                sweep = parse_lengths(args.sweep) if args.sweep else None
-                table = (
-                    run_transfer(None, None, out, resume_changes=changes)
-                    if args.resume
-                    else run_transfer(config, seeds, out, *source, source_dataset=dataset, sweep=sweep)
-                )
-            else:
-                table = (
-                    run_ablation(None, None, out, resume_changes=changes)
-                    if args.resume
-                    else run_ablation(config, seeds, out)
-                )
+        if args.transfer or args.ablation:
+            table, out = run_table(args, config, changes, seeds)
             print(table)
             print(f"results in {out} ({time.time() - start:.0f} s)")
             return 0
@@ -258,10 +260,11 @@ def main(argv: list[str] | None = None) -> int:
             run_dir = Path(args.resume)
             if (run_dir / "ablation.json").exists():
                 raise ValueError(f"--resume {run_dir} holds an ablation: add --ablation")
-            config = resumed_config(run_dir, **changes)
+            config = resumed_config(run_dir, **(changes or {}))
             if not config.quiet:
                 print(f"resuming {run_dir}" + (f" with {changes}" if changes else ""))
         else:
+            assert config is not None
             run_dir = Path(args.run_dir or f"runs/{config.method}-{time.strftime('%Y%m%d-%H%M%S')}")
         record = train(config, run_dir, resume=bool(args.resume))
     except (RunDirExists, Diverged, OSError, ValueError) as error:

@@ -38,16 +38,6 @@ from .mixing import _KERNELS, MixedBatch, _clipped, _constant, _Draw, _draw, _re
 __all__ = ["RandomCutMix", "RandomMixUp", "RandomSnapMix", "kornia_soft_targets"]
 
 
-# Kornia's code for its image dtype in params["dtype"] (kornia.constants.DType), kept on the host as Kornia's
-_DTYPE_CODES = {
-    torch.float16: DType.FLOAT16.value,
-    torch.float32: DType.FLOAT32.value,
-    torch.float64: DType.FLOAT64.value,
-}
-if hasattr(DType, "BFLOAT16"):
-    _DTYPE_CODES[torch.bfloat16] = DType.BFLOAT16.value
-
-
 class _KorniaMix(MixAugmentationBaseV2):
     """A Kornia mix augmentation whose parameters and pixels come from this library's kernels.
 
@@ -158,8 +148,8 @@ class _KorniaMix(MixAugmentationBaseV2):
         if params is None:
             params = self._draw_parameters(tuple(images.shape), images.device)
         params = {name: t.to(images.device, non_blocking=True) for name, t in params.items() if name != "dtype"}
-        code = _DTYPE_CODES[images.dtype]
-        params["dtype"] = _constant(("kornia dtype", code), lambda: torch.tensor(code))  # on the host, as Kornia's
+        code = DType.get(images.dtype).value  # Kornia's code of the image dtype, kept on the host as Kornia's
+        params["dtype"] = _constant(("kornia dtype", code), lambda: torch.tensor(code))
         self._params = params
         with _checks.without_autocast(images.device):
             mixed = self._mix(images, labels, params)

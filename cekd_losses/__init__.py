@@ -11,6 +11,7 @@ Public API:
 - :class:`CollaborativeEnsemble` and :class:`EnsembleOutput` (``cekd_losses.ensemble``);
 - :class:`CEKDLoss` and :func:`rampup` (``cekd_losses.objective``);
 - :func:`train_step` and :class:`StepOutput` (``cekd_losses.step``);
+- :class:`TemporalMean`, a network's temporal mean model (``cekd_losses.mean_teacher``);
 - :class:`RandomMixUp`, :class:`RandomCutMix`, :class:`RandomSnapMix` (Kornia augmentations) and
   :func:`kornia_soft_targets` (``cekd_losses.kornia_mix``).
 """
@@ -19,6 +20,7 @@ from .cam import FeatureTap, find_classifier, normalize_cams
 from .ensemble import CollaborativeEnsemble, Combine, EnsembleOutput
 from .kornia_mix import RandomCutMix, RandomMixUp, RandomSnapMix, kornia_soft_targets
 from .losses import CrossDistillationLoss, Reduction, SoftTargetCrossEntropy, distillation_kl, soft_cross_entropy
+from .mean_teacher import TemporalMean
 from .mixing import MixedBatch, MixingAugmenter, MixMethod, cutmix, mixup, snapmix
 from .objective import CEKDLoss, rampup
 from .step import StepOutput, train_step
@@ -41,6 +43,7 @@ __all__ = [
     "Reduction",
     "SoftTargetCrossEntropy",
     "StepOutput",
+    "TemporalMean",
     "__version__",
     "cutmix",
     "distillation_kl",

@@ -11,6 +11,7 @@ import cekd_losses.cam
 import cekd_losses.ensemble
 import cekd_losses.kornia_mix
 import cekd_losses.losses
+import cekd_losses.mean_teacher
 import cekd_losses.mixing
 import cekd_losses.objective
 import cekd_losses.step
@@ -23,6 +24,7 @@ MODULES = [
     cekd_losses.objective,
     cekd_losses.step,
     cekd_losses.kornia_mix,
+    cekd_losses.mean_teacher,
 ]
 
 

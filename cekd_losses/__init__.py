@@ -9,6 +9,7 @@ Public API:
 - :func:`soft_cross_entropy`, :class:`SoftTargetCrossEntropy`, :func:`distillation_kl` and
   :class:`CrossDistillationLoss` (``cekd_losses.losses``);
 - :class:`CollaborativeEnsemble` and :class:`EnsembleOutput` (``cekd_losses.ensemble``);
+- :class:`FeatureFusion`, FFL's fusion module on the members' feature maps (``cekd_losses.fusion``);
 - :class:`CEKDLoss` and :func:`rampup` (``cekd_losses.objective``);
 - :func:`train_step` and :class:`StepOutput` (``cekd_losses.step``);
 - :class:`TemporalMean`, a network's temporal mean model (``cekd_losses.mean_teacher``);
@@ -18,6 +19,7 @@ Public API:
 
 from .cam import FeatureTap, find_classifier, normalize_cams
 from .ensemble import CollaborativeEnsemble, Combine, EnsembleOutput
+from .fusion import FeatureFusion
 from .kornia_mix import RandomCutMix, RandomMixUp, RandomSnapMix, kornia_soft_targets
 from .losses import CrossDistillationLoss, Reduction, SoftTargetCrossEntropy, distillation_kl, soft_cross_entropy
 from .mean_teacher import TemporalMean
@@ -33,6 +35,7 @@ __all__ = [
     "Combine",
     "CrossDistillationLoss",
     "EnsembleOutput",
+    "FeatureFusion",
     "FeatureTap",
     "MixMethod",
     "MixedBatch",

@@ -1,8 +1,10 @@
 """CollaborativeEnsemble: N >= 2 user models trained together, with their ensemble.
 
 The ensemble's logits combine the members' logits (``"mean"``), or are weighted by a learned
-per-sample gate over members (``"gate"``, as in ONE, Lan et al. 2018), or come from a fusion
-classifier on the members' concatenated pooled features (``"fusion"``, as in FFL, Kim et al. 2019).
+per-sample gate over members (``"gate"``, after ONE, Lan et al. 2018, on the members' pooled features
+rather than a shared trunk's), or come from a linear classifier on the members' concatenated pooled features
+(``"fusion"``: PCL's peer ensemble teacher; FFL's own fusion module works on the feature maps, see
+:class:`~cekd_losses.FeatureFusion`).
 Gate and fusion read the pooled features through :class:`~cekd_losses.cam.FeatureTap` hooks during
 the members' own forward: no second forward.
 """

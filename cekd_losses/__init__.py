@@ -10,6 +10,7 @@ Public API:
   :class:`CrossDistillationLoss` (``cekd_losses.losses``);
 - :class:`CollaborativeEnsemble` and :class:`EnsembleOutput` (``cekd_losses.ensemble``);
 - :class:`FeatureFusion`, FFL's fusion module on the members' feature maps (``cekd_losses.fusion``);
+- :class:`BranchGate`, ONE's gate over branches (``cekd_losses.gate``);
 - :class:`CEKDLoss` and :func:`rampup` (``cekd_losses.objective``);
 - :func:`train_step` and :class:`StepOutput` (``cekd_losses.step``);
 - :class:`TemporalMean`, a network's temporal mean model (``cekd_losses.mean_teacher``);
@@ -20,6 +21,7 @@ Public API:
 from .cam import FeatureTap, find_classifier, normalize_cams
 from .ensemble import CollaborativeEnsemble, Combine, EnsembleOutput
 from .fusion import FeatureFusion
+from .gate import BranchGate
 from .kornia_mix import RandomCutMix, RandomMixUp, RandomSnapMix, kornia_soft_targets
 from .losses import CrossDistillationLoss, Reduction, SoftTargetCrossEntropy, distillation_kl, soft_cross_entropy
 from .mean_teacher import TemporalMean
@@ -30,6 +32,7 @@ from .step import StepOutput, train_step
 __version__ = "0.1.0"
 
 __all__ = [
+    "BranchGate",
     "CEKDLoss",
     "CollaborativeEnsemble",
     "Combine",

@@ -10,6 +10,7 @@ import torch
 import cekd_losses.cam
 import cekd_losses.ensemble
 import cekd_losses.fusion
+import cekd_losses.gate
 import cekd_losses.kornia_mix
 import cekd_losses.losses
 import cekd_losses.mean_teacher
@@ -23,6 +24,7 @@ MODULES = [
     cekd_losses.losses,
     cekd_losses.ensemble,
     cekd_losses.fusion,
+    cekd_losses.gate,
     cekd_losses.objective,
     cekd_losses.step,
     cekd_losses.kornia_mix,

@@ -76,8 +76,14 @@ def _plan(base: RunConfig | None, lengths: list[tuple[int, int]] | None, out_dir
         out_dir.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"base": asdict(base), "lengths": lengths, "rows": list(SWEEP_ROWS)}, indent=2))
         return base, lengths, list(SWEEP_ROWS)
-    saved = json.loads(path.read_text())
-    return apply_resume_changes(RunConfig(**saved["base"]), changes, path), saved["lengths"], saved["rows"]
+    base, lengths, rows = saved_sweep(out_dir)
+    return apply_resume_changes(base, changes, path), lengths, rows
+
+
+def saved_sweep(out_dir: Path) -> tuple[RunConfig, list[tuple[int, int]], list[str]]:
+    """The base configuration, the lengths with their seeds and the rows a sweep saved in ``out_dir``."""
+    saved = json.loads((out_dir / "sweep.json").read_text())
+    return RunConfig(**saved["base"]), [(epochs, seeds) for epochs, seeds in saved["lengths"]], saved["rows"]
 
 
 def run_sweep(

@@ -30,7 +30,7 @@ from .data import load_data
 from .engine import train
 from .models import build_model
 from .rundir import resumed_config
-from .sweep import run_sweep
+from .sweep import run_sweep, saved_sweep
 
 SOURCE_PER_CLASS = 200  # source images per class (24 classes for a 12-class target): 4,800 images
 SOURCE_EPOCHS = 15
@@ -164,7 +164,7 @@ def run_transfer(
     if resume_changes is not None:
         if (out_dir / "sweep" / "sweep.json").exists():
             table = run_sweep(None, None, out_dir / "sweep", resume_changes)
-            base = RunConfig(**json.loads((out_dir / "sweep" / "sweep.json").read_text())["base"])
+            base = saved_sweep(out_dir / "sweep")[0]
             seeds = 1
         else:
             table = run_ablation(None, None, out_dir / "finetune", resume_changes=resume_changes)

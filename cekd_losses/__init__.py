@@ -12,6 +12,8 @@ Public API:
 - :class:`FeatureFusion`, FFL's fusion module on the members' feature maps (``cekd_losses.fusion``);
 - :class:`BranchGate`, ONE's gate over branches (``cekd_losses.gate``);
 - :class:`CEKDLoss` and :func:`rampup` (``cekd_losses.objective``);
+- :class:`OnlineDistillationLoss`, the objectives of DML, ONE, FFL, PCL and CEKD, and its presets
+  :data:`METHODS` (``cekd_losses.online``);
 - :func:`train_step` and :class:`StepOutput` (``cekd_losses.step``);
 - :class:`TemporalMean`, a network's temporal mean model (``cekd_losses.mean_teacher``);
 - :class:`RandomMixUp`, :class:`RandomCutMix`, :class:`RandomSnapMix` (Kornia augmentations) and
@@ -27,11 +29,13 @@ from .losses import CrossDistillationLoss, Reduction, SoftTargetCrossEntropy, di
 from .mean_teacher import TemporalMean
 from .mixing import MixedBatch, MixingAugmenter, MixMethod, cutmix, mixup, snapmix
 from .objective import CEKDLoss, rampup
+from .online import METHODS, MethodTerms, OnlineDistillationLoss, OnlineMethod
 from .step import StepOutput, train_step
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "METHODS",
     "BranchGate",
     "CEKDLoss",
     "CollaborativeEnsemble",
@@ -46,6 +50,9 @@ __all__ = [
     "RandomMixUp",
     "RandomSnapMix",
     "MixingAugmenter",
+    "MethodTerms",
+    "OnlineDistillationLoss",
+    "OnlineMethod",
     "Reduction",
     "SoftTargetCrossEntropy",
     "StepOutput",

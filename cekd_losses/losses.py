@@ -14,7 +14,7 @@ Defined edge cases:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
@@ -170,16 +170,26 @@ class CrossDistillationLoss(nn.Module):
         """The cross distillation of (N, B, K) ``member_logits`` (or N (B, K) tensors), optionally
         weighted per sample by ``weights`` (B,); a scalar, or (N, B) with ``reduction="none"``."""
         logits = _checks.check_member_logits(member_logits)
-        members, batch, _ = logits.shape
-        weights = _checks.check_weights(weights, batch)
+        weights = _checks.check_weights(weights, logits.shape[1])
         log_probs = F.log_softmax(logits.float() / self.temperature, dim=2)  # (N, B, K), as students
-        teacher_log_probs = log_probs.detach()
-        # kl[i, j, b] = KL(p_j || p_i) = sum_k p_j (log p_j - log p_i): student i, detached teacher j
-        kl = _kl(teacher_log_probs[None], log_probs[:, None]).sum(dim=3)
-        peers = ~torch.eye(members, dtype=torch.bool, device=logits.device)
-        per_member = (kl * peers[:, :, None]).sum(dim=1) * (self.temperature**2 / (members - 1))  # (N, B)
+        per_member = _mean_over_peers(log_probs, log_probs.detach()[None]) * self.temperature**2  # (N, B)
         if weights is not None:
             per_member = per_member * weights.float()[None]
         if self.reduction == "none":
             return per_member
         return _reduce(per_member.sum(dim=0), self.reduction)
+
+
+def _mean_over_peers(student_log_probs: Tensor, teacher_log_probs: Tensor) -> Tensor:
+    """(N, B) ``mean_{j != i} KL(p_t[i, j] || p_s[i])`` of (N, B, K) student log-probabilities and teacher ones,
+    (N, N, B, K) (teacher j as seen by student i) or (1, N, B, K) (teacher j, the same for every student)."""
+    members = student_log_probs.shape[0]
+    # kl[i, j, b] = sum_k p_t (log p_t - log p_s): student i, teacher j
+    kl = _kl(teacher_log_probs, student_log_probs[:, None]).sum(dim=3)
+    peers = ~torch.eye(members, dtype=torch.bool, device=kl.device)
+    return (kl * peers[:, :, None]).sum(dim=1) / (members - 1)
+
+
+def _summed_over_members(member_logits: Tensor, term: Callable[[Tensor], Tensor]) -> Tensor:
+    """(B,) ``sum_i term(z_i)`` of a per-sample ``term`` over the (N, B, K) logits' members."""
+    return torch.stack([term(logits) for logits in member_logits.unbind(0)]).sum(0)

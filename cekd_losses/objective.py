@@ -14,12 +14,18 @@ from __future__ import annotations
 
 import math
 
-import torch
 from torch import Tensor, nn
 
 from . import _checks
 from .ensemble import EnsembleOutput
-from .losses import CrossDistillationLoss, Reduction, _reduce, distillation_kl, soft_cross_entropy
+from .losses import (
+    CrossDistillationLoss,
+    Reduction,
+    _reduce,
+    _summed_over_members,
+    distillation_kl,
+    soft_cross_entropy,
+)
 
 __all__ = ["CEKDLoss", "rampup"]
 
@@ -122,16 +128,16 @@ class CEKDLoss(nn.Module):
         weights = _checks.check_weights(weights, batch)
         ramp = self.ramp(step)
 
-        supervised = torch.stack([soft_cross_entropy(logits, target, "none") for logits in members.unbind(0)]).sum(0)
+        supervised = _summed_over_members(members, lambda logits: soft_cross_entropy(logits, target, "none"))
         if self.supervise_ensemble:
             supervised = supervised + soft_cross_entropy(ensemble_logits, target, "none")
         zero = supervised.new_zeros(batch)
         cross = self.alpha * ramp * self.cross(members).sum(0) if self.alpha > 0 else zero
         ensemble = zero
         if self.beta > 0:
-            to_members = torch.stack(
-                [distillation_kl(logits, ensemble_logits, self.temperature, "none") for logits in members.unbind(0)]
-            ).sum(0)
+            to_members = _summed_over_members(
+                members, lambda logits: distillation_kl(logits, ensemble_logits, self.temperature, "none")
+            )
             ensemble = self.beta * ramp * to_members
         if weights is not None:
             cross, ensemble = cross * weights.float(), ensemble * weights.float()

@@ -15,6 +15,8 @@ Public API:
 - :class:`OnlineDistillationLoss`, the objectives of DML, ONE, FFL, PCL and CEKD, and its presets
   :data:`METHODS` (``cekd_losses.online``);
 - :func:`train_step` and :class:`StepOutput` (``cekd_losses.step``);
+- :class:`SharedTrunk` and :class:`TrunkOutput`: N models as one trunk run once and N branches
+  (``cekd_losses.trunk``);
 - :class:`TemporalMean`, a network's temporal mean model (``cekd_losses.mean_teacher``);
 - :class:`RandomMixUp`, :class:`RandomCutMix`, :class:`RandomSnapMix` (Kornia augmentations) and
   :func:`kornia_soft_targets` (``cekd_losses.kornia_mix``).
@@ -31,6 +33,7 @@ from .mixing import MixedBatch, MixingAugmenter, MixMethod, cutmix, mixup, snapm
 from .objective import CEKDLoss, rampup
 from .online import METHODS, MethodTerms, OnlineDistillationLoss, OnlineMethod
 from .step import StepOutput, train_step
+from .trunk import SharedTrunk, TrunkOutput
 
 __version__ = "0.1.0"
 
@@ -54,9 +57,11 @@ __all__ = [
     "OnlineDistillationLoss",
     "OnlineMethod",
     "Reduction",
+    "SharedTrunk",
     "SoftTargetCrossEntropy",
     "StepOutput",
     "TemporalMean",
+    "TrunkOutput",
     "__version__",
     "cutmix",
     "distillation_kl",

@@ -1,0 +1,122 @@
+"""Specifications of SharedTrunk: the split computes what the whole model computes, the trunk runs once per
+batch and gathers every branch's gradient, and bad splits are named."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+import torchvision
+from torch import nn
+
+from cekd_losses import SharedTrunk
+
+FAMILIES = {
+    "torchvision resnet18": (lambda: torchvision.models.resnet18(num_classes=5), "layer3"),
+    "timm resnet": (lambda: timm.create_model("test_resnet", num_classes=5), "layer2"),
+    "timm convnext": (lambda: timm.create_model("test_convnext", num_classes=5), "stages.1"),
+    "torchvision mobilenet": (lambda: torchvision.models.mobilenet_v3_small(num_classes=5), "features.4"),
+    "timm efficientnet": (lambda: timm.create_model("test_efficientnet", num_classes=5), "blocks.2"),
+    "timm vit": (lambda: timm.create_model("test_vit", num_classes=5, img_size=32), "blocks.1"),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_each_branch_computes_its_whole_model(family):
+    make, stage = FAMILIES[family]
+    torch.manual_seed(0)
+    first, second = make().eval(), make().eval()
+    images = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        want_first = first(images)
+        twin = copy.deepcopy(first)  # a branch on the first model's trunk is the first model with its own top
+        twin.load_state_dict(
+            second.state_dict() | {k: v for k, v in first.state_dict().items() if k in _prefix_keys(first, stage)}
+        )
+        want_second = twin(images)
+        out = SharedTrunk([first, second], stage).eval()(images)
+    assert out.member_logits.shape == (2, 2, 5)
+    assert torch.allclose(out.member_logits[0], want_first, atol=1e-5)
+    assert torch.allclose(out.member_logits[1], want_second, atol=1e-5)
+
+
+def _prefix_keys(model: nn.Module, stage: str) -> set[str]:
+    """State-dict keys of the modules that run before ``stage``, read from the whole model by hand."""
+    if stage.startswith("blocks.") and hasattr(model, "pos_embed"):  # a ViT: embeddings and the first blocks
+        depth = int(stage.split(".")[1])
+        keep = ("patch_embed.", "cls_token", "pos_embed", "reg_token", "norm_pre.")
+        return {
+            k
+            for k in model.state_dict()
+            if k.startswith(keep) or any(k.startswith(f"blocks.{i}.") for i in range(depth))
+        }
+    top, _, inner = stage.partition(".")
+    names = [name for name, _ in model.named_children()]
+    before = {f"{name}." for name in names[: names.index(top)]}
+    if inner:
+        before |= {f"{top}.{i}." for i in range(int(inner))}
+    return {k for k in model.state_dict() if any(k.startswith(prefix) for prefix in before)}
+
+
+@pytest.mark.parametrize("family", ["timm resnet", "timm vit"])
+def test_the_trunk_runs_once_and_gathers_every_branch(family):
+    make, stage = FAMILIES[family]
+    torch.manual_seed(1)
+    model = SharedTrunk([make() for _ in range(3)], stage)
+    calls = []
+    model.trunk.register_forward_hook(lambda *_: calls.append(1))
+    out = model(torch.rand(4, 3, 32, 32))
+    assert len(calls) == 1
+    params = list(model.trunk.parameters())
+    losses = out.member_logits.square().mean(dim=(1, 2))  # (N,) one loss per branch
+    per_branch = [torch.autograd.grad(loss, params, retain_graph=True) for loss in losses]
+    together = torch.autograd.grad(losses.sum(), params, retain_graph=True)
+    assert all(any(g.abs().sum() > 0 for g in grads) for grads in per_branch)  # every branch reaches the trunk
+    assert all(torch.allclose(a, sum(parts), atol=1e-6) for a, *parts in zip(together, *per_branch, strict=True))
+    loss = out.member_logits.sum()
+    loss.backward()
+    unused = [name for name, p in model.named_parameters() if p.grad is None]
+    assert unused == []  # no parameter left behind in a branch (DDP would refuse them)
+
+
+def test_branches_keep_their_own_models_and_share_no_parameters():
+    models = [timm.create_model("test_resnet", num_classes=5) for _ in range(3)]
+    heads = [m.fc.weight for m in models]
+    model = SharedTrunk(models, "layer2")
+    assert [branch.fc.weight for branch in model.branches] == heads
+    trunk_ids = {id(p) for p in model.trunk.parameters()}
+    assert all(id(p) not in trunk_ids for branch in model.branches for p in branch.parameters())
+    assert "stage='layer2', branches=3" in repr(model)
+
+
+def test_the_split_traces_whole():
+    torch.manual_seed(2)
+    model = SharedTrunk([timm.create_model("test_resnet", num_classes=5) for _ in range(2)], "layer2").eval()
+    images = torch.rand(2, 3, 32, 32)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    assert torch.allclose(compiled(images).member_logits, model(images).member_logits, atol=1e-5)
+
+
+def test_bad_splits_are_named():
+    resnets = lambda: [timm.create_model("test_resnet", num_classes=5) for _ in range(2)]  # noqa: E731
+    with pytest.raises(ValueError, match="N >= 2 models, got list of 1"):
+        SharedTrunk(resnets()[:1], "layer2")
+    model = timm.create_model("test_resnet", num_classes=5)
+    with pytest.raises(ValueError, match="distinct objects"):
+        SharedTrunk([model, model], "layer2")
+    with pytest.raises(ValueError, match="share one architecture"):
+        SharedTrunk([model, torchvision.models.mobilenet_v3_small(num_classes=5)], "layer2")
+    with pytest.raises(ValueError, match=r"`stage` must name a child .*'layer1'.*got 'layer9'"):
+        SharedTrunk(resnets(), "layer9")
+    with pytest.raises(ValueError, match="first module: the trunk would be empty"):
+        SharedTrunk(resnets(), "conv1")
+    with pytest.raises(ValueError, match=r"`stage` 'stages.7' must name a child of 'stages'"):
+        SharedTrunk([timm.create_model("test_convnext", num_classes=5) for _ in range(2)], "stages.7")
+    with pytest.raises(ValueError, match=r"'blocks.<i>' with 0 < i < 6 .*got 'blocks.0'"):
+        SharedTrunk([timm.create_model("test_vit", num_classes=5) for _ in range(2)], "blocks.0")
+    with pytest.raises(ValueError, match="up to 'layer3': model 1 differs from 0"):
+        SharedTrunk([torchvision.models.resnet18(), torchvision.models.resnet34()], "layer3")
+    with pytest.raises(TypeError, match="`stage` must be a module name"):
+        SharedTrunk(resnets(), 3)  # type: ignore[arg-type]

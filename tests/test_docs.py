@@ -16,7 +16,9 @@ import cekd_losses.losses
 import cekd_losses.mean_teacher
 import cekd_losses.mixing
 import cekd_losses.objective
+import cekd_losses.online
 import cekd_losses.step
+import cekd_losses.trunk
 
 MODULES = [
     cekd_losses.mixing,
@@ -29,6 +31,8 @@ MODULES = [
     cekd_losses.step,
     cekd_losses.kornia_mix,
     cekd_losses.mean_teacher,
+    cekd_losses.online,
+    cekd_losses.trunk,
 ]
 
 

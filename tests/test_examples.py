@@ -38,3 +38,19 @@ def test_kornia_pipeline_example_mixes_after_kornias_augmentations_and_writes_a_
         "RandomCutMix rows" in out and "RandomSnapMix rows" in out and "MixingAugmenter: images (6, 3, 64, 64)" in out
     )
     assert (tmp_path / "runs" / "kornia_pipeline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_online_family_example_trains_every_method(tmp_path):
+    out = run("online_family.py", "--steps", "2", cwd=tmp_path)
+    lines = out.splitlines()
+    expected = {
+        "dml": ["supervised", "peers"],
+        "one": ["supervised", "teacher"],
+        "ffl": ["supervised", "teacher", "to_teacher"],
+        "pcl": ["supervised", "teacher", "mean_teachers"],
+        "cekd": ["supervised", "peers", "teacher"],
+    }
+    for line, (method, terms) in zip(lines, expected.items(), strict=False):
+        assert line.split()[0] == method
+        assert line.split()[1::2] == ["total", *terms]
+    assert lines[-1].startswith("every method trained")

@@ -39,9 +39,10 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 
 from cekd_repro.config import RunConfig  # noqa: E402
-from cekd_repro.data import EpochOrder, draw_birds, load_data, train_batches, train_loader  # noqa: E402
+from cekd_repro.data import EpochOrder, load_data, train_batches, train_loader  # noqa: E402
 from cekd_repro.device import Placement  # noqa: E402
 from cekd_repro.engine import build_run, run_step  # noqa: E402
+from cekd_repro.synthetic import draw_birds  # noqa: E402
 
 
 def write_jpeg_folder(root: Path, count: int, classes: int = 4, seed: int = 0) -> float:
@@ -69,7 +70,7 @@ def previous_loader(config: RunConfig, epoch: int) -> DataLoader:
     """The pipeline before: float32 ToTensor on the workers, a new loader (and new workers) every epoch."""
     import torchvision.transforms as T
 
-    from cekd_repro.data import file_splits
+    from cekd_repro.files import file_splits
 
     train, _, _ = file_splits("imagefolder", config.data_root)
     transform = T.Compose(

@@ -12,8 +12,8 @@ Public API:
 - :class:`FeatureFusion`, FFL's fusion module on the members' feature maps (``cekd_losses.fusion``);
 - :class:`BranchGate`, ONE's gate over branches (``cekd_losses.gate``);
 - :class:`CEKDLoss` and :func:`rampup` (``cekd_losses.objective``);
-- :class:`OnlineDistillationLoss`, the objectives of DML, ONE, FFL, PCL and CEKD, and its presets
-  :data:`METHODS` (``cekd_losses.online``);
+- :class:`OnlineDistillationLoss`, the objectives of DML, ONE, FFL, PCL and CEKD, its presets
+  :data:`METHODS` and :class:`OnlineOutput` (``cekd_losses.online``);
 - :func:`train_step` and :class:`StepOutput` (``cekd_losses.step``);
 - :class:`SharedTrunk` and :class:`TrunkOutput`: N models as one trunk run once and N branches
   (``cekd_losses.trunk``);
@@ -31,7 +31,7 @@ from .losses import CrossDistillationLoss, Reduction, SoftTargetCrossEntropy, di
 from .mean_teacher import TemporalMean
 from .mixing import MixedBatch, MixingAugmenter, MixMethod, cutmix, mixup, snapmix
 from .objective import CEKDLoss, rampup
-from .online import METHODS, MethodTerms, OnlineDistillationLoss, OnlineMethod
+from .online import METHODS, MethodTerms, OnlineDistillationLoss, OnlineMethod, OnlineOutput
 from .step import StepOutput, train_step
 from .trunk import SharedTrunk, TrunkOutput
 
@@ -56,6 +56,7 @@ __all__ = [
     "MethodTerms",
     "OnlineDistillationLoss",
     "OnlineMethod",
+    "OnlineOutput",
     "Reduction",
     "SharedTrunk",
     "SoftTargetCrossEntropy",

@@ -27,10 +27,28 @@ from . import _checks
 from .losses import Reduction, _mean_over_peers, _reduce, _summed_over_members, distillation_kl, soft_cross_entropy
 from .objective import rampup
 
-__all__ = ["METHODS", "MethodTerms", "OnlineDistillationLoss", "OnlineMethod"]
+__all__ = ["METHODS", "MethodTerms", "OnlineDistillationLoss", "OnlineMethod", "OnlineOutput"]
 
 OnlineMethod = Literal["dml", "one", "ffl", "pcl", "cekd"]
 """A method of :class:`OnlineDistillationLoss`: ``"dml"``, ``"one"``, ``"ffl"``, ``"pcl"`` or ``"cekd"``."""
+
+
+class OnlineOutput(NamedTuple):
+    """What a network trained with an online-distillation method gives its loss, in one value.
+
+    Attributes:
+        member_logits: (N, B, K) logits of the members (peers, branches).
+        teacher_logits: (B, K) logits of the method's teacher (ONE's gated teacher, FFL's fused classifier,
+            PCL's peer ensemble, CEKD's ensemble), or None (DML).
+        mean_logits: PCL's temporal mean models' logits, (N, N, B, K) or (N, B, K), or None.
+
+    ``loss(output, target)`` of :class:`OnlineDistillationLoss` reads all three from it, and
+    :func:`~cekd_losses.train_step` passes a model's ``OnlineOutput`` on that way.
+    """
+
+    member_logits: Tensor
+    teacher_logits: Tensor | None = None
+    mean_logits: Tensor | None = None
 
 
 class MethodTerms(NamedTuple):
@@ -71,7 +89,8 @@ class OnlineDistillationLoss(nn.Module):
         reduction: ``"mean"`` over the batch, ``"sum"``, or ``"none"`` (B,).
 
     Call: ``loss(member_logits, target, teacher_logits=None, mean_logits=None, step=None, weights=None)`` with
-    (N, B, K) ``member_logits`` (or N (B, K) tensors), ``target`` (B,) class ids or (B, K) soft targets, the
+    (N, B, K) ``member_logits`` (or N (B, K) tensors, or an :class:`OnlineOutput` holding all three logits),
+    ``target`` (B,) class ids or (B, K) soft targets, the
     method's (B, K) ``teacher_logits`` (ONE, FFL, PCL, CEKD), PCL's ``mean_logits`` of the N temporal mean
     models, (N, N, B, K) with ``[i, j]`` = mean model j on peer i's view, or (N, B, K) when every peer saw the
     same images, the global ``step`` (required when ``rampup_steps > 0``) and optional per-sample ``weights``
@@ -126,7 +145,7 @@ class OnlineDistillationLoss(nn.Module):
 
     def components(
         self,
-        member_logits: Tensor | Sequence[Tensor],
+        member_logits: Tensor | Sequence[Tensor] | OnlineOutput,
         target: Tensor,
         teacher_logits: Tensor | None = None,
         mean_logits: Tensor | None = None,
@@ -135,6 +154,12 @@ class OnlineDistillationLoss(nn.Module):
     ) -> dict[str, Tensor]:
         """The reduced terms ``{"total", "supervised", <the method's terms>}``; total is their sum, each
         distillation term includes the ramp."""
+        if isinstance(member_logits, OnlineOutput):
+            if teacher_logits is not None or mean_logits is not None:
+                raise ValueError(
+                    "pass the teacher's and mean models' logits in the OnlineOutput or beside it, not both"
+                )
+            member_logits, teacher_logits, mean_logits = member_logits
         members = _checks.check_member_logits(member_logits)
         _, batch, num_classes = members.shape
         target = _checks.check_target(target, batch, num_classes)
@@ -155,7 +180,7 @@ class OnlineDistillationLoss(nn.Module):
 
     def forward(
         self,
-        member_logits: Tensor | Sequence[Tensor],
+        member_logits: Tensor | Sequence[Tensor] | OnlineOutput,
         target: Tensor,
         teacher_logits: Tensor | None = None,
         mean_logits: Tensor | None = None,

@@ -15,10 +15,11 @@ from .cam import FeatureTap
 from .ensemble import EnsembleOutput
 from .mixing import MixedBatch, MixingAugmenter
 from .objective import CEKDLoss
+from .online import OnlineDistillationLoss, OnlineOutput
 
 __all__ = ["StepOutput", "train_step"]
 
-Output = EnsembleOutput | Tensor
+Output = EnsembleOutput | OnlineOutput | Tensor
 
 
 class StepOutput(NamedTuple):
@@ -27,7 +28,8 @@ class StepOutput(NamedTuple):
     Attributes:
         loss: scalar loss to call ``backward()`` on.
         parts: named loss terms, not detached (``{"total", "supervised", "cross", "ensemble"}`` for
-            :class:`~cekd_losses.CEKDLoss`, ``{"total"}`` otherwise).
+            :class:`~cekd_losses.CEKDLoss`, the method's terms for :class:`~cekd_losses.OnlineDistillationLoss`,
+            ``{"total"}`` otherwise).
         output: the model's output: an :class:`~cekd_losses.EnsembleOutput` or (B, K) logits.
         batch: the :class:`~cekd_losses.MixedBatch` the model saw, or None without a mixer.
     """
@@ -40,7 +42,7 @@ class StepOutput(NamedTuple):
 
 def train_step(
     model: nn.Module,
-    criterion: CEKDLoss | Callable[[Tensor, Tensor], Tensor],
+    criterion: CEKDLoss | OnlineDistillationLoss | Callable[[Tensor, Tensor], Tensor],
     images: Tensor,
     labels: Tensor,
     *,
@@ -56,9 +58,12 @@ def train_step(
     :meth:`FeatureTap.cams <cekd_losses.FeatureTap.cams>`).
 
     Args:
-        model: a :class:`~cekd_losses.CollaborativeEnsemble` (possibly inside DDP) or a classifier.
-        criterion: :class:`~cekd_losses.CEKDLoss` (given ``step`` for its ramp-up), or any
-            ``loss(output, target)`` such as :class:`~cekd_losses.SoftTargetCrossEntropy`.
+        model: a :class:`~cekd_losses.CollaborativeEnsemble` (possibly inside DDP), a network returning an
+            :class:`~cekd_losses.OnlineOutput`, or a classifier.
+        criterion: :class:`~cekd_losses.CEKDLoss` or :class:`~cekd_losses.OnlineDistillationLoss` (given
+            ``step`` for the ramp-up; the model then returns an :class:`~cekd_losses.EnsembleOutput` or an
+            :class:`~cekd_losses.OnlineOutput`), or any ``loss(output, target)`` such as
+            :class:`~cekd_losses.SoftTargetCrossEntropy`.
         images: (B, C, H, W) floating images on the model's device.
         labels: (B,) class ids or (B, K) soft targets.
         mixer: optional :class:`~cekd_losses.MixingAugmenter`; without it the clean batch is used.
@@ -91,7 +96,7 @@ def train_step(
         batch = mixer(images, labels, cams)
         inputs, targets = batch.images, batch.targets
     output = model(inputs)
-    if isinstance(criterion, CEKDLoss):
+    if isinstance(criterion, (CEKDLoss, OnlineDistillationLoss)):
         parts = criterion.components(output, targets, step=step)
     else:
         parts = {"total": criterion(output, targets)}

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cekd_losses import METHODS, CEKDLoss, OnlineDistillationLoss, rampup
+from cekd_losses import METHODS, CEKDLoss, OnlineDistillationLoss, OnlineOutput, rampup, train_step
 
 
 def kl_by_hand(teacher: torch.Tensor, student: torch.Tensor, temperature: float) -> float:
@@ -206,3 +206,33 @@ def test_bad_input_is_named():
         OnlineDistillationLoss("dml")(logits[:1], target)
     with pytest.raises(ValueError, match="`step` is required when rampup_steps > 0"):
         OnlineDistillationLoss("dml", rampup_steps=3)(logits, target)
+
+
+def test_an_online_output_carries_every_logit_and_train_step_passes_it_on():
+    g = torch.Generator().manual_seed(3)
+    logits, teacher, means = (
+        torch.randn(2, 4, 5, generator=g),
+        torch.randn(4, 5, generator=g),
+        torch.randn(2, 4, 5, generator=g),
+    )
+    criterion = OnlineDistillationLoss("pcl")
+    target = torch.arange(4)
+    packed = criterion.components(OnlineOutput(logits, teacher, means), target)
+    apart = criterion.components(logits, target, teacher_logits=teacher, mean_logits=means)
+    assert all(torch.equal(packed[name], apart[name]) for name in apart)
+    with pytest.raises(ValueError, match="in the OnlineOutput or beside it, not both"):
+        criterion(OnlineOutput(logits, teacher, means), target, teacher_logits=teacher)
+
+    class Peers(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.peers = torch.nn.ModuleList(torch.nn.Linear(12, 5) for _ in range(2))
+
+        def forward(self, images: torch.Tensor) -> OnlineOutput:
+            flat = images.flatten(1)
+            member_logits = torch.stack([peer(flat) for peer in self.peers])
+            return OnlineOutput(member_logits, member_logits.mean(0))
+
+    out = train_step(Peers(), OnlineDistillationLoss("cekd"), torch.rand(4, 3, 2, 2), target)
+    assert list(out.parts) == ["total", "supervised", "peers", "teacher"]
+    out.loss.backward()

@@ -12,17 +12,9 @@ import torch
 from repro_helpers import TINY
 
 from cekd_repro import data
-from cekd_repro.data import (
-    Augmented,
-    EpochBatches,
-    EpochOrder,
-    LayoutError,
-    SyntheticSpec,
-    draw_birds,
-    file_splits,
-    shift_crop,
-    synthetic_splits,
-)
+from cekd_repro.data import Augmented, EpochBatches, EpochOrder, shift_crop
+from cekd_repro.files import LayoutError, file_splits
+from cekd_repro.synthetic import SyntheticSpec, draw_birds, synthetic_splits
 
 
 def test_synthetic_set_is_deterministic_balanced_and_sized():

@@ -14,9 +14,9 @@ from torch import nn
 
 from cekd_repro import transfer
 from cekd_repro.config import preset_config
-from cekd_repro.data import SyntheticSpec, source_pairs, source_splits, synthetic_splits
 from cekd_repro.device import Placement
 from cekd_repro.engine import build_run, train
+from cekd_repro.synthetic import SyntheticSpec, source_pairs, source_splits, synthetic_splits
 
 
 def test_source_classes_are_the_grid_pairs_the_target_does_not_use():

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field, replace
 from .device import run_device
 
 METHODS = ("baseline", "mixup", "cutmix", "snapmix", "cekd")
-# the transfer proxy's source tasks (dataset name -> what its classes share with the target's; cekd_repro.data)
+# the transfer proxy's source tasks (dataset name -> what its classes share with the target's; cekd_repro.synthetic)
 SOURCE_TASKS = {"synthetic-source": "near", "synthetic-colours": "colours", "synthetic-distant": "distant"}
 # drawn in memory: the target task and the source tasks
 SYNTHETIC = ("synthetic", *SOURCE_TASKS)

@@ -34,7 +34,7 @@ from .sweep import run_sweep, saved_sweep
 
 SOURCE_PER_CLASS = 200  # source images per class (24 classes for a 12-class target): 4,800 images
 SOURCE_EPOCHS = 15
-# source dataset -> its run dir's prefix: "source" for the near one, else its kind (cekd_repro.data.source_pairs)
+# source dataset -> its run dir's prefix: "source" for the near one, else its kind (cekd_repro.synthetic.source_pairs)
 SOURCES = {name: "source" if kind == "near" else kind for name, kind in SOURCE_TASKS.items()}
 DEFAULT_SOURCE = "synthetic-source"
 TINY_SOURCE = "synthetic-colours"  # the transfer-tiny preset's: the paper's gap between probe and fine-tuning

@@ -17,23 +17,19 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
-from cekd_repro.ablation import run_ablation
+from cekd_repro.ablation import compare_rows, run_ablation
 from cekd_repro.config import (
-    FINE_TUNING_PRESETS,
-    METHODS,
-    PAPER_MIX_ALPHA,
-    PRESETS,
-    SYNTHETIC,
     RunConfig,
     preset_config,
 )
 from cekd_repro.engine import Diverged, train
+from cekd_repro.flags import add_flags, preset_defaults
 from cekd_repro.rundir import RunDirExists, resumed_config
-from cekd_repro.sweep import SWEEP_ROWS, parse_lengths
-from cekd_repro.transfer import DEFAULT_SOURCE, SOURCE_EPOCHS, SOURCE_PER_CLASS, SOURCES, TINY_SOURCE, run_transfer
+from cekd_repro.sweep import parse_lengths
+from cekd_repro.transfer import DEFAULT_SOURCE, SOURCE_EPOCHS, SOURCE_PER_CLASS, TINY_SOURCE, run_transfer
 
 PAPER_FROM_SCRATCH = (
     "warning: --preset paper is the fine-tuning recipe of the paper (ImageNet-pretrained members, lr 0.001/0.01, "
@@ -41,22 +37,6 @@ PAPER_FROM_SCRATCH = (
     "(epoch-1 loss ~250, gradient norm ~500). Pass --pretrained imagenet (or a local state-dict), or add --clip-grad 5 "
     "(see docs/reproduction.rst)"
 )
-
-
-def _default(name: str) -> str:
-    """The effective default of a RunConfig field under each preset, for --help."""
-    base = RunConfig()
-    values = {preset: PRESETS[preset].get(name, getattr(base, name)) for preset in PRESETS}
-    if name == "mix_alpha":  # the fine-tuning presets take each mixing's own
-        for preset in FINE_TUNING_PRESETS:
-            values[preset] = ", ".join(f"{v:g} {k}" for k, v in PAPER_MIX_ALPHA.items())
-    if name == "milestones":  # the quick preset's schedule is one-cycle
-        values["quick"] = None
-        values = {k: " ".join(map(str, v)) if v else v for k, v in values.items()}
-    shown = {k: ("-" if v is None else f"{v:g}" if isinstance(v, float) else str(v)) for k, v in values.items()}
-    if len(set(shown.values())) == 1:
-        return f"default: {shown['quick']}"
-    return "; ".join(f"{preset}: {value}" for preset, value in shown.items())
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -69,121 +49,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
     def add(flag: str, help: str = "", **kwargs) -> None:
         dest = kwargs.get("dest", flag[2:].replace("-", "_"))
         if dest in {f.name for f in fields(RunConfig)} and kwargs.get("action") != "store_const":
-            help = f"{help} [{_default(dest)}]".strip()
+            help = f"{help} [{preset_defaults(dest)}]".strip()
         parser.add_argument(flag, help=help, **kwargs)
 
-    add("--preset", choices=sorted(PRESETS), help="base values of every option below [default: quick]")
-    add("--method", choices=METHODS)
-    add("--mix", choices=["cutmix", "snapmix", "mixup"], help="cekd's mixing augmentation")
-    add("--dataset", choices=[*SYNTHETIC, "cub", "cars", "aircraft", "imagefolder"])
-    add("--data-root", dest="data_root", help="real datasets: their folder in its native layout")
-    add("--classes", type=int, help="synthetic: number of classes (colours x orientations)")
-    add("--train-per-class", dest="train_per_class", type=int, help="synthetic: training images per class")
-    add("--test-per-class", dest="test_per_class", type=int, help="synthetic: test images per class")
-    add("--image-size", dest="image_size", type=int, help="synthetic: drawn size; real data: crop size")
-    add("--resize", type=int, help="real data: warp to resize x resize before cropping")
-    add(
-        "--cache-dir",
-        dest="cache_dir",
-        metavar="DIR",
-        help="real data: where the decoded, resized images are kept (- : ~/.cache/cekd-losses)",
-    )
-    add(
-        "--no-cache",
-        dest="no_cache",
-        action="store_const",
-        const=True,
-        help="real data: decode every image every epoch instead of once",
-    )
-    add("--arch", help="torchvision name or timm:<name>; comma-separated for one per member")
-    add("--members", type=int, help="cekd: number of members")
-    add(
-        "--pretrained",
-        metavar="imagenet|FILE",
-        help="imagenet: the architecture's default ImageNet weights (torchvision's or timm's cache, under TORCH_HOME "
-        "or HF_HOME; fetched there when online); FILE: a local state-dict",
-    )
-    add("--epochs", type=int)
-    add(
-        "--milestones",
-        type=int,
-        nargs="+",
-        metavar="EPOCH",
-        help="multistep schedule (paper, transfer): epochs after which the learning rates drop 10x; give them "
-        "with a changed --epochs",
-    )
-    add("--batch-size", dest="batch_size", type=int)
-    add("--lr", type=float, help="peak learning rate")
-    add("--head-lr", dest="head_lr", type=float, help="learning rate of the classifier heads (-: as --lr)")
-    add("--weight-decay", dest="weight_decay", type=float)
-    add("--clip-grad", dest="clip_grad", type=float, metavar="NORM", help="clip the gradient's global L2 norm to NORM")
-    add("--mix-alpha", dest="mix_alpha", type=float, help="Beta(alpha, alpha) of the mixing lambdas")
-    add("--mix-p", dest="mix_p", type=float, help="probability that a sample is mixed")
-    add("--temperature", type=float, help="cekd: distillation temperature T")
-    add("--alpha", type=float, help="cekd: weight of cross distillation")
-    add("--beta", type=float, help="cekd: weight of ensemble-to-member distillation")
-    add("--combine", choices=["mean", "gate", "fusion"], help="cekd: how member logits make the ensemble's")
-    add("--rampup-epochs", dest="rampup_epochs", type=int, help="cekd: epochs over which alpha and beta ramp up")
-    add("--no-cross", dest="no_cross", action="store_const", const=True, help="ablation: alpha = 0")
-    add(
-        "--no-ensemble",
-        dest="no_ensemble",
-        action="store_const",
-        const=True,
-        help="ablation: no collaborative ensemble",
-    )
-    add("--amp", choices=["none", "bf16", "fp16"], help="mixed precision (fp16 on CUDA only)")
-    add("--channels-last", dest="channels_last", action="store_const", const=True, help="channels-last memory format")
-    add("--compile", action="store_const", const=True, help="torch.compile the members")
-    add("--workers", type=int, help="data loader worker processes")
-    add("--seed", type=int)
-    add("--device", help="cpu, cuda or cuda:N (under torchrun, cuda is each rank's GPU)")
-    add(
-        "--eval-every",
-        dest="eval_every",
-        type=int,
-        metavar="N",
-        help="evaluate on the test set every N epochs (and after the last)",
-    )
-    add("--visualize-cams", dest="visualize_cams", type=int, metavar="K", help="save a figure of K test images' CAMs")
-    add(
-        "--keep",
-        choices=["checkpoint", "weights"],
-        help="at the end of the run keep the resumable checkpoint.pt, or only weights.pt (the models' weights)",
-    )
-    add("--quiet", action="store_const", const=True, help="no per-epoch lines, no progress bars")
-    add("--run-dir", dest="run_dir", help="where to write (default runs/<method>-<time>); never overwritten")
-    add(
-        "--resume",
-        metavar="RUN_DIR",
-        help="continue the run (or ablation) in RUN_DIR with its saved config; may change --epochs (multistep "
-        "schedule only), --workers, --device (same kind), --quiet, --clip-grad, --amp, --cache-dir, --no-cache, "
-        "--eval-every; a second process resuming a table at once trains the runs the first has not taken",
-    )
-    add("--ablation", action="store_true", help="run the ablation table instead of one method")
-    add(
-        "--transfer",
-        action="store_true",
-        help="the transfer proxy: pretrain on the synthetic source task (once, reused), then fine-tune every "
-        "method of the table on the target (use with --preset transfer)",
-    )
-    add("--source-per-class", dest="source_per_class", type=int, help="--transfer: source images per class [200]")
-    add("--source-epochs", dest="source_epochs", type=int, help="--transfer: pretraining epochs [15]")
-    add(
-        "--source-dataset",
-        dest="source_dataset",
-        choices=list(SOURCES),
-        help="--transfer: the source task: the target's unused classes, those of its colours on other "
-        f"orientations, or those sharing no part with it [{DEFAULT_SOURCE}; transfer-tiny: {TINY_SOURCE}]",
-    )
-    add(
-        "--sweep",
-        nargs="+",
-        metavar="EPOCHS[:SEEDS]",
-        help=f"--transfer: fine-tune {', '.join(SWEEP_ROWS)} at each schedule length (milestones at the paper's "
-        "40/75/90%%), one seed or SEEDS each, every length's first seed first",
-    )
-    add("--seeds", type=int, help="ablation: seeds per method [default: 3]")
+    add_flags(add)
     return parser.parse_args(argv)
 
 
@@ -212,18 +81,32 @@ def _one_line(error: BaseException) -> str:
 def run_table(args: argparse.Namespace, config: RunConfig | None, changes: dict | None, seeds: int) -> tuple[str, Path]:
     """The ablation, the transfer table or the sweep the flags ask for (a new one, or ``changes`` to resume one);
     returns the table and its dir."""
-    kind = "transfer" if args.transfer else "ablation"
+    kind = "transfer" if args.transfer else "compare" if args.compare else "ablation"
     out = Path(args.resume or args.run_dir or f"runs/{kind}-{time.strftime('%Y%m%d-%H%M%S')}")
     if args.resume:
         resume = run_transfer if args.transfer else run_ablation
         return resume(None, None, out, resume_changes=changes), out
     assert config is not None
+    if args.compare:
+        return run_ablation(config, seeds, out, variants=comparison(config)), out
     if not args.transfer:
         return run_ablation(config, seeds, out), out
     source = (args.source_per_class or SOURCE_PER_CLASS, args.source_epochs or SOURCE_EPOCHS)
     dataset = args.source_dataset or (TINY_SOURCE if args.preset == "transfer-tiny" else DEFAULT_SOURCE)
     sweep = parse_lengths(args.sweep) if args.sweep else None
     return run_transfer(config, seeds, out, *source, source_dataset=dataset, sweep=sweep), out
+
+
+def comparison(config: RunConfig) -> list[tuple[str, dict]]:
+    """The rows of ``--compare`` over the config's mixing, every one checked before any trains."""
+    if config.mix == "none":
+        raise ValueError(
+            "--compare sets each method without mixing beside it over --mix: give --mix cutmix, snapmix or mixup"
+        )
+    rows = compare_rows(config.mix)
+    for _, overrides in rows:
+        replace(config, **overrides).validate()
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -251,7 +134,9 @@ def main(argv: list[str] | None = None) -> int:
         seeds = 3 if args.seeds is None else args.seeds
         if seeds < 1:
             raise ValueError(f"--seeds must be >= 1, got {seeds}")
-        if args.transfer or args.ablation:
+        if args.compare and (args.transfer or args.ablation):
+            raise ValueError("--compare is a table of its own: drop --ablation or --transfer")
+        if args.transfer or args.ablation or args.compare:
             table, out = run_table(args, config, changes, seeds)
             print(table)
             print(f"results in {out} ({time.time() - start:.0f} s)")
@@ -259,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.resume:
             run_dir = Path(args.resume)
             if (run_dir / "ablation.json").exists():
-                raise ValueError(f"--resume {run_dir} holds an ablation: add --ablation")
+                raise ValueError(f"--resume {run_dir} holds a table: add --ablation (or --compare)")
             config = resumed_config(run_dir, **(changes or {}))
             if not config.quiet:
                 print(f"resuming {run_dir}" + (f" with {changes}" if changes else ""))

@@ -40,6 +40,12 @@ from repro_helpers import TINY_ARGS, cli
         (["--transfer", "--sweep", "30x2"], "--sweep takes EPOCHS or EPOCHS:SEEDS, got '30x2'"),
         (["--transfer", "--sweep", "30:0"], "--sweep 30:0: epochs and seeds must be >= 1"),
         (["--transfer", "--sweep", "30", "30:2"], "--sweep names a length twice: 30 30:2"),
+        (["--method", "cekd", "--branches-from", "layer3"], "--branches-from applies to --method dml, one, ffl, pcl"),
+        (["--method", "one", "--mix", "snapmix", "--branches-from", "layer3"], "--mix snapmix reads its CAMs"),
+        (["--method", "dml", "--members", "1"], "--members must be >= 2 for --method dml, got 1"),
+        (["--method", "pcl", "--branches-from", "layer9"], "`stage` must name a child of the model"),
+        (["--compare", "--mix", "none"], "--compare sets each method without mixing beside it over --mix"),
+        (["--compare", "--ablation"], "--compare is a table of its own"),
     ],
 )
 def test_cli_errors(args, message, tmp_path, monkeypatch):
@@ -122,7 +128,7 @@ def test_cli_ablation_resumes_from_its_saved_plan(tmp_path, monkeypatch):
     monkeypatch.setattr(ablation, "train", real_train)
     with pytest.raises(SystemExit, match="already holds an ablation"):
         cli_module.main([*TINY_ARGS, "--ablation", "--seeds", "1", "--run-dir", "abl"])
-    with pytest.raises(SystemExit, match="holds an ablation: add --ablation"):
+    with pytest.raises(SystemExit, match="holds a table: add --ablation"):
         cli_module.main(["--resume", "abl"])
     assert cli_module.main(["--resume", "abl", "--ablation", "--quiet"]) == 0
     assert calls == [("baseline", False), ("cutmix", False)]
@@ -250,3 +256,23 @@ def test_cli_divergence_is_one_line_and_a_failure(tmp_path):
     if checkpoint.exists():  # whatever epoch diverged, what was kept is finite
         state = torch.load(checkpoint, weights_only=True)
         assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+
+
+def test_cli_compare_writes_every_online_method_with_and_without_mixing(tmp_path, monkeypatch):
+    import reproduce_cekd as cli_module
+
+    from cekd_repro import ablation
+
+    monkeypatch.chdir(tmp_path)
+    args = [*TINY_ARGS, "--arch", "timm:test_resnet", "--compare", "--mix", "mixup", "--branches-from", "layer3"]
+    assert cli_module.main([*args, "--seeds", "1", "--run-dir", "cmp"]) == 0
+    rows = ["baseline", "mixup"] + [name for m in ablation.COMPARED for name in (m, f"{m}+mixup")]
+    table = (tmp_path / "cmp" / "results.md").read_text()
+    assert [line.split(" | ")[0].lstrip("| ") for line in table.splitlines()[4:]] == rows
+    assert "| method | member0 | member1 | ensemble | mean0 | mean1 |" in table  # PCL's mean models
+    saved = {path.parent.name: json.loads(path.read_text()) for path in (tmp_path / "cmp").glob("*/config.json")}
+    assert saved["one-mixup-seed0"]["branches_from"] == "layer3" and "branches_from" not in saved["cekd-seed0"]
+    assert saved["pcl-seed0"]["mix"] == "none" and saved["pcl-mixup-seed0"]["mix"] == "mixup"
+    trained = []
+    monkeypatch.setattr(ablation, "train", lambda *a, **k: trained.append(a))
+    assert cli_module.main(["--resume", "cmp", "--compare"]) == 0 and trained == []  # all finished: kept

@@ -35,8 +35,15 @@ def test_placement_normalises_uint8_on_the_device(device):
 
 @pytest.mark.parametrize(
     "overrides",
-    [{"method": "cekd", "mix": "snapmix", "combine": "gate"}, {"method": "baseline"}, {"method": "mixup"}],
-    ids=["cekd-snapmix-gate", "baseline", "mixup"],
+    [
+        {"method": "cekd", "mix": "snapmix", "combine": "gate"},
+        {"method": "baseline"},
+        {"method": "mixup"},
+        {"method": "one", "mix": "snapmix"},
+        {"method": "pcl", "branches_from": "layer3"},
+        {"method": "ffl", "branches_from": "layer3", "mix": "none"},
+    ],
+    ids=["cekd-snapmix-gate", "baseline", "mixup", "one-snapmix", "pcl-trunk", "ffl-trunk-unmixed"],
 )
 def test_every_tensor_of_a_run_stays_on_its_device(overrides, tmp_path, monkeypatch):
     """The engine on the ``meta`` device, a stand-in accelerator that CPU-only CI has: a label, image,
@@ -109,6 +116,35 @@ def test_smoke_every_method(overrides, tmp_path):
     if overrides["method"] == "cekd":
         assert {"loss_supervised", "loss_cross", "loss_ensemble"} <= set(record)
     assert (tmp_path / "run" / "checkpoint.pt").exists() and len(history(tmp_path / "run")) == 1
+
+
+ONLINE_RUNS = [
+    ({"method": "dml"}, ["peers"]),
+    ({"method": "one", "branches_from": "layer3"}, ["teacher"]),
+    ({"method": "one", "mix": "mixup"}, ["teacher"]),  # the gate on the members' pooled features
+    ({"method": "ffl", "mix": "snapmix", "arch": "timm:test_resnet,resnet18"}, ["teacher", "to_teacher"]),
+    ({"method": "pcl", "members": 3}, ["teacher", "mean_teachers"]),
+]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "terms"), ONLINE_RUNS, ids=["-".join(map(str, o.values())) for o, _ in ONLINE_RUNS]
+)
+def test_every_online_method_trains_logs_its_terms_and_evaluates_what_it_keeps(overrides, terms, tmp_path):
+    config = replace(TINY, **{"arch": "timm:test_resnet", **overrides})
+    record = train(config, tmp_path / "run")
+    assert {k for k in record if k.startswith("loss_")} == {f"loss_{t}" for t in ["total", "supervised", *terms]}
+    members = [f"member{i}" for i in range(config.members)]
+    means = [f"mean{i}" for i in range(config.members)] if config.method == "pcl" else []
+    assert [k for k in record if k.startswith("top1_")] == [f"top1_{n}" for n in [*members, "ensemble", *means]]
+
+
+def test_pcl_mean_models_follow_every_step_and_resume_exactly(tmp_path):
+    config = replace(TINY, method="pcl", arch="timm:test_resnet", branches_from="layer2", epochs=2)
+    train(config, tmp_path / "run")
+    saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["model"]
+    updates = [v for k, v in saved.items() if k.endswith("_extra_state")]
+    assert updates == [{"updates": 2 * (24 // 8)}]  # 24 images in batches of 8, 2 epochs
 
 
 def test_clip_grad_bounds_every_update(tmp_path):

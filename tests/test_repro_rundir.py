@@ -20,8 +20,19 @@ from cekd_repro.models import build_model
 from cekd_repro.rundir import RunDirExists
 
 
-def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(tmp_path, monkeypatch):
-    config = replace(TINY, method="cekd", mix="snapmix", epochs=3, workers=1)  # a persistent loader worker
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"method": "cekd", "mix": "snapmix", "workers": 1},  # a persistent loader worker
+        {"method": "pcl", "arch": "timm:test_resnet", "branches_from": "layer3"},
+        {"method": "one", "arch": "timm:test_resnet", "branches_from": "layer3"},
+        {"method": "ffl", "arch": "timm:test_resnet", "mix": "mixup"},
+        {"method": "dml", "arch": "timm:test_resnet"},
+    ],
+    ids=lambda o: o["method"],
+)
+def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(overrides, tmp_path, monkeypatch):
+    config = replace(TINY, epochs=3, **overrides)
     straight = train(config, tmp_path / "straight")
 
     real_evaluate, calls = engine.evaluate, []

@@ -1,5 +1,6 @@
-"""The paper's ablation over seeds: baseline, CutMix, SnapMix, and CEKD over CutMix and over SnapMix (the
-paper's own configuration), each with the module switches (without cross distillation, without the ensemble)."""
+"""The tables over seeds: the paper's ablation (baseline, CutMix, SnapMix, and CEKD over CutMix and over SnapMix,
+each with the module switches: without cross distillation, without the ensemble) and the online-distillation
+comparison (baseline, a mixing alone, and DML, ONE, FFL, PCL and CEKD without mixing and over it)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,23 @@ ABLATION = [
 # the transfer table adds MixUp (the paper compares it too)
 ALL_ROWS = [*ABLATION[:1], ("mixup", {"method": "mixup"}), *ABLATION[1:]]
 COLUMNS = ("member0", "member1", "ensemble")
+MEAN_COLUMNS = ("mean0", "mean1")  # PCL's temporal mean models, shown where a row has them
+COMPARED = ("dml", "one", "ffl", "pcl", "cekd")
+
+
+def compare_rows(mix: str) -> list[tuple[str, dict]]:
+    """The online-distillation table over ``mix``: the baseline, the mixing alone, then every online method
+    without mixing and over ``mix``; the trunk (``--branches-from``) goes to the methods that take one."""
+    whole = {"branches_from": None}
+    rows = [("baseline", {"method": "baseline", **whole}), (mix, {"method": mix, **whole})]
+    for method in COMPARED:
+        members = whole if method == "cekd" else {}
+        rows += [(method, {"method": method, "mix": "none", **members})]
+        rows += [(f"{method}+{mix}", {"method": method, "mix": mix, **members})]
+    return rows
+
+
+KNOWN_ROWS = dict(ALL_ROWS) | {name: row for mix in ("mixup", "cutmix", "snapmix") for name, row in compare_rows(mix)}
 
 
 def _epochs_done(metrics: Path) -> int:
@@ -120,8 +138,7 @@ def run_ablation(
     else:
         saved_base, seeds, names = saved_plan(out_dir)
         base = apply_resume_changes(saved_base, resume_changes, plan)
-        known = dict(ALL_ROWS)
-        variants = [(name, known[name]) for name in names]
+        variants = [(name, KNOWN_ROWS[name]) for name in names]
     rows, curves = [], {}
     for name, overrides in variants:
         for seed in range(seeds):
@@ -133,20 +150,26 @@ def run_ablation(
                 rows.append({"method": name, "seed": config.seed, "model": member, "top1": value})
             curves.setdefault(name, []).append(main_curve(history))
 
+    return write_results(out_dir, rows, [name for name, _ in variants], seeds, curves)
+
+
+def write_results(out_dir: Path, rows: list[dict], names: list[str], seeds: int, curves: dict) -> str:
+    """results.csv (every run's every model), results.md (the table, mean ± std over seeds) and curves.png;
+    returns the table."""
     with open(out_dir / "results.csv", "w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=["method", "seed", "model", "top1"])
         writer.writeheader()
         writer.writerows(rows)
-    header = "| method | " + " | ".join(COLUMNS) + " |\n|---|" + "---|" * len(COLUMNS) + "\n"
+    columns = [*COLUMNS, *(c for c in MEAN_COLUMNS if any(r["model"] == c for r in rows))]
+    header = "| method | " + " | ".join(columns) + " |\n|---|" + "---|" * len(columns) + "\n"
     lines = []
-    for name, _ in variants:
-        cells = [
-            mean_std([r["top1"] for r in rows if r["method"] == name and r["model"] == column]) for column in COLUMNS
-        ]
+    for name in names:
+        cells = [mean_std([r["top1"] for r in rows if r["method"] == name and r["model"] == c]) for c in columns]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     table = header + "\n".join(lines) + "\n"
     (out_dir / "results.md").write_text(
-        f"Test top-1 (%), mean ± std over {seeds} seed(s); single-model methods fill member0.\n\n" + table
+        f"Test top-1 (%), mean ± std over {seeds} seed(s); single-model methods fill member0; ensemble: each "
+        "method's ensemble or teacher (DML: the members' mean).\n\n" + table
     )
     figure, axis = new_figure(1)
     plot_curves(axis[0], curves)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:
-    from .engine import Run
+    from .run import Run
 
 
 def write_atomic(path: Path, payload: object) -> None:

@@ -6,12 +6,15 @@ from dataclasses import asdict, dataclass, field, replace
 
 from .device import run_device
 
-METHODS = ("baseline", "mixup", "cutmix", "snapmix", "cekd")
+METHODS = ("baseline", "mixup", "cutmix", "snapmix", "cekd", "dml", "one", "ffl", "pcl")
+ONLINE = ("cekd", "dml", "one", "ffl", "pcl")  # the methods that train N members together, over --mix
+MIXES = ("cutmix", "snapmix", "mixup", "none")
 # the transfer proxy's source tasks (dataset name -> what its classes share with the target's; cekd_repro.synthetic)
 SOURCE_TASKS = {"synthetic-source": "near", "synthetic-colours": "colours", "synthetic-distant": "distant"}
 # drawn in memory: the target task and the source tasks
 SYNTHETIC = ("synthetic", *SOURCE_TASKS)
-CEKD_OPTIONS = ("mix", "members", "temperature", "alpha", "beta", "combine", "rampup_epochs", "no_cross", "no_ensemble")
+CEKD_OPTIONS = ("temperature", "alpha", "beta", "combine", "no_cross", "no_ensemble")
+ONLINE_OPTIONS = ("mix", "members", "rampup_epochs")  # every online method's
 MIXING_OPTIONS = ("mix_alpha", "mix_p", "same_on_batch")
 
 
@@ -20,7 +23,7 @@ class RunConfig:
     """Everything that defines a run; saved as config.json in the run dir."""
 
     method: str = "cekd"
-    mix: str = "cutmix"  # cekd's mixing: cutmix | snapmix | mixup
+    mix: str = "cutmix"  # the online methods' mixing: cutmix | snapmix | mixup | none
     dataset: str = "synthetic"
     data_root: str | None = None
     classes: int = 12  # synthetic only
@@ -30,6 +33,7 @@ class RunConfig:
     resize: int = 512  # real data: images warped to resize x resize before cropping
     arch: str = "resnet18"  # comma-separated: one per cekd member, or one for all
     members: int = 2
+    branches_from: str | None = None  # dml, one, ffl, pcl: the members are branches of a trunk split at this stage
     pretrained: str | None = None
     epochs: int = 30
     batch_size: int = 64
@@ -72,6 +76,10 @@ class RunConfig:
             return not synthetic
         if name in CEKD_OPTIONS:
             return self.method == "cekd"
+        if name in ONLINE_OPTIONS:
+            return self.method in ONLINE
+        if name == "branches_from":
+            return self.method in ONLINE[1:]
         if name in MIXING_OPTIONS:
             return self.mixer_method is not None
         if name == "milestones":
@@ -85,7 +93,7 @@ class RunConfig:
 
     def archs(self) -> list[str]:
         names = self.arch.split(",")
-        count = self.members if self.method == "cekd" else 1
+        count = self.members if self.method in ONLINE else 1
         if len(names) == 1:
             return names * count
         if len(names) != count:
@@ -94,10 +102,10 @@ class RunConfig:
 
     @property
     def mixer_method(self) -> str | None:
-        """The MixingAugmenter method this run applies: the method's own (mixup, cutmix, snapmix), cekd's
-        ``mix`` (the --mix flag), or None for the baseline."""
-        if self.method == "cekd":
-            return self.mix
+        """The MixingAugmenter method this run applies: the method's own (mixup, cutmix, snapmix), an online
+        method's ``mix`` (the --mix flag), or None for the baseline and ``--mix none``."""
+        if self.method in ONLINE:
+            return None if self.mix == "none" else self.mix
         return None if self.method == "baseline" else self.method
 
     def validate(self) -> None:
@@ -142,10 +150,27 @@ class RunConfig:
                 f"--image-size {self.image_size} must be <= --resize {self.resize} (images are cropped "
                 "from the resized image)"
             )
+        self._validate_online()
         self.archs()
         run_device(self.device)
         if self.amp == "fp16" and not self.device.startswith("cuda"):
             raise ValueError("--amp fp16 needs a CUDA device; use --amp bf16 on CPU")
+
+    def _validate_online(self) -> None:
+        """The flags of the methods that train N members together (cekd, dml, one, ffl, pcl)."""
+        if self.mix not in MIXES:
+            raise ValueError(f"--mix must be one of {', '.join(MIXES)}, got {self.mix!r}")
+        if self.method in ONLINE and self.members < 2:
+            raise ValueError(f"--members must be >= 2 for --method {self.method}, got {self.members}")
+        if self.branches_from is None:
+            return
+        if self.method not in ONLINE[1:]:
+            raise ValueError(
+                f"--branches-from applies to --method {', '.join(ONLINE[1:])} (cekd's members are whole models), "
+                f"got --method {self.method}"
+            )
+        if self.mix == "snapmix":
+            raise ValueError("--mix snapmix reads its CAMs from a whole member: drop --branches-from, or mix otherwise")
 
 
 PRESETS = {

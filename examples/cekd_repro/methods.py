@@ -1,0 +1,95 @@
+"""The online-distillation methods a run trains besides CEKD (DML, ONE, FFL, PCL): their networks and losses.
+
+Each is the library's pieces composed as docs/online.rst describes, in :class:`Peers`: N members (whole models,
+or the branches of a :class:`~cekd_losses.SharedTrunk` with ``--branches-from``) and the teacher the method
+adds, returning an :class:`~cekd_losses.OnlineOutput` for :class:`~cekd_losses.OnlineDistillationLoss`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from cekd_losses import (
+    BranchGate,
+    CollaborativeEnsemble,
+    FeatureFusion,
+    FeatureTap,
+    OnlineOutput,
+    SharedTrunk,
+    TemporalMean,
+)
+
+ONLINE_METHODS = ("dml", "one", "ffl", "pcl")
+PCL_MAX_DECAY = 0.999  # the temporal mean's largest decay (PCL's)
+
+
+def _trunk_channels(trunk: nn.Module, image_size: int) -> int:
+    """The channel count of a trunk's output, from one no-grad forward of a blank image in eval mode."""
+    mode = trunk.training
+    with torch.no_grad():
+        channels = int(trunk.eval()(torch.zeros(1, 3, image_size, image_size)).shape[-1 if _tokens(trunk) else 1])
+    trunk.train(mode)
+    return channels
+
+
+def _tokens(trunk: nn.Module) -> bool:
+    return not isinstance(trunk, nn.Sequential)  # a ViT's trunk gives (B, T, D) tokens; a CNN's is a Sequential
+
+
+class Peers(nn.Module):
+    """The members of an online-distillation method and its teacher; ``peers(images)`` -> OnlineOutput.
+
+    ``method``: dml (no teacher), one (ONE's gate on the trunk's output, or on the members' pooled features
+    without a trunk), ffl (FFL's fusion module on the members' last feature maps), pcl (a linear peer
+    ensemble teacher on the pooled features, and the temporal mean of every member: :meth:`update` after each
+    optimizer step)."""
+
+    def __init__(self, method: str, models: list[nn.Module], num_classes: int, stage: str | None, image_size: int):
+        super().__init__()
+        self.method = method
+        self.members: nn.Module = SharedTrunk(models, stage) if stage else CollaborativeEnsemble(models)
+        if method == "pcl":  # copied before any tap hooks the members: the mean models run no tap
+            self.means = TemporalMean(self.members, max_decay=PCL_MAX_DECAY)
+        branches = list(self.members.branches if stage else self.members.members)  # type: ignore[union-attr]
+        tapped = method in ("ffl", "pcl") or (method == "one" and not stage)  # they read pooled features or maps
+        self.taps = [FeatureTap(branch) for branch in branches] if tapped else []
+        widths = [tap.classifier.in_features for tap in self.taps]
+        if method == "one":
+            features = _trunk_channels(self.members.trunk, image_size) if stage else sum(widths)  # type: ignore[arg-type]
+            self.gate = BranchGate(features, len(models))
+        elif method == "ffl":
+            self.fusion = FeatureFusion(widths, num_classes)
+        elif method == "pcl":
+            self.ensemble = nn.Linear(sum(widths), num_classes)
+
+    def forward(self, images: Tensor) -> OnlineOutput:
+        out = self.members(images)
+        member_logits = out.member_logits
+        if self.method == "dml":
+            return OnlineOutput(member_logits)
+        if self.method == "one":
+            trunk = isinstance(self.members, SharedTrunk)
+            features = out.features if trunk else torch.cat([tap.pooled for tap in self.taps], dim=1)
+            features = features.mean(1) if features.ndim == 3 else features  # ViT tokens
+            return OnlineOutput(member_logits, self.gate.teacher(self.gate(features), member_logits))
+        if self.method == "ffl":
+            return OnlineOutput(member_logits, self.fusion([tap.features for tap in self.taps]))
+        teacher = self.ensemble(torch.cat([tap.pooled for tap in self.taps], dim=1))
+        return OnlineOutput(member_logits, teacher, self.means(images).member_logits)
+
+    def update(self) -> None:
+        """After an optimizer step: PCL's temporal means follow their members (the others have none)."""
+        if self.method == "pcl":
+            self.means.update(self.members)
+
+
+def evaluated(output: OnlineOutput) -> dict[str, Tensor]:
+    """The logits a method is evaluated by: every member, the teacher (as "ensemble"; DML: the members' mean) and
+    PCL's mean models ("mean0", ...)."""
+    members = output.member_logits
+    teacher = output.teacher_logits if output.teacher_logits is not None else members.mean(0)
+    logits = {f"member{i}": z for i, z in enumerate(members)} | {"ensemble": teacher}
+    if output.mean_logits is not None:
+        logits |= {f"mean{i}": z for i, z in enumerate(output.mean_logits)}
+    return logits

@@ -2,8 +2,8 @@
 
 Public API:
 
-- :class:`MixingAugmenter`, :class:`MixedBatch` and the kernels :func:`mixup`, :func:`cutmix`,
-  :func:`snapmix` (``cekd_losses.mixing``);
+- :class:`MixingAugmenter`, :class:`MixedBatch`, the kernels :func:`mixup`, :func:`cutmix`,
+  :func:`snapmix` and :func:`replay` of a mix on another view (``cekd_losses.mixing``);
 - :class:`FeatureTap` (its :meth:`~FeatureTap.cams` reads class activation maps),
   :func:`normalize_cams` and :func:`find_classifier` (``cekd_losses.cam``);
 - :func:`soft_cross_entropy`, :class:`SoftTargetCrossEntropy`, :func:`distillation_kl` and
@@ -17,6 +17,7 @@ Public API:
 - :func:`train_step` and :class:`StepOutput` (``cekd_losses.step``);
 - :class:`SharedTrunk` and :class:`TrunkOutput`: N models as one trunk run once and N branches
   (``cekd_losses.trunk``);
+- :class:`PeerViews`: a random view of the batch for every peer, on its device (``cekd_losses.views``);
 - :class:`TemporalMean`, a network's temporal mean model (``cekd_losses.mean_teacher``);
 - :class:`RandomMixUp`, :class:`RandomCutMix`, :class:`RandomSnapMix` (Kornia augmentations) and
   :func:`kornia_soft_targets` (``cekd_losses.kornia_mix``).
@@ -29,11 +30,12 @@ from .gate import BranchGate
 from .kornia_mix import RandomCutMix, RandomMixUp, RandomSnapMix, kornia_soft_targets
 from .losses import CrossDistillationLoss, Reduction, SoftTargetCrossEntropy, distillation_kl, soft_cross_entropy
 from .mean_teacher import TemporalMean
-from .mixing import MixedBatch, MixingAugmenter, MixMethod, cutmix, mixup, snapmix
+from .mixing import MixedBatch, MixingAugmenter, MixMethod, cutmix, mixup, replay, snapmix
 from .objective import CEKDLoss, rampup
 from .online import METHODS, MethodTerms, OnlineDistillationLoss, OnlineMethod, OnlineOutput
 from .step import StepOutput, train_step
 from .trunk import SharedTrunk, TrunkOutput
+from .views import PeerViews
 
 __version__ = "0.1.0"
 
@@ -49,6 +51,7 @@ __all__ = [
     "FeatureTap",
     "MixMethod",
     "MixedBatch",
+    "PeerViews",
     "RandomCutMix",
     "RandomMixUp",
     "RandomSnapMix",
@@ -71,6 +74,7 @@ __all__ = [
     "mixup",
     "normalize_cams",
     "rampup",
+    "replay",
     "snapmix",
     "soft_cross_entropy",
     "train_step",

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from . import _checks
 from .cam import _resized_maps
 
-__all__ = ["MixMethod", "MixedBatch", "MixingAugmenter", "cutmix", "mixup", "snapmix"]
+__all__ = ["MixMethod", "MixedBatch", "MixingAugmenter", "cutmix", "mixup", "replay", "snapmix"]
 
 MixMethod = Literal["mixup", "cutmix", "snapmix"]
 """The mixing methods of :class:`MixingAugmenter`."""
@@ -240,6 +240,42 @@ def _paste(mask: Tensor, pasted: Tensor, images: Tensor) -> Tensor:
     return torch.where(mask, pasted, images, out=pasted)
 
 
+def replay(batch: MixedBatch, images: Tensor) -> Tensor:
+    """The mix of ``batch`` made again on ``images``, another view of the same clean batch: the same partners,
+    weights and boxes (SnapMix's resized paste included), so every view shares ``batch.targets``.
+
+    Args:
+        batch: a :class:`MixedBatch` from :class:`MixingAugmenter` or a kernel.
+        images: (B, C, H, W) floating images of the batch's size, on its device (for example a differently
+            cropped view of the clean images the batch was mixed from).
+
+    Returns:
+        (B, C, H, W) mixed images; ``replay(batch, clean)`` of the clean images the batch came from equals
+        ``batch.images``.
+
+    Example:
+        >>> images = torch.stack([torch.zeros(1, 2, 2), torch.ones(1, 2, 2)])
+        >>> batch = cutmix(images, torch.eye(2), torch.tensor([1, 0]), torch.tensor([[0, 0, 1, 2], [0, 0, 0, 0]]))
+        >>> replay(batch, 1 - images)[0, 0]  # the other view gets the same box from the same partner
+        tensor([[0., 1.],
+                [0., 1.]])
+    """
+    images = _checks.check_images("images", images)
+    expected = (batch.images.shape[0], images.shape[1], *batch.images.shape[2:])
+    _checks.check_shape("images", images, expected)
+    _checks.check_same_device("images", images, "batch.images", batch.images)
+    partner, corners = batch.partner, batch._corners
+    if corners is None:  # mixup
+        weight = batch.lam_a.view(-1, 1, 1, 1)
+        return torch.lerp(images.index_select(0, partner), images, weight.to(images.dtype))
+    height, width = images.shape[-2:]
+    masks = _box_masks(corners, height, width)
+    if corners.shape[1] == 1:  # cutmix
+        return _paste(masks, images.index_select(0, partner), images)
+    low, high = corners.view(-1, 2, 2, 1, 1, 2).unbind(2)  # snapmix: the target box, then the source box
+    return _resized_paste(images, partner, low, high - low, masks[:, :1])
+
+
 def mixup(images: Tensor, targets: Tensor, partner: Tensor, lam: Tensor) -> MixedBatch:
     """MixUp with explicit parameters: ``x = lam * x + (1 - lam) * x[partner]``.
 
@@ -392,6 +428,36 @@ def _normalised_grid(height: int, width: int, dtype: torch.dtype, device: torch.
     return _constant(("normalised grid", height, width, dtype, device), build)
 
 
+def _resized_paste(images: Tensor, partner: Tensor, low: Tensor, sides: Tensor, mask: Tensor) -> Tensor:
+    """SnapMix's paste: each partner's source box resized into the sample's target box (``mask``, (B, 1, H, W));
+    ``low`` and ``sides`` (n, 2 boxes, 1, 1, 2 axes) are the boxes' first corners and side lengths."""
+    batch, _, height, width = images.shape
+    constants = _image_constants(height, width, images.device)
+    one = constants.one
+    # The paste: target pixel i of each axis reads source pixel lo_s + (i - lo_t) * (side_s - 1) / (side_t - 1),
+    # bilinear resizing with corners aligned (a 1-pixel target side reads the first source pixel), as one
+    # grid_sample over a separable grid in normalised coordinates n = p * k - 1, k = 2 / (size - 1): with a
+    # cached grid of i * k, n = (k * (lo_s - lo_t * scale) - 1) + scale * (i * k), one op for the whole grid.
+    sample_dtype = torch.float64 if images.dtype == torch.float64 else torch.float32  # half: inexact past 256 px
+    target_steps, source_steps = (sides - one).unbind(1)
+    scale = source_steps / target_steps.clamp(min=1)  # (n, 1, 1, 2 axes): source pixels per target pixel
+    target_low, source_low = low.unbind(1)
+    offset = torch.addcmul(source_low, target_low, scale, value=-1)  # source pixel at target pixel 0
+    start = torch.addcmul(constants.minus_one, offset, constants.steps)  # normalised source coordinate at pixel 0
+    grid = torch.addcmul(start, scale, _normalised_grid(height, width, sample_dtype, images.device))  # (n, H, W, 2)
+    partner_images = images.index_select(0, partner)
+    patches = F.grid_sample(
+        partner_images if images.dtype == sample_dtype else partner_images.to(sample_dtype),
+        grid if grid.shape[0] == batch else grid.expand(batch, -1, -1, -1),
+        mode="bilinear",
+        padding_mode="zeros",
+        align_corners=True,
+    )
+    if patches.dtype != images.dtype:
+        patches = patches.to(images.dtype)
+    return _paste(mask, patches, images)
+
+
 def _snapmix(
     images: Tensor,
     targets: Tensor,
@@ -415,28 +481,7 @@ def _snapmix(
     masks = _box_masks(boxes, height, width)  # (B, 2, H, W)
     mask = masks[:, :1]  # (B, 1, H, W): the target box
 
-    # The paste: target pixel i of each axis reads source pixel lo_s + (i - lo_t) * (side_s - 1) / (side_t - 1),
-    # bilinear resizing with corners aligned (a 1-pixel target side reads the first source pixel), as one
-    # grid_sample over a separable grid in normalised coordinates n = p * k - 1, k = 2 / (size - 1): with a
-    # cached grid of i * k, n = (k * (lo_s - lo_t * scale) - 1) + scale * (i * k), one op for the whole grid.
-    sample_dtype = torch.float64 if images.dtype == torch.float64 else torch.float32  # half: inexact past 256 px
-    target_steps, source_steps = (sides - one).unbind(1)
-    scale = source_steps / target_steps.clamp(min=1)  # (n, 1, 1, 2 axes): source pixels per target pixel
-    target_low, source_low = low.unbind(1)
-    offset = torch.addcmul(source_low, target_low, scale, value=-1)  # source pixel at target pixel 0
-    start = torch.addcmul(constants.minus_one, offset, constants.steps)  # normalised source coordinate at pixel 0
-    grid = torch.addcmul(start, scale, _normalised_grid(height, width, sample_dtype, images.device))  # (n, H, W, 2)
-    partner_images = images.index_select(0, partner)
-    patches = F.grid_sample(
-        partner_images if images.dtype == sample_dtype else partner_images.to(sample_dtype),
-        grid if grid.shape[0] == batch else grid.expand(batch, -1, -1, -1),
-        mode="bilinear",
-        padding_mode="zeros",
-        align_corners=True,
-    )
-    if patches.dtype != images.dtype:
-        patches = patches.to(images.dtype)
-    mixed = _paste(mask, patches, images)
+    mixed = _resized_paste(images, partner, low, sides, mask)
 
     # Label weights: each map resized to the image (bilinear), minimum subtracted; the share of its mass in the
     # target box (own map) and in the source box (partner's map). No mass (flat, NaN, inf): the target box's

@@ -13,9 +13,10 @@ from torch import Tensor, nn
 
 from .cam import FeatureTap
 from .ensemble import EnsembleOutput
-from .mixing import MixedBatch, MixingAugmenter
+from .mixing import MixedBatch, MixingAugmenter, replay
 from .objective import CEKDLoss
 from .online import OnlineDistillationLoss, OnlineOutput
+from .views import PeerViews
 
 __all__ = ["StepOutput", "train_step"]
 
@@ -31,7 +32,8 @@ class StepOutput(NamedTuple):
             :class:`~cekd_losses.CEKDLoss`, the method's terms for :class:`~cekd_losses.OnlineDistillationLoss`,
             ``{"total"}`` otherwise).
         output: the model's output: an :class:`~cekd_losses.EnsembleOutput` or (B, K) logits.
-        batch: the :class:`~cekd_losses.MixedBatch` the model saw, or None without a mixer.
+        batch: the :class:`~cekd_losses.MixedBatch` the model saw (the first view's with ``views``), or None
+            without a mixer.
     """
 
     loss: Tensor
@@ -50,6 +52,7 @@ def train_step(
     tap: FeatureTap | None = None,
     step: int | None = None,
     eval_mode_cams: bool = False,
+    views: PeerViews | None = None,
 ) -> StepOutput:
     """Mix a batch, run the model on it and compute the loss.
 
@@ -70,6 +73,9 @@ def train_step(
         tap: :class:`~cekd_losses.FeatureTap` for SnapMix's CAMs (required for snapmix only).
         step: optimizer steps taken so far, for :class:`~cekd_losses.CEKDLoss`'s ramp-up.
         eval_mode_cams: run the CAM forward in eval mode (BatchNorm statistics left alone).
+        views: optional :class:`~cekd_losses.PeerViews`: the model gets a list of N views of the batch (one per
+            member), the first mixed (its CAMs for SnapMix) and the same mix replayed on the others
+            (:func:`~cekd_losses.replay`), so every view shares the targets.
 
     Returns:
         :class:`StepOutput` (loss, named parts, model output, mixed batch).
@@ -90,12 +96,13 @@ def train_step(
     if tap is not None and not snapmix:
         raise ValueError("`tap` is used by a snapmix mixer only; drop it or use MixingAugmenter('snapmix', ...)")
     batch = None
-    inputs, targets = images, labels
+    peers = list(views(images).unbind(0)) if views is not None else [images]
+    inputs, targets = peers, labels
     if mixer is not None:
-        cams = tap.cams(images, labels, eval_mode=eval_mode_cams) if tap is not None else None
-        batch = mixer(images, labels, cams)
-        inputs, targets = batch.images, batch.targets
-    output = model(inputs)
+        cams = tap.cams(peers[0], labels, eval_mode=eval_mode_cams) if tap is not None else None
+        batch = mixer(peers[0], labels, cams)
+        inputs, targets = [batch.images, *(replay(batch, view) for view in peers[1:])], batch.targets
+    output = model(inputs if views is not None else inputs[0])
     if isinstance(criterion, (CEKDLoss, OnlineDistillationLoss)):
         parts = criterion.components(output, targets, step=step)
     else:

@@ -19,6 +19,7 @@ import cekd_losses.objective
 import cekd_losses.online
 import cekd_losses.step
 import cekd_losses.trunk
+import cekd_losses.views
 
 MODULES = [
     cekd_losses.mixing,
@@ -33,6 +34,7 @@ MODULES = [
     cekd_losses.mean_teacher,
     cekd_losses.online,
     cekd_losses.trunk,
+    cekd_losses.views,
 ]
 
 

@@ -28,8 +28,9 @@ from cekd_repro.rundir import RunDirExists
         {"method": "one", "arch": "timm:test_resnet", "branches_from": "layer3"},
         {"method": "ffl", "arch": "timm:test_resnet", "mix": "mixup"},
         {"method": "dml", "arch": "timm:test_resnet"},
+        {"method": "pcl", "arch": "timm:test_resnet", "members": 3},  # one view per peer, its generator restored
     ],
-    ids=lambda o: o["method"],
+    ids=["cekd", "pcl-trunk", "one-trunk", "ffl", "dml", "pcl-views"],
 )
 def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(overrides, tmp_path, monkeypatch):
     config = replace(TINY, epochs=3, **overrides)

@@ -57,6 +57,7 @@ def save_checkpoint(run: Run, path: Path, epoch: int, history: list[dict]) -> No
             "mixer_generator": run.mixer.generator.get_state()
             if run.mixer is not None and run.mixer.generator
             else None,
+            "views_generator": run.views.generator.get_state() if run.views and run.views.generator else None,
             "history": history,
         },
     )
@@ -102,5 +103,7 @@ def load_checkpoint(run: Run, path: Path) -> tuple[int, list[dict]]:
         run.scaler.load_state_dict(state["scaler"])
     if run.mixer is not None and run.mixer.generator is not None:
         run.mixer.generator.set_state(state["mixer_generator"])
+    if run.views is not None and run.views.generator is not None:
+        run.views.generator.set_state(state["views_generator"])
     _set_rng_states(state["rng"])
     return state["epoch"], state["history"]

@@ -43,7 +43,14 @@ def run_step(run: Run, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
     clipping, on the device (no host sync)."""
     with run.place.autocast():
         out = train_step(
-            run.model, run.criterion, images, labels, mixer=run.mixer, tap=run.tap, step=run.scheduler.last_epoch
+            run.model,
+            run.criterion,
+            images,
+            labels,
+            mixer=run.mixer,
+            tap=run.tap,
+            step=run.scheduler.last_epoch,
+            views=run.views,
         )
     run.optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(out.loss).backward()

@@ -16,9 +16,12 @@ from cekd_losses import (
     FeatureFusion,
     FeatureTap,
     OnlineOutput,
+    PeerViews,
     SharedTrunk,
     TemporalMean,
 )
+
+from .config import SYNTHETIC, RunConfig
 
 ONLINE_METHODS = ("dml", "one", "ffl", "pcl")
 PCL_MAX_DECAY = 0.999  # the temporal mean's largest decay (PCL's)
@@ -43,7 +46,7 @@ class Peers(nn.Module):
     ``method``: dml (no teacher), one (ONE's gate on the trunk's output, or on the members' pooled features
     without a trunk), ffl (FFL's fusion module on the members' last feature maps), pcl (a linear peer
     ensemble teacher on the pooled features, and the temporal mean of every member: :meth:`update` after each
-    optimizer step)."""
+    optimizer step; on whole members each peer trains on its own view, :func:`peer_views`)."""
 
     def __init__(self, method: str, models: list[nn.Module], num_classes: int, stage: str | None, image_size: int):
         super().__init__()
@@ -63,7 +66,8 @@ class Peers(nn.Module):
         elif method == "pcl":
             self.ensemble = nn.Linear(sum(widths), num_classes)
 
-    def forward(self, images: Tensor) -> OnlineOutput:
+    def forward(self, images: Tensor | list[Tensor]) -> OnlineOutput:
+        """The members on ``images``, or member i on ``images[i]`` (PCL's per-peer views)."""
         out = self.members(images)
         member_logits = out.member_logits
         if self.method == "dml":
@@ -76,12 +80,25 @@ class Peers(nn.Module):
         if self.method == "ffl":
             return OnlineOutput(member_logits, self.fusion([tap.features for tap in self.taps]))
         teacher = self.ensemble(torch.cat([tap.pooled for tap in self.taps], dim=1))
-        return OnlineOutput(member_logits, teacher, self.means(images).member_logits)
+        if isinstance(images, Tensor):  # one view for all: mean model j on it, (N, B, K)
+            return OnlineOutput(member_logits, teacher, self.means(images).member_logits)
+        means = torch.stack([self.means(view).member_logits for view in images])  # [i, j]: mean j on view i
+        return OnlineOutput(member_logits, teacher, means)
 
     def update(self) -> None:
         """After an optimizer step: PCL's temporal means follow their members (the others have none)."""
         if self.method == "pcl":
             self.means.update(self.members)
+
+
+def peer_views(config: RunConfig, generator: torch.Generator) -> PeerViews | None:
+    """PCL's per-peer views on whole members: shifts of up to 4 px on the synthetic set (its own augmentation;
+    no flips, orientation is its class), an eighth of the side and flips on real images (PCL's CIFAR crops);
+    None for the other methods and for a trunk's branches (one input for all)."""
+    if config.method != "pcl" or config.branches_from:
+        return None
+    synthetic = config.dataset in SYNTHETIC
+    return PeerViews(config.members, 4 if synthetic else config.image_size // 8, not synthetic, generator)
 
 
 def evaluated(output: OnlineOutput) -> dict[str, Tensor]:

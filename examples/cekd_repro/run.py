@@ -14,15 +14,17 @@ from cekd_losses import (
     FeatureTap,
     MixingAugmenter,
     OnlineDistillationLoss,
+    PeerViews,
     SoftTargetCrossEntropy,
 )
 
 from .config import RunConfig
 from .device import Placement
-from .methods import ONLINE_METHODS, Peers
+from .methods import ONLINE_METHODS, Peers, peer_views
 from .models import build_model, head_parameters
 
 MIXER_SEED_STRIDE = 7919  # a prime: rank r of seed s draws its mixing from seed s * stride + r, apart from others
+VIEW_SEED_OFFSET = 3571  # PCL's per-peer views draw from seed s * stride + offset + r, apart from the mixing
 Criterion = CEKDLoss | OnlineDistillationLoss | SoftTargetCrossEntropy
 
 
@@ -42,6 +44,7 @@ class Run:
     criterion: Criterion  # CEKD, an online method's objective, or soft-target CE of the single model
     clip_grad: float | None
     after_step: Callable[[], None] | None = None  # after each optimizer step (PCL's temporal means)
+    views: PeerViews | None = None  # PCL on whole members: one view of the batch per peer
 
 
 def build_run(
@@ -83,6 +86,7 @@ def build_run(
         _criterion(config, steps_per_epoch),
         config.clip_grad,
         net.update if isinstance(net, Peers) and config.method == "pcl" else None,
+        peer_views(config, place.generator(config.seed * MIXER_SEED_STRIDE + VIEW_SEED_OFFSET + rank)),
     )
 
 

@@ -120,7 +120,7 @@ def test_smoke_every_method(overrides, tmp_path):
 
 ONLINE_RUNS = [
     ({"method": "dml"}, ["peers"]),
-    ({"method": "one", "branches_from": "layer3"}, ["teacher"]),
+    ({"method": "one", "branches_from": "layer3", "members": 3}, ["teacher"]),
     ({"method": "one", "mix": "mixup"}, ["teacher"]),  # the gate on the members' pooled features
     ({"method": "ffl", "mix": "snapmix", "arch": "timm:test_resnet,resnet18"}, ["teacher", "to_teacher"]),
     ({"method": "pcl", "members": 3}, ["teacher", "mean_teachers"]),

@@ -7,6 +7,9 @@ adds, returning an :class:`~cekd_losses.OnlineOutput` for :class:`~cekd_losses.O
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
 import torch
 from torch import Tensor, nn
 
@@ -40,50 +43,78 @@ def _tokens(trunk: nn.Module) -> bool:
     return not isinstance(trunk, nn.Sequential)  # a ViT's trunk gives (B, T, D) tokens; a CNN's is a Sequential
 
 
-class Peers(nn.Module):
-    """The members of an online-distillation method and its teacher; ``peers(images)`` -> OnlineOutput.
+class Teacher(NamedTuple):
+    """How a method makes its teacher: the module's attribute name on :class:`Peers`, its builder from
+    ``(peers, widths of the members' pooled features, classes, image size)``, and its reading of the members'
+    output and taps."""
 
-    ``method``: dml (no teacher), one (ONE's gate on the trunk's output, or on the members' pooled features
-    without a trunk), ffl (FFL's fusion module on the members' last feature maps), pcl (a linear peer
-    ensemble teacher on the pooled features, and the temporal mean of every member: :meth:`update` after each
-    optimizer step; on whole members each peer trains on its own view, :func:`peer_views`)."""
+    name: str
+    build: Callable[[Peers, list[int], int, int], nn.Module]
+    read: Callable[[nn.Module, Any, list[FeatureTap]], Tensor]
+
+
+def _gate(peers: Peers, widths: list[int], classes: int, image_size: int) -> nn.Module:
+    """ONE's gate: on the trunk's output, or on the members' concatenated pooled features without a trunk."""
+    trunk = getattr(peers.members, "trunk", None)
+    return BranchGate(_trunk_channels(trunk, image_size) if trunk is not None else sum(widths), peers.count)
+
+
+def _gated(gate: nn.Module, out: Any, taps: list[FeatureTap]) -> Tensor:
+    features = out.features if not taps else torch.cat([tap.pooled for tap in taps], dim=1)
+    features = features.mean(1) if features.ndim == 3 else features  # ViT tokens
+    return gate.teacher(gate(features), out.member_logits)  # type: ignore[operator]
+
+
+TEACHERS: dict[str, Teacher | None] = {
+    "dml": None,
+    "one": Teacher("gate", _gate, _gated),
+    "ffl": Teacher(
+        "fusion",
+        lambda peers, widths, classes, size: FeatureFusion(widths, classes),
+        lambda fusion, out, taps: fusion([tap.features for tap in taps]),
+    ),
+    "pcl": Teacher(
+        "ensemble",
+        lambda peers, widths, classes, size: nn.Linear(sum(widths), classes),
+        lambda linear, out, taps: linear(torch.cat([tap.pooled for tap in taps], dim=1)),
+    ),
+}
+"""Each online method's teacher (DML has none): ONE's gated teacher, FFL's fused classifier, PCL's peer ensemble."""
+
+
+class Peers(nn.Module):
+    """The members of an online-distillation method and its teacher (:data:`TEACHERS`); ``peers(images)`` ->
+    OnlineOutput. PCL adds the temporal mean of every member (:meth:`update` after each optimizer step; on
+    whole members each peer trains on its own view, :func:`peer_views`)."""
 
     def __init__(self, method: str, models: list[nn.Module], num_classes: int, stage: str | None, image_size: int):
         super().__init__()
-        self.method = method
+        self.method, self.teacher, self.count = method, TEACHERS[method], len(models)
         self.members: nn.Module = SharedTrunk(models, stage) if stage else CollaborativeEnsemble(models)
         if method == "pcl":  # copied before any tap hooks the members: the mean models run no tap
             self.means = TemporalMean(self.members, max_decay=PCL_MAX_DECAY)
         branches = list(self.members.branches if stage else self.members.members)  # type: ignore[union-attr]
         tapped = method in ("ffl", "pcl") or (method == "one" and not stage)  # they read pooled features or maps
         self.taps = [FeatureTap(branch) for branch in branches] if tapped else []
-        widths = [tap.classifier.in_features for tap in self.taps]
-        if method == "one":
-            features = _trunk_channels(self.members.trunk, image_size) if stage else sum(widths)  # type: ignore[arg-type]
-            self.gate = BranchGate(features, len(models))
-        elif method == "ffl":
-            self.fusion = FeatureFusion(widths, num_classes)
-        elif method == "pcl":
-            self.ensemble = nn.Linear(sum(widths), num_classes)
+        if self.teacher is not None:
+            widths = [tap.classifier.in_features for tap in self.taps]
+            setattr(self, self.teacher.name, self.teacher.build(self, widths, num_classes, image_size))
 
     def forward(self, images: Tensor | list[Tensor]) -> OnlineOutput:
         """The members on ``images``, or member i on ``images[i]`` (PCL's per-peer views)."""
         out = self.members(images)
-        member_logits = out.member_logits
-        if self.method == "dml":
-            return OnlineOutput(member_logits)
-        if self.method == "one":
-            trunk = isinstance(self.members, SharedTrunk)
-            features = out.features if trunk else torch.cat([tap.pooled for tap in self.taps], dim=1)
-            features = features.mean(1) if features.ndim == 3 else features  # ViT tokens
-            return OnlineOutput(member_logits, self.gate.teacher(self.gate(features), member_logits))
-        if self.method == "ffl":
-            return OnlineOutput(member_logits, self.fusion([tap.features for tap in self.taps]))
-        teacher = self.ensemble(torch.cat([tap.pooled for tap in self.taps], dim=1))
-        if isinstance(images, Tensor):  # one view for all: mean model j on it, (N, B, K)
-            return OnlineOutput(member_logits, teacher, self.means(images).member_logits)
-        means = torch.stack([self.means(view).member_logits for view in images])  # [i, j]: mean j on view i
-        return OnlineOutput(member_logits, teacher, means)
+        teacher = None
+        if self.teacher is not None:
+            teacher = self.teacher.read(getattr(self, self.teacher.name), out, self.taps)
+        return OnlineOutput(out.member_logits, teacher, self._mean_logits(images))
+
+    def _mean_logits(self, images: Tensor | list[Tensor]) -> Tensor | None:
+        """PCL's mean models on one view for all, (N, B, K), or on every peer's view: [i, j] mean j on view i."""
+        if self.method != "pcl":
+            return None
+        if isinstance(images, Tensor):
+            return self.means(images).member_logits
+        return torch.stack([self.means(view).member_logits for view in images])
 
     def update(self) -> None:
         """After an optimizer step: PCL's temporal means follow their members (the others have none)."""

@@ -68,47 +68,58 @@ class FileImages(Dataset):
             raise OSError(f"cannot read image {self.paths[i]}: {error}") from error
 
 
-def file_splits(dataset: str, root: str | Path) -> tuple[FileImages, FileImages, int]:
+Splits = tuple[FileImages, FileImages, int]
+
+
+def file_splits(dataset: str, root: str | Path) -> Splits:
     """(train, test, num_classes) of a real dataset in its native layout, without transforms."""
     root = Path(root)
     if dataset not in LAYOUTS:
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(LAYOUTS)} or synthetic")
     _require(root, dataset)
-    if dataset == "cub":
-        paths = dict(_read_table(root / "images.txt", dataset, 2))
-        labels = {i: int(c) - 1 for i, c in _read_table(root / "image_class_labels.txt", dataset, 2)}
-        split = {i: s == "1" for i, s in _read_table(root / "train_test_split.txt", dataset, 2)}
-        parts = [[i for i in paths if split.get(i) == train] for train in (True, False)]
-        made = [
-            FileImages([_require(root / "images" / paths[i], dataset) for i in ids], [labels[i] for i in ids])
-            for ids in parts
-        ]
-        return made[0], made[1], len(set(labels.values()))
-    if dataset == "aircraft":
-        tables = [
-            _read_table(root / "data" / f"images_variant_{name}.txt", dataset, 2) for name in ("trainval", "test")
-        ]
-        classes = sorted({variant for table in tables for _, variant in table})
-        index = {name: i for i, name in enumerate(classes)}
-        made = [
-            FileImages(
-                [_require(root / "data" / "images" / f"{i}.jpg", dataset) for i, _ in table],
-                [index[v] for _, v in table],
-            )
-            for table in tables
-        ]
-        return made[0], made[1], len(classes)
-    if dataset == "cars":
-        import torchvision
+    readers = {"cub": _cub, "aircraft": _aircraft, "cars": _cars, "imagefolder": _imagefolder}
+    return readers[dataset](root, dataset)
 
-        _require(root / "stanford_cars", dataset)
-        try:
-            train, test = (torchvision.datasets.StanfordCars(str(root), split=s) for s in ("train", "test"))
-        except (RuntimeError, OSError, TypeError, KeyError, ValueError) as error:  # missing or malformed .mat files
-            raise LayoutError(f"cars: {error or type(error).__name__}; expected layout: {LAYOUTS[dataset]}") from error
-        made = [FileImages([Path(p) for p, _ in d._samples], [c for _, c in d._samples]) for d in (train, test)]
-        return made[0], made[1], len(train.classes)
-    # imagefolder
+
+def _cub(root: Path, dataset: str) -> Splits:
+    paths = dict(_read_table(root / "images.txt", dataset, 2))
+    labels = {i: int(c) - 1 for i, c in _read_table(root / "image_class_labels.txt", dataset, 2)}
+    split = {i: s == "1" for i, s in _read_table(root / "train_test_split.txt", dataset, 2)}
+    parts = [[i for i in paths if split.get(i) == train] for train in (True, False)]
+    made = [
+        FileImages([_require(root / "images" / paths[i], dataset) for i in ids], [labels[i] for i in ids])
+        for ids in parts
+    ]
+    return made[0], made[1], len(set(labels.values()))
+
+
+def _aircraft(root: Path, dataset: str) -> Splits:
+    tables = [_read_table(root / "data" / f"images_variant_{name}.txt", dataset, 2) for name in ("trainval", "test")]
+    classes = sorted({variant for table in tables for _, variant in table})
+    index = {name: i for i, name in enumerate(classes)}
+    made = [
+        FileImages(
+            [_require(root / "data" / "images" / f"{i}.jpg", dataset) for i, _ in table],
+            [index[v] for _, v in table],
+        )
+        for table in tables
+    ]
+    return made[0], made[1], len(classes)
+
+
+def _cars(root: Path, dataset: str) -> Splits:
+    import torchvision
+
+    _require(root / "stanford_cars", dataset)
+    try:
+        train, test = (torchvision.datasets.StanfordCars(str(root), split=s) for s in ("train", "test"))
+    except (RuntimeError, OSError, TypeError, KeyError, ValueError) as error:  # missing or malformed .mat files
+        raise LayoutError(f"cars: {error or type(error).__name__}; expected layout: {LAYOUTS[dataset]}") from error
+    made = [FileImages([Path(p) for p, _ in d._samples], [c for _, c in d._samples]) for d in (train, test)]
+    return made[0], made[1], len(train.classes)
+
+
+def _imagefolder(root: Path, dataset: str) -> Splits:
     splits = [_require(root / name, dataset) for name in ("train", "test")]
     classes = sorted(d.name for d in splits[0].iterdir() if d.is_dir())
     if not classes:

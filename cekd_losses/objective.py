@@ -42,6 +42,18 @@ def rampup(step: int, rampup_steps: int) -> float:
     return math.exp(-5.0 * (1.0 - step / rampup_steps) ** 2)
 
 
+def _ramp_factor(step: int | None, rampup_steps: int) -> float:
+    """:func:`rampup` of a loss's ``step`` argument, checked: 1 without a ramp (``rampup_steps`` 0), and a step
+    (an int >= 0) required with one."""
+    if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
+        raise ValueError(f"`step` must be an int >= 0 (the number of optimizer steps taken) or None, got {step!r}")
+    if rampup_steps == 0:
+        return 1.0
+    if step is None:
+        raise ValueError(f"`step` is required when rampup_steps > 0 (rampup_steps={rampup_steps}), got None")
+    return rampup(step, rampup_steps)
+
+
 class CEKDLoss(nn.Module):
     """The CEKD objective: supervised CE of members and ensemble, cross distillation, ensemble distillation.
 
@@ -81,9 +93,7 @@ class CEKDLoss(nn.Module):
         self.cross = CrossDistillationLoss(temperature, reduction="none")  # checks and holds the temperature
         self.alpha = _checks.check_in_range("alpha", alpha, 0.0, math.inf)
         self.beta = _checks.check_in_range("beta", beta, 0.0, math.inf)
-        if isinstance(rampup_steps, bool) or not isinstance(rampup_steps, int) or rampup_steps < 0:
-            raise ValueError(f"`rampup_steps` must be an int >= 0, got {rampup_steps!r}")
-        self.rampup_steps = rampup_steps
+        self.rampup_steps = _checks.check_nonnegative_int("rampup_steps", rampup_steps)
         self.supervise_ensemble = bool(supervise_ensemble)
         self.reduction = _checks.check_reduction(reduction)
 
@@ -101,13 +111,7 @@ class CEKDLoss(nn.Module):
 
     def ramp(self, step: int | None) -> float:
         """r(step): the ramp-up factor of both distillation weights; ``step`` is an int >= 0 or None."""
-        if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
-            raise ValueError(f"`step` must be an int >= 0 (the number of optimizer steps taken) or None, got {step!r}")
-        if self.rampup_steps == 0:
-            return 1.0
-        if step is None:
-            raise ValueError(f"`step` is required when rampup_steps > 0 (rampup_steps={self.rampup_steps}), got None")
-        return rampup(step, self.rampup_steps)
+        return _ramp_factor(step, self.rampup_steps)
 
     def components(
         self,

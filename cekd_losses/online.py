@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from . import _checks
 from .losses import Reduction, _mean_over_peers, _reduce, _summed_over_members, distillation_kl, soft_cross_entropy
-from .objective import rampup
+from .objective import _ramp_factor
 
 __all__ = ["METHODS", "MethodTerms", "OnlineDistillationLoss", "OnlineMethod", "OnlineOutput"]
 
@@ -117,9 +117,7 @@ class OnlineDistillationLoss(nn.Module):
         preset = METHODS[self.method]
         temperature = preset.temperature if temperature is None else temperature
         self.temperature = _checks.check_positive("temperature", temperature)
-        if isinstance(rampup_steps, bool) or not isinstance(rampup_steps, int) or rampup_steps < 0:
-            raise ValueError(f"`rampup_steps` must be an int >= 0, got {rampup_steps!r}")
-        self.rampup_steps = rampup_steps
+        self.rampup_steps = _checks.check_nonnegative_int("rampup_steps", rampup_steps)
         self.reduction = _checks.check_reduction(reduction)
 
     @property
@@ -135,13 +133,7 @@ class OnlineDistillationLoss(nn.Module):
 
     def ramp(self, step: int | None) -> float:
         """r(step), the factor of every distillation term; ``step`` is an int >= 0, or None without a ramp."""
-        if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
-            raise ValueError(f"`step` must be an int >= 0 (the number of optimizer steps taken) or None, got {step!r}")
-        if self.rampup_steps == 0:
-            return 1.0
-        if step is None:
-            raise ValueError(f"`step` is required when rampup_steps > 0 (rampup_steps={self.rampup_steps}), got None")
-        return rampup(step, self.rampup_steps)
+        return _ramp_factor(step, self.rampup_steps)
 
     def components(
         self,

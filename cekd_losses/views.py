@@ -25,7 +25,9 @@ class PeerViews(nn.Module):
     padding by ``max_shift`` with reflection and cropping back does) and, with ``flip``, a left-right flip with
     probability 1/2. The pixels are copied, not resampled, so any dtype works (uint8 included) and a view of a
     shift of 0 is the image itself. The draws come from ``generator`` (on the images' device), so views are
-    reproducible; no value is read back to the host.
+    reproducible; no value is read back to the host. ``torch.compile(fullgraph=True)`` traces it without a
+    generator only (a generator cannot enter a graph): call it outside a compiled region, as
+    :func:`~cekd_losses.train_step` does.
 
     Args:
         views: N >= 1, the number of peers.

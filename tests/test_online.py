@@ -236,3 +236,19 @@ def test_an_online_output_carries_every_logit_and_train_step_passes_it_on():
     out = train_step(Peers(), OnlineDistillationLoss("cekd"), torch.rand(4, 3, 2, 2), target)
     assert list(out.parts) == ["total", "supervised", "peers", "teacher"]
     out.loss.backward()
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_objective_traces_whole_and_matches_eager(method):
+    g = torch.Generator().manual_seed(4)
+    logits, teacher, means = (
+        torch.randn(3, 4, 5, generator=g),
+        torch.randn(4, 5, generator=g),
+        torch.randn(3, 3, 4, 5, generator=g),
+    )
+    output = OnlineOutput(logits, teacher if METHODS[method].teacher else None, means if method == "pcl" else None)
+    criterion = OnlineDistillationLoss(method, rampup_steps=10)
+    target = torch.rand(4, 5, generator=g)
+    compiled = torch.compile(lambda o, y: criterion.components(o, y, step=3), fullgraph=True, backend="eager")
+    got, want = compiled(output, target), criterion.components(output, target, step=3)
+    assert all(torch.allclose(got[name], want[name], atol=1e-6) for name in want)

@@ -87,14 +87,16 @@ def run_table(args: argparse.Namespace, config: RunConfig | None, changes: dict 
         resume = run_transfer if args.transfer else run_ablation
         return resume(None, None, out, resume_changes=changes), out
     assert config is not None
-    if args.compare:
-        return run_ablation(config, seeds, out, variants=comparison(config)), out
+    rows = comparison(config) if args.compare else None
     if not args.transfer:
-        return run_ablation(config, seeds, out), out
+        return run_ablation(config, seeds, out, **({"variants": rows} if rows else {})), out
     source = (args.source_per_class or SOURCE_PER_CLASS, args.source_epochs or SOURCE_EPOCHS)
     dataset = args.source_dataset or (TINY_SOURCE if args.preset == "transfer-tiny" else DEFAULT_SOURCE)
     sweep = parse_lengths(args.sweep) if args.sweep else None
-    return run_transfer(config, seeds, out, *source, source_dataset=dataset, sweep=sweep), out
+    table = run_transfer(
+        config, seeds, out, *source, source_dataset=dataset, sweep=sweep, **({"rows": rows} if rows else {})
+    )
+    return table, out
 
 
 def comparison(config: RunConfig) -> list[tuple[str, dict]]:
@@ -134,8 +136,10 @@ def main(argv: list[str] | None = None) -> int:
         seeds = 3 if args.seeds is None else args.seeds
         if seeds < 1:
             raise ValueError(f"--seeds must be >= 1, got {seeds}")
-        if args.compare and (args.transfer or args.ablation):
-            raise ValueError("--compare is a table of its own: drop --ablation or --transfer")
+        if args.compare and (args.ablation or args.sweep):
+            raise ValueError(
+                "--compare is a table of its own (with --transfer: fine-tuned): drop --ablation or --sweep"
+            )
         if args.transfer or args.ablation or args.compare:
             table, out = run_table(args, config, changes, seeds)
             print(table)

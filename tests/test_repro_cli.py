@@ -46,6 +46,7 @@ from repro_helpers import TINY_ARGS, cli
         (["--method", "pcl", "--branches-from", "layer9"], "`stage` must name a child of the model"),
         (["--compare", "--mix", "none"], "--compare sets each method without mixing beside it over --mix"),
         (["--compare", "--ablation"], "--compare is a table of its own"),
+        (["--transfer", "--compare", "--sweep", "30"], "--compare is a table of its own"),
     ],
 )
 def test_cli_errors(args, message, tmp_path, monkeypatch):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from repro_helpers import TINY, TINY_ARGS
 from torch import nn
 
-from cekd_repro import transfer
+from cekd_repro import ablation, transfer
 from cekd_repro.config import preset_config
 from cekd_repro.device import Placement
 from cekd_repro.engine import build_run, train
@@ -123,3 +123,8 @@ def test_the_transfer_command_runs_every_row_and_probes_the_source(tmp_path, mon
     assert len(probe) == 1 and json.loads((tmp_path / "tr" / "probe.json").read_text())["top1"]
     assert cli_module.main(["--transfer", "--resume", "tr"]) == 0  # every run done: the same table and probe
     assert probe[0] in capsys.readouterr().out
+    compare = ["--compare", "--mix", "cutmix", "--run-dir", "cmp", "--source-epochs", "1"]
+    monkeypatch.setattr(ablation, "COMPARED", ("dml", "pcl"))  # the rows' plan, on two methods
+    assert cli_module.main([*args, *compare]) == 0
+    names = json.loads((tmp_path / "cmp" / "finetune" / "ablation.json").read_text())["rows"]
+    assert names == ["baseline", "cutmix", "dml", "dml+cutmix", "pcl", "pcl+cutmix"]

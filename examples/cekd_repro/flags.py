@@ -153,7 +153,8 @@ def _table_flags(add: Callable[..., None]) -> None:
         "--compare",
         action="store_true",
         help="the online-distillation table: baseline, --mix alone, and dml, one, ffl, pcl, cekd without mixing and "
-        "over --mix (results.md, results.csv, curves.png; resume it with --resume DIR --ablation)",
+        "over --mix (results.md, results.csv, curves.png; with --transfer, fine-tuned on the transfer proxy; "
+        "resume it with --resume DIR --compare)",
     )
     add(
         "--transfer",

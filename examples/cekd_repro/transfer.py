@@ -156,8 +156,10 @@ def run_transfer(
     resume_changes: dict | None = None,
     source_dataset: str = DEFAULT_SOURCE,
     sweep: list[tuple[int, int]] | None = None,
+    rows: list[tuple[str, dict]] = ALL_ROWS,
 ) -> str:
-    """Pretrain (or reuse), then fine-tune every row of the table for every seed under ``out_dir/finetune``
+    """Pretrain (or reuse), then fine-tune every row of the table (``rows``: the ablation's with MixUp, or the
+    online-distillation comparison's) for every seed under ``out_dir/finetune``
     (with ``sweep``, the rows of :func:`~cekd_repro.sweep.run_sweep` at its lengths under ``out_dir/sweep``),
     and probe the source features linearly on the target (:func:`source_probe`); returns the table and the
     probe. ``resume_changes`` (a dict, maybe empty): continue the table or sweep in ``out_dir`` as saved."""
@@ -177,5 +179,5 @@ def run_transfer(
             table = run_sweep(base, sweep, out_dir / "sweep")
             seeds = 1
         else:
-            table = run_ablation(base, seeds, out_dir / "finetune", variants=ALL_ROWS)
+            table = run_ablation(base, seeds, out_dir / "finetune", variants=rows)
     return f"{table}\n{_probe_line(base, seeds, out_dir)}"

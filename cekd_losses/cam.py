@@ -201,7 +201,7 @@ class FeatureTap:
     :meth:`cams` is the one way to get class activation maps (a no-grad forward on the clean images,
     then the read-out below). Forward hooks record, on every forward of ``model``, its last feature map
     (:attr:`features`) and the (B, D) pooled features its linear classifier receives (:attr:`pooled`),
-    which a gate or fusion :class:`~cekd_losses.CollaborativeEnsemble` reads: no second forward is run.
+    which a gate or linear :class:`~cekd_losses.CollaborativeEnsemble` reads: no second forward is run.
     Found automatically for timm models (CNNs, NHWC models such as Swin, and token models such as ViT
     and DeiT) and torchvision classifiers with an ``avgpool`` layer (ResNet, RegNet, EfficientNet,
     MobileNet v3, ConvNeXt, VGG, Swin) or a class token (ViT); see :doc:`/models`.
@@ -267,7 +267,7 @@ class FeatureTap:
             handles.append(feature_module.register_forward_hook(self._save_output))
         else:
             self._site = _find_feature_site(model)
-            if self._site is None:  # pooled features (for gate/fusion ensembles) still work; CAMs do not
+            if self._site is None:  # pooled features (for gate/linear ensembles) still work; CAMs do not
                 self._no_site = (
                     f"could not find the last feature map of {type(model).__name__} (found for timm models and "
                     "torchvision classifiers with `avgpool` or a class token); pass feature_module=<the module "

@@ -3,9 +3,9 @@
 The ensemble's logits combine the members' logits (``"mean"``), or are weighted by a learned
 per-sample gate over members (``"gate"``, after ONE, Lan et al. 2018, on the members' pooled features
 rather than a shared trunk's), or come from a linear classifier on the members' concatenated pooled features
-(``"fusion"``: PCL's peer ensemble teacher; FFL's own fusion module works on the feature maps, see
+(``"linear"``: PCL's peer ensemble teacher; FFL's own fusion module works on the feature maps, see
 :class:`~cekd_losses.FeatureFusion`).
-Gate and fusion read the pooled features through :class:`~cekd_losses.cam.FeatureTap` hooks during
+Gate and linear read the pooled features through :class:`~cekd_losses.cam.FeatureTap` hooks during
 the members' own forward: no second forward.
 """
 
@@ -22,9 +22,11 @@ from .cam import FeatureTap, find_classifier
 
 __all__ = ["CollaborativeEnsemble", "Combine", "EnsembleOutput"]
 
-Combine = Literal["mean", "gate", "fusion"]
-"""How :class:`CollaborativeEnsemble` makes the ensemble's logits: ``"mean"``, ``"gate"`` or ``"fusion"``."""
-_COMBINES = ("mean", "gate", "fusion")
+Combine = Literal["mean", "gate", "linear", "fusion"]
+"""How :class:`CollaborativeEnsemble` makes the ensemble's logits: ``"mean"``, ``"gate"`` or ``"linear"``
+(``"fusion"``: the earlier name of ``"linear"``, still accepted)."""
+_COMBINES = ("mean", "gate", "linear")
+_RENAMED = {"fusion": "linear"}
 
 
 class EnsembleOutput(NamedTuple):
@@ -53,11 +55,12 @@ class CollaborativeEnsemble(nn.Module):
     Args:
         members: the N models.
         combine: ``"mean"`` of member logits; ``"gate"``: ``sum_i g_i(x) z_i`` with
-            ``g = softmax(Linear(concat pooled features))``; ``"fusion"``: ``Linear(concat pooled
-            features)``. Gate and fusion read the input of each member's linear classifier
+            ``g = softmax(Linear(concat pooled features))``; ``"linear"``: ``Linear(concat pooled
+            features)``, PCL's peer ensemble teacher (``"fusion"`` is its earlier name, still accepted). Gate and
+            linear read the input of each member's linear classifier
             through a :class:`~cekd_losses.cam.FeatureTap` (found automatically for timm and
             torchvision classifiers, see :func:`~cekd_losses.find_classifier`).
-        taps: gate and fusion only: one entry per member, a :class:`~cekd_losses.cam.FeatureTap` of
+        taps: gate and linear only: one entry per member, a :class:`~cekd_losses.cam.FeatureTap` of
             that member (``FeatureTap(member, classifier=...)`` for a custom model) or None to find
             it automatically.
 
@@ -86,7 +89,7 @@ class CollaborativeEnsemble(nn.Module):
                 raise TypeError(f"`members[{i}]` must be a torch.nn.Module, got {type(member).__name__}")
         if len(members) < 2:
             raise ValueError(f"`members` must hold N >= 2 models, got N = {len(members)}")
-        self.combine = _checks.check_choice("combine", combine, _COMBINES)
+        self.combine = _checks.check_choice("combine", _RENAMED.get(combine, combine), _COMBINES)
         self.members = nn.ModuleList(members)
         classes = [_num_classes(member) for member in members]
         known = {k for k in classes if k is not None}
@@ -96,7 +99,7 @@ class CollaborativeEnsemble(nn.Module):
 
         self._taps: list[FeatureTap] = []
         if taps is not None and combine == "mean":
-            raise ValueError("`taps` are read by combine='gate' or 'fusion' only, got taps with combine='mean'")
+            raise ValueError("`taps` are read by combine='gate' or 'linear' only, got taps with combine='mean'")
         if taps is not None and (not isinstance(taps, (list, tuple)) or len(taps) != len(members)):
             raise ValueError(
                 f"`taps` must be a list of N = {len(members)} FeatureTap or None entries, got {taps!r}"[:200]
@@ -160,7 +163,7 @@ class CollaborativeEnsemble(nn.Module):
             return member_logits.mean(dim=0)
         pooled = torch.cat([tap.pooled.flatten(1) for tap in self._taps], dim=1)
         scores: Tensor = self.head(pooled)
-        if self.combine == "fusion":
+        if self.combine == "linear":
             return scores
         gate = scores.softmax(dim=1).to(member_logits.dtype)  # (B, N)
         return torch.einsum("bn,nbk->bk", gate, member_logits)

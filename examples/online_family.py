@@ -79,7 +79,7 @@ class PeersWithMeans(nn.Module):
 
     def __init__(self, peers: list[nn.Module]) -> None:
         super().__init__()
-        self.ensemble = CollaborativeEnsemble(peers, combine="fusion")
+        self.ensemble = CollaborativeEnsemble(peers, combine="linear")
         self.means = nn.ModuleList(TemporalMean(peer, max_decay=0.999) for peer in peers)
 
     def update(self) -> None:

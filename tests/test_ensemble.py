@@ -73,8 +73,8 @@ def test_heterogeneous_timm_and_torchvision_members():
     assert out.member_logits.shape == (2, 2, 5) and ensemble.num_classes == 5
 
 
-@pytest.mark.parametrize("combine", ["gate", "fusion"])
-def test_gate_and_fusion_read_pooled_features_from_the_members_forward(combine):
+@pytest.mark.parametrize("combine", ["gate", "linear", "fusion"])
+def test_gate_and_linear_read_pooled_features_from_the_members_forward(combine):
     members = tiny_resnets(2)
     ensemble = CollaborativeEnsemble(members, combine=combine).eval()
     calls = []
@@ -90,7 +90,7 @@ def test_gate_and_fusion_read_pooled_features_from_the_members_forward(combine):
         ],
         dim=1,
     )
-    if combine == "fusion":
+    if combine in ("linear", "fusion"):  # "fusion": the earlier name of "linear"
         expected = ensemble.head(pooled)
     else:
         gate = ensemble.head(pooled).softmax(1)
@@ -132,7 +132,7 @@ def test_ensemble_errors():
         CollaborativeEnsemble(Flat())
     with pytest.raises(ValueError, match=r"same number of classes K, got K = \[3, 5\]"):
         CollaborativeEnsemble([Flat(3), Flat(5)])
-    with pytest.raises(ValueError, match=r"`combine` must be one of 'mean', 'gate', 'fusion', got 'max'"):
+    with pytest.raises(ValueError, match=r"`combine` must be one of 'mean', 'gate', 'linear', got 'max'"):
         CollaborativeEnsemble([Flat(), Flat()], combine="max")
     headless = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))  # no named head: the error says how to give one
     with pytest.raises(
@@ -149,7 +149,7 @@ def test_ensemble_errors():
         CollaborativeEnsemble(
             [Flat(), headless], combine="gate", taps=[FeatureTap(headless, classifier=headless[1]), None]
         )
-    with pytest.raises(ValueError, match=r"`taps` are read by combine='gate' or 'fusion' only"):
+    with pytest.raises(ValueError, match=r"`taps` are read by combine='gate' or 'linear' only"):
         CollaborativeEnsemble([Flat(), Flat()], taps=[None, None])
     with pytest.raises(ValueError, match=r"member 1 must return \(B, K\) logits, got shape \(2, 3, 1\)"):
         CollaborativeEnsemble([Flat(), Broken()])(torch.rand(2, 3, 2, 2))

@@ -23,8 +23,8 @@ def test_mixer_and_losses_print_their_settings():
 
 def test_ensemble_prints_members_classes_and_combine():
     members = [torchvision.models.resnet18(num_classes=3) for _ in range(3)]
-    text = repr(CollaborativeEnsemble(members, "fusion"))
-    assert text.splitlines()[1].strip() == "members=3, num_classes=3, combine='fusion'"
+    text = repr(CollaborativeEnsemble(members, "fusion"))  # the earlier name of "linear"
+    assert text.splitlines()[1].strip() == "members=3, num_classes=3, combine='linear'"
 
 
 def test_feature_tap_prints_where_it_reads():

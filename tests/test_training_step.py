@@ -75,7 +75,7 @@ def test_ddp_two_cpu_processes_keep_identical_parameters(tmp_path):
     assert not torch.allclose(rank0, saved["initial"])  # the step did change them
 
 
-@pytest.mark.parametrize("combine", ["gate", "fusion"])
+@pytest.mark.parametrize("combine", ["gate", "linear"])
 def test_gate_and_fusion_heads_train(combine):
     import torchvision
 

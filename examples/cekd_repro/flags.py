@@ -102,7 +102,11 @@ def _training_flags(add: Callable[..., None]) -> None:
     add("--temperature", type=float, help="cekd: distillation temperature T")
     add("--alpha", type=float, help="cekd: weight of cross distillation")
     add("--beta", type=float, help="cekd: weight of ensemble-to-member distillation")
-    add("--combine", choices=["mean", "gate", "fusion"], help="cekd: how member logits make the ensemble's")
+    add(
+        "--combine",
+        choices=["mean", "gate", "linear", "fusion"],
+        help="cekd: how member logits make the ensemble's (linear: on the pooled features; fusion: its earlier name)",
+    )
     add("--rampup-epochs", dest="rampup_epochs", type=int, help="cekd: epochs over which alpha and beta ramp up")
     add("--no-cross", dest="no_cross", action="store_const", const=True, help="ablation: alpha = 0")
     add(

@@ -4,6 +4,7 @@ processes share one table, the sweep's order, files and resume."""
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 from dataclasses import replace
@@ -61,6 +62,23 @@ def test_a_run_claimed_by_a_live_process_is_left_to_it_and_a_dead_ones_claim_is_
         assert mine and not again  # a claim is held once, even within one process
 
 
+def test_a_table_holds_the_runs_another_process_finished_while_this_one_trained(tmp_path, monkeypatch, capsys):
+    """Two processes share a table: a run the other process held when this one passed it, and finished while
+    this one trained its own, is in the table this one writes (the last to end writes all of it)."""
+    real_complete = ablation.complete_run
+
+    def the_other_process_holds_the_baseline(config, run_dir, resume_changes=None):
+        if config.method == "baseline":
+            ablation.train(config, run_dir)  # the other process trains it meanwhile
+            return None  # left to it, as a held claim
+        return real_complete(config, run_dir, resume_changes)
+
+    monkeypatch.setattr(ablation, "complete_run", the_other_process_holds_the_baseline)
+    table = ablation.run_ablation(TINY, 1, tmp_path / "shared", variants=ablation.ABLATION[:2])
+    assert "| baseline | -" not in table and "| baseline |" in table and "| cutmix |" in table
+    assert "still trained by another process" not in capsys.readouterr().out
+
+
 def test_the_sweep_runs_every_lengths_first_seed_first_and_tables_them(tmp_path, monkeypatch):
     order = []
 
@@ -68,7 +86,10 @@ def test_the_sweep_runs_every_lengths_first_seed_first_and_tables_them(tmp_path,
         order.append((config.epochs, config.seed, config.method, config.mix if config.method == "cekd" else None))
         top1 = {"top1_member0": 50.0, "top1_member1": 52.0, "top1_ensemble": 60.0 + config.seed}
         final = top1 if config.method == "cekd" else {"top1_model": 40.0 + config.epochs / 10}
-        return [{"epoch": 1, "epoch_s": 3.0}, {"epoch": config.epochs, "epoch_s": 3.0, **final}]
+        records = [{"epoch": 1, "epoch_s": 3.0}, {"epoch": config.epochs, "epoch_s": 3.0, **final}]
+        run_dir.mkdir(parents=True)
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+        return records
 
     monkeypatch.setattr(sweep, "complete_run", fake_run)
     table = sweep.run_sweep(TINY, [(10, 1), (20, 2)], tmp_path)

@@ -70,22 +70,39 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {spread:.2f}"
 
 
+def finished_history(config: RunConfig, run_dir: Path) -> list[dict] | None:
+    """The metrics records of the run ``config`` in ``run_dir`` if it has finished (by any process), else None."""
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.exists() or _epochs_done(metrics) < config.epochs:
+        return None
+    return [json.loads(line) for line in metrics.read_text().splitlines()]
+
+
 def complete_run(config: RunConfig, run_dir: Path, resume_changes: dict | None = None) -> list[dict] | None:
     """The metrics records of the run ``config`` in ``run_dir`` once it has finished: kept when finished,
     continued when started (with ``resume_changes``), trained when missing. None, and a line saying so,
     while another process trains it (:func:`~cekd_repro.rundir.claimed`): run the same command twice to
     use two cores."""
-    metrics = run_dir / "metrics.jsonl"
-    finished = lambda: metrics.exists() and _epochs_done(metrics) >= config.epochs  # noqa: E731
-    if not finished():
+    if finished_history(config, run_dir) is None:
         with claimed(run_dir) as mine:
             if not mine:
                 print(f"{run_dir}: being trained by another process, left to it")
                 return None
-            if not finished():  # the other process may have finished it before this one claimed it
+            if finished_history(config, run_dir) is None:  # the other process may have finished it meanwhile
                 started = (run_dir / "config.json").exists()
                 train(resumed_config(run_dir, **(resume_changes or {})) if started else config, run_dir, resume=started)
-    return [json.loads(line) for line in metrics.read_text().splitlines()]
+    return finished_history(config, run_dir)
+
+
+def collected(planned: list[tuple[str, RunConfig, Path]]) -> list[tuple[str, RunConfig, list[dict]]]:
+    """Every planned ``(row, config, run dir)`` whose run has finished, read from disk after this process's
+    share of the training, so that the last of several processes sharing a table writes all of it; a line
+    says how many runs another process still holds."""
+    done = [(name, config, finished_history(config, run_dir)) for name, config, run_dir in planned]
+    missing = sum(history is None for _, _, history in done)
+    if missing:
+        print(f"{missing} run(s) still trained by another process: its end writes the whole table")
+    return [(name, config, history) for name, config, history in done if history is not None]
 
 
 def final_top1(history: list[dict]) -> dict[str, float]:
@@ -139,16 +156,18 @@ def run_ablation(
         saved_base, seeds, names = saved_plan(out_dir)
         base = apply_resume_changes(saved_base, resume_changes, plan)
         variants = [(name, KNOWN_ROWS[name]) for name in names]
-    rows, curves = [], {}
+    planned = []
     for name, overrides in variants:
         for seed in range(seeds):
             config = replace(base, seed=base.seed + seed, **overrides)
-            history = complete_run(config, out_dir / run_name(name, config.seed), resume_changes)
-            if history is None:
-                continue
-            for member, value in final_top1(history).items():
-                rows.append({"method": name, "seed": config.seed, "model": member, "top1": value})
-            curves.setdefault(name, []).append(main_curve(history))
+            planned.append((name, config, out_dir / run_name(name, config.seed)))
+    for _, config, run_dir in planned:
+        complete_run(config, run_dir, resume_changes)
+    rows, curves = [], {}
+    for name, config, history in collected(planned):
+        for member, value in final_top1(history).items():
+            rows.append({"method": name, "seed": config.seed, "model": member, "top1": value})
+        curves.setdefault(name, []).append(main_curve(history))
 
     return write_results(out_dir, rows, [name for name, _ in variants], seeds, curves)
 

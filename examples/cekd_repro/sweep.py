@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .ablation import (
     ALL_ROWS,
+    collected,
     complete_run,
     final_top1,
     main_curve,
@@ -99,20 +100,22 @@ def run_sweep(
     keeps finished runs and continues the rest."""
     base, lengths, rows = _plan(base, lengths, out_dir, resume_changes)
     known = dict(ALL_ROWS)
-    results, curves = [], {}
+    planned = []
     for seed in range(max(seeds for _, seeds in lengths)):
         for epochs, seeds in lengths:
             if seed >= seeds:
                 continue
             for row in rows:
                 config = replace(length_config(base, epochs), seed=base.seed + seed, **known[row])
-                history = complete_run(config, out_dir / f"e{epochs}" / run_name(row, config.seed), resume_changes)
-                if history is None:
-                    continue
-                top1 = final_top1(history)
-                wall_s = sum(record["epoch_s"] for record in history if "diverged" not in record)
-                results.append({"method": row, "epochs": epochs, "seed": config.seed, "wall_s": round(wall_s), **top1})
-                curves.setdefault(epochs, {}).setdefault(row, []).append(main_curve(history))
+                planned.append((row, config, out_dir / f"e{epochs}" / run_name(row, config.seed)))
+    for _, config, run_dir in planned:
+        complete_run(config, run_dir, resume_changes)
+    results, curves = [], {}
+    for row, config, history in collected(planned):
+        wall_s = sum(record["epoch_s"] for record in history if "diverged" not in record)
+        result = {"method": row, "epochs": config.epochs, "seed": config.seed, "wall_s": round(wall_s)}
+        results.append(result | final_top1(history))
+        curves.setdefault(config.epochs, {}).setdefault(row, []).append(main_curve(history))
     return _write(results, curves, lengths, rows, out_dir)
 
 

@@ -172,7 +172,7 @@ class CrossDistillationLoss(nn.Module):
         logits = _checks.check_member_logits(member_logits)
         weights = _checks.check_weights(weights, logits.shape[1])
         log_probs = F.log_softmax(logits.float() / self.temperature, dim=2)  # (N, B, K), as students
-        per_member = _mean_over_peers(log_probs, log_probs.detach()[None]) * self.temperature**2  # (N, B)
+        per_member = _mean_over_peers(log_probs, log_probs.detach()[None], self.temperature**2)  # (N, B)
         if weights is not None:
             per_member = per_member * weights.float()[None]
         if self.reduction == "none":
@@ -180,14 +180,15 @@ class CrossDistillationLoss(nn.Module):
         return _reduce(per_member.sum(dim=0), self.reduction)
 
 
-def _mean_over_peers(student_log_probs: Tensor, teacher_log_probs: Tensor) -> Tensor:
-    """(N, B) ``mean_{j != i} KL(p_t[i, j] || p_s[i])`` of (N, B, K) student log-probabilities and teacher ones,
-    (N, N, B, K) (teacher j as seen by student i) or (1, N, B, K) (teacher j, the same for every student)."""
+def _mean_over_peers(student_log_probs: Tensor, teacher_log_probs: Tensor, scale: float = 1.0) -> Tensor:
+    """(N, B) ``scale * mean_{j != i} KL(p_t[i, j] || p_s[i])`` of (N, B, K) student log-probabilities and teacher
+    ones, (N, N, B, K) (teacher j as seen by student i) or (1, N, B, K) (teacher j, the same for every student);
+    ``scale`` (T^2) joins the mean's 1 / (N - 1) in one multiplication."""
     members = student_log_probs.shape[0]
     # kl[i, j, b] = sum_k p_t (log p_t - log p_s): student i, teacher j
     kl = _kl(teacher_log_probs, student_log_probs[:, None]).sum(dim=3)
     peers = ~torch.eye(members, dtype=torch.bool, device=kl.device)
-    return (kl * peers[:, :, None]).sum(dim=1) / (members - 1)
+    return (kl * peers[:, :, None]).sum(dim=1) * (scale / (members - 1))
 
 
 def _summed_over_members(member_logits: Tensor, term: Callable[[Tensor], Tensor]) -> Tensor:

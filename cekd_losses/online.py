@@ -194,7 +194,7 @@ class OnlineDistillationLoss(nn.Module):
         if name == "mean_teachers" and means is not None:
             teachers = F.log_softmax(means.detach().float() / scale, dim=-1)
             teachers = teachers if teachers.ndim == 4 else teachers[None]
-        return _mean_over_peers(log_probs, teachers).sum(0) * scale**2
+        return _mean_over_peers(log_probs, teachers, scale**2).sum(0)
 
     def _check_teacher(self, teacher_logits: Tensor | None, batch: int, num_classes: int) -> Tensor | None:
         what = METHODS[self.method].teacher

@@ -59,6 +59,11 @@ class _ViTBranch(nn.Module):
         out: Tensor = model.forward_head(model.norm(model.blocks(tokens)))
         return out
 
+    def get_classifier(self) -> nn.Module:
+        """The ViT's head, as timm names it (so :func:`~cekd_losses.find_classifier` finds the branch's head)."""
+        head: nn.Module = self.model.get_classifier()
+        return head
+
 
 def _is_timm_vit(model: nn.Module) -> bool:
     return all(hasattr(model, name) for name in ("patch_embed", "_pos_embed", "blocks", "forward_head"))

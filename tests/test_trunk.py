@@ -11,7 +11,7 @@ import torch
 import torchvision
 from torch import nn
 
-from cekd_losses import SharedTrunk
+from cekd_losses import CEKDLoss, CollaborativeEnsemble, SharedTrunk
 
 FAMILIES = {
     "torchvision resnet18": (lambda: torchvision.models.resnet18(num_classes=5), "layer3"),
@@ -79,6 +79,27 @@ def test_the_trunk_runs_once_and_gathers_every_branch(family):
     loss.backward()
     unused = [name for name, p in model.named_parameters() if p.grad is None]
     assert unused == []  # no parameter left behind in a branch (DDP would refuse them)
+
+
+@pytest.mark.parametrize("family", ["timm resnet", "timm vit"])
+def test_cekd_gates_the_branches_of_a_trunk(family):
+    """The recipe of docs/online.rst: Sequential(trunk, CollaborativeEnsemble(branches, "gate")) gives CEKDLoss
+    the branches' logits and their gated ensemble; the loss reaches the trunk, every branch and the gate."""
+    make, stage = FAMILIES[family]
+    torch.manual_seed(3)
+    shared = SharedTrunk([make() for _ in range(2)], stage)
+    ensemble = CollaborativeEnsemble(list(shared.branches), combine="gate")
+    model = nn.Sequential(shared.trunk, ensemble)
+    images, target = torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    out = model(images)
+    with torch.no_grad():
+        torch.testing.assert_close(out.member_logits, shared(images).member_logits)
+        pooled = torch.cat([tap.pooled.flatten(1) for tap in ensemble._taps], dim=1)
+        gate = ensemble.head(pooled).softmax(dim=1)  # (B, N)
+        torch.testing.assert_close(out.ensemble_logits, (gate.T[..., None] * out.member_logits).sum(0))
+    CEKDLoss()(out, target, step=10**6).backward()
+    assert [name for name, p in model.named_parameters() if p.grad is None] == []
+    assert ensemble.head.weight.grad.abs().sum() > 0 and any(p.grad.abs().sum() > 0 for p in shared.trunk.parameters())
 
 
 def test_branches_keep_their_own_models_and_share_no_parameters():

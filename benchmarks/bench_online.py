@@ -35,12 +35,11 @@ CLASSES = 12
 
 
 def configurations(base: RunConfig, stage: str) -> dict[str, RunConfig]:
-    """The plain step, then every method on whole members and (but CEKD) on a trunk's branches."""
+    """The plain step, then every method on whole members and on a trunk's branches."""
     configs = {"plain cutmix": replace(base, method="cutmix")}
     for method in ("dml", "one", "ffl", "pcl", "cekd"):
         configs[method] = replace(base, method=method)
-        if method != "cekd":
-            configs[f"{method} (trunk)"] = replace(base, method=method, branches_from=stage)
+        configs[f"{method} (trunk)"] = replace(base, method=method, branches_from=stage)
     return configs
 
 

@@ -40,7 +40,7 @@ from repro_helpers import TINY_ARGS, cli
         (["--transfer", "--sweep", "30x2"], "--sweep takes EPOCHS or EPOCHS:SEEDS, got '30x2'"),
         (["--transfer", "--sweep", "30:0"], "--sweep 30:0: epochs and seeds must be >= 1"),
         (["--transfer", "--sweep", "30", "30:2"], "--sweep names a length twice: 30 30:2"),
-        (["--method", "cekd", "--branches-from", "layer3"], "--branches-from applies to --method dml, one, ffl, pcl"),
+        (["--method", "mixup", "--branches-from", "layer3"], "--branches-from applies to --method cekd, dml, one"),
         (["--method", "one", "--mix", "snapmix", "--branches-from", "layer3"], "--mix snapmix reads its CAMs"),
         (["--method", "dml", "--members", "1"], "--members must be >= 2 for --method dml, got 1"),
         (["--method", "pcl", "--branches-from", "layer9"], "`stage` must name a child of the model"),
@@ -272,7 +272,8 @@ def test_cli_compare_writes_every_online_method_with_and_without_mixing(tmp_path
     assert [line.split(" | ")[0].lstrip("| ") for line in table.splitlines()[4:]] == rows
     assert "| method | member0 | member1 | ensemble | mean0 | mean1 |" in table  # PCL's mean models
     saved = {path.parent.name: json.loads(path.read_text()) for path in (tmp_path / "cmp").glob("*/config.json")}
-    assert saved["one-mixup-seed0"]["branches_from"] == "layer3" and "branches_from" not in saved["cekd-seed0"]
+    assert saved["one-mixup-seed0"]["branches_from"] == saved["cekd-seed0"]["branches_from"] == "layer3"
+    assert "branches_from" not in saved["baseline-seed0"] and "branches_from" not in saved["mixup-seed0"]
     assert saved["pcl-seed0"]["mix"] == "none" and saved["pcl-mixup-seed0"]["mix"] == "mixup"
     trained = []
     monkeypatch.setattr(ablation, "train", lambda *a, **k: trained.append(a))

@@ -13,7 +13,7 @@ import torch
 from repro_helpers import EXAMPLES, TINY, TINY_ARGS, history
 
 from cekd_losses import CollaborativeEnsemble
-from cekd_repro import device, engine, rundir
+from cekd_repro import device, engine, methods, rundir
 from cekd_repro.device import Placement
 from cekd_repro.engine import train
 from cekd_repro.models import build_model
@@ -124,6 +124,7 @@ ONLINE_RUNS = [
     ({"method": "one", "mix": "mixup"}, ["teacher"]),  # the gate on the members' pooled features
     ({"method": "ffl", "mix": "snapmix", "arch": "timm:test_resnet,resnet18"}, ["teacher", "to_teacher"]),
     ({"method": "pcl", "members": 3}, ["teacher", "mean_teachers"]),
+    ({"method": "cekd", "branches_from": "layer3", "combine": "gate"}, ["cross", "ensemble"]),  # CEKD on a trunk
 ]
 
 
@@ -137,6 +138,24 @@ def test_every_online_method_trains_logs_its_terms_and_evaluates_what_it_keeps(o
     members = [f"member{i}" for i in range(config.members)]
     means = [f"mean{i}" for i in range(config.members)] if config.method == "pcl" else []
     assert [k for k in record if k.startswith("top1_")] == [f"top1_{n}" for n in [*members, "ensemble", *means]]
+
+
+def test_cekd_on_a_trunk_runs_the_trunk_once_and_combines_its_branches():
+    """--method cekd --branches-from: one trunk call per batch, each member is its branch on the trunk's output,
+    and the gate's ensemble is the library's CollaborativeEnsemble over those branches."""
+    config = replace(TINY, method="cekd", arch="timm:test_resnet", branches_from="layer3", combine="gate")
+    torch.manual_seed(0)
+    net = methods.cekd_ensemble([build_model(a, 4, None) for a in config.archs()], "gate", config.branches_from)
+    trunk, ensemble = net
+    calls = []
+    trunk.register_forward_hook(lambda *args: calls.append(1))
+    images = torch.randn(3, 3, 32, 32)
+    out = net(images)
+    assert calls == [1] and isinstance(ensemble, CollaborativeEnsemble) and len(ensemble) == 2
+    features = trunk(images)
+    for i, branch in enumerate(ensemble.members):
+        torch.testing.assert_close(out.member_logits[i], branch(features))
+    torch.testing.assert_close(out.ensemble_logits, ensemble(features).ensemble_logits)
 
 
 def test_pcl_mean_models_follow_every_step_and_resume_exactly(tmp_path):

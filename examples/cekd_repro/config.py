@@ -14,7 +14,7 @@ SOURCE_TASKS = {"synthetic-source": "near", "synthetic-colours": "colours", "syn
 # drawn in memory: the target task and the source tasks
 SYNTHETIC = ("synthetic", *SOURCE_TASKS)
 CEKD_OPTIONS = ("temperature", "alpha", "beta", "combine", "no_cross", "no_ensemble")
-ONLINE_OPTIONS = ("mix", "members", "rampup_epochs")  # every online method's
+ONLINE_OPTIONS = ("mix", "members", "rampup_epochs", "branches_from")  # every online method's
 MIXING_OPTIONS = ("mix_alpha", "mix_p", "same_on_batch")
 
 
@@ -33,7 +33,7 @@ class RunConfig:
     resize: int = 512  # real data: images warped to resize x resize before cropping
     arch: str = "resnet18"  # comma-separated: one per cekd member, or one for all
     members: int = 2
-    branches_from: str | None = None  # dml, one, ffl, pcl: the members are branches of a trunk split at this stage
+    branches_from: str | None = None  # online methods (cekd too): the members are branches of a trunk from this stage
     pretrained: str | None = None
     epochs: int = 30
     batch_size: int = 64
@@ -78,8 +78,6 @@ class RunConfig:
             return self.method == "cekd"
         if name in ONLINE_OPTIONS:
             return self.method in ONLINE
-        if name == "branches_from":
-            return self.method in ONLINE[1:]
         if name in MIXING_OPTIONS:
             return self.mixer_method is not None
         if name == "milestones":
@@ -164,11 +162,8 @@ class RunConfig:
             raise ValueError(f"--members must be >= 2 for --method {self.method}, got {self.members}")
         if self.branches_from is None:
             return
-        if self.method not in ONLINE[1:]:
-            raise ValueError(
-                f"--branches-from applies to --method {', '.join(ONLINE[1:])} (cekd's members are whole models), "
-                f"got --method {self.method}"
-            )
+        if self.method not in ONLINE:
+            raise ValueError(f"--branches-from applies to --method {', '.join(ONLINE)}, got --method {self.method}")
         if self.mix == "snapmix":
             raise ValueError("--mix snapmix reads its CAMs from a whole member: drop --branches-from, or mix otherwise")
 

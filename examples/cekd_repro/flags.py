@@ -70,8 +70,8 @@ def _model_flags(add: Callable[..., None]) -> None:
         "--branches-from",
         dest="branches_from",
         metavar="STAGE",
-        help="dml, one, ffl, pcl: the members are branches of one trunk split at this module (layer3 of a ResNet, "
-        "stages.2 of a timm ConvNeXt, blocks.6 of a timm ViT), the trunk run once per batch",
+        help="cekd, dml, one, ffl, pcl: the members are branches of one trunk split at this module (layer3 of a "
+        "ResNet, stages.2 of a timm ConvNeXt, blocks.6 of a timm ViT), the trunk run once per batch",
     )
     add(
         "--pretrained",

@@ -1,8 +1,10 @@
-"""The online-distillation methods a run trains besides CEKD (DML, ONE, FFL, PCL): their networks and losses.
+"""The networks of the methods that train N members together: CEKD's ensemble and the online-distillation
+methods' (DML, ONE, FFL, PCL).
 
-Each is the library's pieces composed as docs/online.rst describes, in :class:`Peers`: N members (whole models,
-or the branches of a :class:`~cekd_losses.SharedTrunk` with ``--branches-from``) and the teacher the method
-adds, returning an :class:`~cekd_losses.OnlineOutput` for :class:`~cekd_losses.OnlineDistillationLoss`.
+CEKD's is :func:`cekd_ensemble`. Each online method's is the library's pieces composed as docs/online.rst
+describes, in :class:`Peers`: N members (whole models, or the branches of a :class:`~cekd_losses.SharedTrunk`
+with ``--branches-from``) and the teacher the method adds, returning an :class:`~cekd_losses.OnlineOutput` for
+:class:`~cekd_losses.OnlineDistillationLoss`.
 """
 
 from __future__ import annotations
@@ -120,6 +122,15 @@ class Peers(nn.Module):
         """After an optimizer step: PCL's temporal means follow their members (the others have none)."""
         if self.method == "pcl":
             self.means.update(self.members)
+
+
+def cekd_ensemble(models: list[nn.Module], combine: str, stage: str | None) -> nn.Module:
+    """CEKD's ensemble of whole members or, from ``stage`` on, of the branches of one :class:`SharedTrunk`: the
+    trunk runs once and the ensemble combines its branches' logits (its gate reads the branches' pooled features)."""
+    if stage is None:
+        return CollaborativeEnsemble(models, combine)  # type: ignore[arg-type]
+    shared = SharedTrunk(models, stage)
+    return nn.Sequential(shared.trunk, CollaborativeEnsemble(list(shared.branches), combine))  # type: ignore[arg-type]
 
 
 def peer_views(config: RunConfig, generator: torch.Generator) -> PeerViews | None:

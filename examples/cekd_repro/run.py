@@ -10,7 +10,6 @@ from torch import nn
 
 from cekd_losses import (
     CEKDLoss,
-    CollaborativeEnsemble,
     FeatureTap,
     MixingAugmenter,
     OnlineDistillationLoss,
@@ -20,7 +19,7 @@ from cekd_losses import (
 
 from .config import RunConfig
 from .device import Placement
-from .methods import ONLINE_METHODS, Peers, peer_views
+from .methods import ONLINE_METHODS, Peers, cekd_ensemble, peer_views
 from .models import build_model, head_parameters
 
 MIXER_SEED_STRIDE = 7919  # a prime: rank r of seed s draws its mixing from seed s * stride + r, apart from others
@@ -33,7 +32,7 @@ class Run:
     """What a training step needs, built once from a :class:`RunConfig` by :func:`build_run`."""
 
     members: list[nn.Module]  # the user's models (one unless an ensemble or an online method)
-    net: nn.Module  # the CollaborativeEnsemble (cekd), the Peers of an online method, or the single model
+    net: nn.Module  # CEKD's CollaborativeEnsemble (maybe after a trunk), an online method's Peers, or one model
     model: nn.Module  # what is called: ``net``, or ``net`` inside DistributedDataParallel
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
@@ -93,7 +92,7 @@ def build_run(
 def _network(config: RunConfig, models: list[nn.Module], num_classes: int) -> nn.Module:
     """What a step calls: CEKD's ensemble, an online method's Peers, or the single model."""
     if config.method == "cekd":
-        return CollaborativeEnsemble(models, config.combine)
+        return cekd_ensemble(models, config.combine, config.branches_from)
     if config.method in ONLINE_METHODS:
         return Peers(config.method, models, num_classes, config.branches_from, config.image_size)
     return models[0]

@@ -35,6 +35,8 @@ from repro_helpers import TINY_ARGS, cli
         (["--preset", "transfer", "--milestones", "5", "3"], "--milestones must be increasing epochs >= 1, got 5 3"),
         (["--preset", "transfer", "--milestones", "0"], "--milestones must be increasing epochs >= 1, got 0"),
         (["--eval-every", "0"], "--eval-every must be >= 1, got 0"),
+        (["--data-seed", "-1"], "--data-seed must be >= 0, got -1"),
+        (["--dataset", "cub", "--data-root", ".", "--data-seed", "1"], "--data-seed draws the synthetic sets' images"),
         (["--sweep", "30"], "--sweep plans the schedule sweep of a new --transfer"),
         (["--transfer", "--sweep", "30", "--seeds", "2"], "--sweep gives each length its seeds (EPOCHS:SEEDS)"),
         (["--transfer", "--sweep", "30x2"], "--sweep takes EPOCHS or EPOCHS:SEEDS, got '30x2'"),

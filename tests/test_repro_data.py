@@ -93,6 +93,23 @@ def test_epoch_batches_run_epochs_back_to_back_and_resume_exactly():
     assert list(EpochBatches(EpochOrder(10, shuffle=True, seed=3), 4, start=1, end=3)) == run[2:]  # a resume
 
 
+def images_of(config):
+    train, test, _, _, _ = data.load_data(config)
+    return train.dataset.images, test.dataset.images
+
+
+def test_data_seed_fixes_the_images_whatever_the_run_seed():
+    """--data-seed D: every run seed draws the images of seed D (a table's seeds share them); without it, each
+    run seed draws its own, and seed D's images are those of the run with --seed D."""
+    fixed = [images_of(replace(TINY, seed=s, data_seed=5)) for s in (0, 1)]
+    own = [images_of(replace(TINY, seed=s)) for s in (0, 5)]
+    assert all(torch.equal(a, b) for a, b in zip(fixed[0], fixed[1], strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(fixed[0], own[1], strict=True))
+    assert not torch.equal(own[0][0], own[1][0])
+    colours = [images_of(replace(TINY, dataset="synthetic-colours", data_seed=d))[0] for d in (None, 5)]
+    assert not torch.equal(colours[0], colours[1])  # and the source tasks' sets
+
+
 def test_loader_batches_do_not_depend_on_worker_count():
     config = replace(TINY, train_per_class=4, batch_size=4, epochs=2)
     train_set = data.load_data(config)[0]

@@ -49,6 +49,9 @@ def test_pretraining_once_then_fine_tuning_from_it(tmp_path):
     stamp = weights.stat().st_mtime_ns
     assert transfer.pretrained_weights(base, tmp_path, per_class=4, epochs=1) == weights  # reused, not retrained
     assert weights.stat().st_mtime_ns == stamp
+    fixed = replace(base, data_seed=7)  # --data-seed draws the target's images: the source is the same run
+    assert transfer.pretrained_weights(fixed, tmp_path, per_class=4, epochs=1) == weights
+    assert weights.stat().st_mtime_ns == stamp and transfer.source_config(fixed, 4, 1).data_seed is None
 
     place = Placement(torch.device("cpu"), (0.5,) * 3, (0.25,) * 3)
     run = build_run(replace(base, pretrained=str(weights)), 4, place, steps_per_epoch=1)

@@ -29,6 +29,7 @@ class RunConfig:
     classes: int = 12  # synthetic only
     train_per_class: int = 80
     test_per_class: int = 40
+    data_seed: int | None = None  # synthetic only: the seed its images are drawn from (None: the run's --seed)
     image_size: int = 64  # synthetic: drawn size; real data: crop size
     resize: int = 512  # real data: images warped to resize x resize before cropping
     arch: str = "resnet18"  # comma-separated: one per cekd member, or one for all
@@ -70,7 +71,7 @@ class RunConfig:
     def applies(self, name: str) -> bool:
         """Whether the option ``name`` takes part in this run (config.json records only those)."""
         synthetic = self.dataset in SYNTHETIC
-        if name in ("classes", "train_per_class", "test_per_class"):
+        if name in ("classes", "train_per_class", "test_per_class", "data_seed"):
             return synthetic
         if name in ("data_root", "resize", "cache_dir", "no_cache"):
             return not synthetic
@@ -126,6 +127,7 @@ class RunConfig:
         for flag, value in (
             ("--workers", self.workers),
             ("--seed", self.seed),
+            ("--data-seed", 0 if self.data_seed is None else self.data_seed),
             ("--rampup-epochs", self.rampup_epochs),
         ):
             if value < 0:
@@ -143,6 +145,8 @@ class RunConfig:
             raise ValueError(f"--milestones must be increasing epochs >= 1, got {' '.join(map(str, self.milestones))}")
         if not 0 <= self.mix_p <= 1:
             raise ValueError(f"--mix-p must be in [0, 1], got {self.mix_p}")
+        if self.dataset not in SYNTHETIC and self.data_seed is not None:
+            raise ValueError(f"--data-seed draws the synthetic sets' images; --dataset {self.dataset} has its own")
         if self.dataset not in SYNTHETIC and self.image_size > self.resize:
             raise ValueError(
                 f"--image-size {self.image_size} must be <= --resize {self.resize} (images are cropped "

@@ -101,9 +101,8 @@ def load_data(config: RunConfig, rank: int = 0, world: int = 1, say: Callable[[s
     File datasets are decoded and resized once into the cache (:mod:`cekd_repro.cache`; rank 0 builds it,
     the other ranks wait and read it) and cropped and flipped from there, unless ``config.no_cache``."""
     if config.dataset in SYNTHETIC:
-        spec = SyntheticSpec(
-            config.classes, config.train_per_class, config.test_per_class, config.image_size, config.seed
-        )
+        seed = config.seed if config.data_seed is None else config.data_seed
+        spec = SyntheticSpec(config.classes, config.train_per_class, config.test_per_class, config.image_size, seed)
         if config.dataset == "synthetic":
             train, test, classes = synthetic_splits(spec)
         else:

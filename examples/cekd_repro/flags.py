@@ -45,6 +45,12 @@ def _data_flags(add: Callable[..., None]) -> None:
     add("--classes", type=int, help="synthetic: number of classes (colours x orientations)")
     add("--train-per-class", dest="train_per_class", type=int, help="synthetic: training images per class")
     add("--test-per-class", dest="test_per_class", type=int, help="synthetic: test images per class")
+    add(
+        "--data-seed",
+        dest="data_seed",
+        type=int,
+        help="synthetic: draw the images from this seed, whatever --seed (a table's seeds then share their images)",
+    )
     add("--image-size", dest="image_size", type=int, help="synthetic: drawn size; real data: crop size")
     add("--resize", type=int, help="real data: warp to resize x resize before cropping")
     add(

@@ -56,6 +56,7 @@ def source_config(base: RunConfig, per_class: int, epochs: int, source: str = DE
         arch=archs.pop(),
         train_per_class=per_class,
         test_per_class=20,
+        data_seed=None,  # the source's images follow its seed (its run dir's name), --data-seed the target's
         epochs=epochs,
         batch_size=64,
         lr=0.1,

@@ -203,7 +203,7 @@ def step_rates(config: RunConfig, steps: int) -> tuple[float, float]:
     return in_memory, timed(next(stream) for _ in range(steps + 3))
 
 
-def main() -> None:
+def arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--workers", default="0,2", help="comma-separated worker counts")
@@ -222,7 +222,81 @@ def main() -> None:
         help="a consumer that sleeps this long per batch, as a GPU step: epoch-boundary figures",
     )
     parser.add_argument("--epochs", type=int, default=3, help="epochs of the simulation")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def bench_config(args: argparse.Namespace, folder: str) -> RunConfig:
+    """The fine-tuning recipe's CEKD over SnapMix on the JPEG folder (the paper's regime)."""
+    return RunConfig(
+        method="cekd",
+        mix="snapmix",
+        dataset="imagefolder",
+        data_root=folder,
+        arch=args.arch,
+        image_size=args.size,
+        resize=args.resize,
+        batch_size=args.batch,
+        epochs=1,
+        lr=0.001,
+        head_lr=0.01,
+        weight_decay=1e-4,
+        schedule="multistep",
+        mix_p=1.0,
+        mix_alpha=5.0,
+        same_on_batch=True,
+        rampup_epochs=0,
+        amp=args.amp,
+        channels_last=args.device.startswith("cuda"),
+        device=args.device,
+        quiet=True,
+        cache_dir=str(Path(folder) / "cache"),
+    )
+
+
+def loader_table(config: RunConfig, workers: list[int]) -> None:
+    print("\nloader alone, images/s (second epoch); cached: decoded once (the first run builds the cache)")
+    print(f"{'workers':>8} {'cached':>10} {'decoding':>10} {'previous':>10} {'cached/decoding per worker':>28}")
+    for count in workers:
+        cached = loader_rate(replace(config, workers=count), previous=False)
+        decoding = loader_rate(replace(config, workers=count, no_cache=True), previous=False)
+        before = loader_rate(replace(config, workers=count), previous=True)
+        print(f"{count:>8} {cached:>10.1f} {decoding:>10.1f} {before:>10.1f} {cached / decoding:>27.1f}x")
+
+
+def simulation_table(config: RunConfig, args: argparse.Namespace, workers: int) -> None:
+    print(
+        f"\nsimulated {args.simulate_step_ms:g} ms step, {workers} workers, {args.epochs} epochs of "
+        f"{args.images // args.batch} batches"
+    )
+    print(
+        f"{'loader':>30} {'efficiency':>10} {'epoch-start wait ms':>20} {'steady worst / median ms':>25} "
+        f"{'main-thread CPU ms/batch (receive, release)':>44}"
+    )
+    rows = (
+        ("one stream, cached (this)", True, False),
+        ("one stream, decoding", True, True),
+        ("per-epoch, decoding (previous)", False, True),
+    )
+    for name, run_long, no_cache in rows:
+        r = simulate(replace(config, workers=workers, no_cache=no_cache), args.simulate_step_ms, args.epochs, run_long)
+        print(
+            f"{name:>30} {r['efficiency']:>10.3f} {r['epoch_start_wait_ms']:>20.1f} "
+            f"{r['steady_worst_ms']:>12.1f} / {r['steady_median_ms']:<10.1f} "
+            f"{r['main_cpu_ms']:>32.2f}, {r['free_cpu_ms']:.2f}"
+        )
+
+
+def step_line(config: RunConfig, args: argparse.Namespace, workers: int) -> None:
+    memory, loaded = step_rates(replace(config, workers=workers), args.steps)
+    print(
+        f"\nCEKD step (2 x {args.arch}, SnapMix, amp {args.amp}), images/s over "
+        f"{args.steps} steps after 3 warm-up steps, {workers} workers"
+    )
+    print(f"  in-memory batch {memory:.1f}; from the loader {loaded:.1f}; ratio {loaded / memory:.2f} (goal >= 0.95)")
+
+
+def main() -> None:
+    args = arguments()
     import torchvision
 
     print(
@@ -230,78 +304,19 @@ def main() -> None:
         f"torchvision {torchvision.__version__}, device {args.device}"
         + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else "")
     )
+    workers = [int(w) for w in args.workers.split(",")]
     with tempfile.TemporaryDirectory() as folder:
         kb = write_jpeg_folder(Path(folder), args.images)
         print(
             f"{args.images} JPEG files, 300-600 px, mean {kb:.0f} KB; resize {args.resize}, crop {args.size}, "
             f"batch {args.batch}"
         )
-        config = RunConfig(
-            method="cekd",
-            mix="snapmix",
-            dataset="imagefolder",
-            data_root=folder,
-            arch=args.arch,
-            image_size=args.size,
-            resize=args.resize,
-            batch_size=args.batch,
-            epochs=1,
-            lr=0.001,
-            head_lr=0.01,
-            weight_decay=1e-4,
-            schedule="multistep",
-            mix_p=1.0,
-            mix_alpha=5.0,
-            same_on_batch=True,
-            rampup_epochs=0,
-            amp=args.amp,
-            channels_last=args.device.startswith("cuda"),
-            device=args.device,
-            quiet=True,
-            cache_dir=str(Path(folder) / "cache"),
-        )
-        print("\nloader alone, images/s (second epoch); cached: decoded once (the first run builds the cache)")
-        print(f"{'workers':>8} {'cached':>10} {'decoding':>10} {'previous':>10} {'cached/decoding per worker':>28}")
-        for workers in [int(w) for w in args.workers.split(",")]:
-            cached = loader_rate(replace(config, workers=workers), previous=False)
-            decoding = loader_rate(replace(config, workers=workers, no_cache=True), previous=False)
-            before = loader_rate(replace(config, workers=workers), previous=True)
-            print(f"{workers:>8} {cached:>10.1f} {decoding:>10.1f} {before:>10.1f} {cached / decoding:>27.1f}x")
+        config = bench_config(args, folder)
+        loader_table(config, workers)
         if args.simulate_step_ms:
-            workers = max(int(w) for w in args.workers.split(","))
-            print(
-                f"\nsimulated {args.simulate_step_ms:g} ms step, {workers} workers, {args.epochs} epochs of "
-                f"{args.images // args.batch} batches"
-            )
-            print(
-                f"{'loader':>30} {'efficiency':>10} {'epoch-start wait ms':>20} {'steady worst / median ms':>25} "
-                f"{'main-thread CPU ms/batch (receive, release)':>44}"
-            )
-            rows = (
-                ("one stream, cached (this)", True, False),
-                ("one stream, decoding", True, True),
-                ("per-epoch, decoding (previous)", False, True),
-            )
-            for name, run_long, no_cache in rows:
-                r = simulate(
-                    replace(config, workers=workers, no_cache=no_cache), args.simulate_step_ms, args.epochs, run_long
-                )
-                print(
-                    f"{name:>30} {r['efficiency']:>10.3f} {r['epoch_start_wait_ms']:>20.1f} "
-                    f"{r['steady_worst_ms']:>12.1f} / {r['steady_median_ms']:<10.1f} "
-                    f"{r['main_cpu_ms']:>32.2f}, {r['free_cpu_ms']:.2f}"
-                )
+            simulation_table(config, args, max(workers))
         if args.step or args.device.startswith("cuda"):
-            workers = max(int(w) for w in args.workers.split(","))
-            memory, loaded = step_rates(replace(config, workers=workers), args.steps)
-            print(
-                f"\nCEKD step (2 x {args.arch}, SnapMix, amp {args.amp}), images/s over "
-                f"{args.steps} steps after 3 warm-up steps, {workers} workers"
-            )
-            print(
-                f"  in-memory batch {memory:.1f}; from the loader {loaded:.1f}; "
-                f"ratio {loaded / memory:.2f} (goal >= 0.95)"
-            )
+            step_line(config, args, max(workers))
 
 
 if __name__ == "__main__":

@@ -182,28 +182,11 @@ def print_overhead(rounds: int) -> None:
         print(f"{label:38} {ours / peer:6.2f}x  <= {goal}")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--classes", type=int, default=200)
-    parser.add_argument("--rounds", type=int, default=30)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--ops", action="store_true", help="count kernel-launching ops and host reads per call")
-    parser.add_argument("--overhead", action="store_true", help="per-call time on a tiny batch against the peers")
-    args = parser.parse_args()
-    warnings.filterwarnings("ignore")  # the peers' deprecation notices
-    if args.ops:
-        print_ops()
-        return
-    if args.overhead:
-        print_overhead(args.rounds)
-        return
-
+def candidates(args: argparse.Namespace, device: torch.device) -> dict[str, Callable[[], object]]:
+    """This library's mixers, timm's, Kornia's and the loop reference on one seeded batch, by name."""
     import kornia.augmentation as KA
     from timm.data import Mixup
 
-    device = torch.device(args.device)
     torch.manual_seed(0)
     np.random.seed(0)
     images = torch.rand(args.batch, 3, args.size, args.size, device=device)
@@ -233,7 +216,7 @@ def main() -> None:
     kornia_cutmix = KA.RandomCutMixV2(data_keys=["input", "class"], use_correct_lambda=True)
     scratch_ref = images.clone()
 
-    candidates = {
+    return {
         "ours mixup (per-sample)": ours("mixup"),
         "ours mixup (same_on_batch)": ours("mixup", True),
         "timm mixup elem": timm_mixup("elem", False),
@@ -250,8 +233,24 @@ def main() -> None:
         "ours snapmix (same_on_batch)": ours("snapmix", True),
         "snapmix reference (loops)": lambda: reference_snapmix(scratch_ref, labels, raw_cams.clone(), 1.0),
     }
-    medians = time_interleaved(candidates, args.rounds, device)
 
+
+RATIOS = [
+    ("mixup per-sample / timm elem", "ours mixup (per-sample)", "timm mixup elem"),
+    ("mixup same_on_batch / timm batch", "ours mixup (same_on_batch)", "timm mixup batch"),
+    ("mixup per-sample / kornia", "ours mixup (per-sample)", "kornia RandomMixUpV2"),
+    ("RandomMixUp / kornia RandomMixUpV2", "ours RandomMixUp (kornia form)", "kornia RandomMixUpV2"),
+    ("cutmix per-sample / timm elem", "ours cutmix (per-sample)", "timm cutmix elem"),
+    ("cutmix same_on_batch / timm batch", "ours cutmix (same_on_batch)", "timm cutmix batch"),
+    ("cutmix per-sample / kornia", "ours cutmix (per-sample)", "kornia RandomCutMixV2"),
+    ("RandomCutMix / kornia RandomCutMixV2", "ours RandomCutMix (kornia form)", "kornia RandomCutMixV2"),
+    ("snapmix per-sample / reference", "ours snapmix (per-sample)", "snapmix reference (loops)"),
+    ("snapmix same_on_batch / reference", "ours snapmix (same_on_batch)", "snapmix reference (loops)"),
+]
+"""The ratios printed: (label, ours, peer)."""
+
+
+def print_table(medians: dict[str, float], args: argparse.Namespace, device: torch.device) -> None:
     name = (
         torch.cuda.get_device_name(device)
         if device.type == "cuda"
@@ -265,20 +264,29 @@ def main() -> None:
     for candidate, ms in medians.items():
         print(f"{candidate:32} {ms:9.2f}")
     print("\nratios (ours / peer; < 1 means ours is faster)")
-    ratios = [
-        ("mixup per-sample / timm elem", "ours mixup (per-sample)", "timm mixup elem"),
-        ("mixup same_on_batch / timm batch", "ours mixup (same_on_batch)", "timm mixup batch"),
-        ("mixup per-sample / kornia", "ours mixup (per-sample)", "kornia RandomMixUpV2"),
-        ("RandomMixUp / kornia RandomMixUpV2", "ours RandomMixUp (kornia form)", "kornia RandomMixUpV2"),
-        ("cutmix per-sample / timm elem", "ours cutmix (per-sample)", "timm cutmix elem"),
-        ("cutmix same_on_batch / timm batch", "ours cutmix (same_on_batch)", "timm cutmix batch"),
-        ("cutmix per-sample / kornia", "ours cutmix (per-sample)", "kornia RandomCutMixV2"),
-        ("RandomCutMix / kornia RandomCutMixV2", "ours RandomCutMix (kornia form)", "kornia RandomCutMixV2"),
-        ("snapmix per-sample / reference", "ours snapmix (per-sample)", "snapmix reference (loops)"),
-        ("snapmix same_on_batch / reference", "ours snapmix (same_on_batch)", "snapmix reference (loops)"),
-    ]
-    for label, a, b in ratios:
+    for label, a, b in RATIOS:
         print(f"{label:36} {medians[a] / medians[b]:6.2f}x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--classes", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--ops", action="store_true", help="count kernel-launching ops and host reads per call")
+    parser.add_argument("--overhead", action="store_true", help="per-call time on a tiny batch against the peers")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")  # the peers' deprecation notices
+    if args.ops:
+        print_ops()
+        return
+    if args.overhead:
+        print_overhead(args.rounds)
+        return
+    device = torch.device(args.device)
+    print_table(time_interleaved(candidates(args, device), args.rounds, device), args, device)
 
 
 if __name__ == "__main__":

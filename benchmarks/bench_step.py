@@ -124,6 +124,15 @@ def run_config(config: str, batch: int, size: int, steps: int, device: torch.dev
     return result
 
 
+def measured(config: str, args: argparse.Namespace) -> dict:
+    """One configuration in a process of its own (its peak memory apart from the others'), as a dict."""
+    flags = ["--batch", str(args.batch), "--size", str(args.size), "--steps", str(args.steps), "--device", args.device]
+    command = [sys.executable, __file__, "--config", config, *flags]
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    result: dict = json.loads(output.strip().splitlines()[-1])
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=32)
@@ -138,25 +147,7 @@ def main() -> None:
         print(json.dumps(run_config(args.config, args.batch, args.size, args.steps, device)))
         return
 
-    results = {}
-    for config in CONFIGS:
-        command = [
-            sys.executable,
-            __file__,
-            "--config",
-            config,
-            "--batch",
-            str(args.batch),
-            "--size",
-            str(args.size),
-            "--steps",
-            str(args.steps),
-            "--device",
-            args.device,
-        ]
-        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-        results[config] = json.loads(output.strip().splitlines()[-1])
-
+    results = {config: measured(config, args) for config in CONFIGS}
     name = (
         torch.cuda.get_device_name(device)
         if device.type == "cuda"

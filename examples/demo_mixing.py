@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torchvision
 
-from cekd_losses import FeatureTap, MixingAugmenter
+from cekd_losses import FeatureTap, MixedBatch, MixingAugmenter
 
 MARK_COLOURS = torch.tensor([[1.0, 0.1, 0.1], [0.1, 0.9, 0.1], [0.1, 0.3, 1.0], [1.0, 0.9, 0.1]])
 
@@ -74,28 +74,33 @@ def main() -> None:
         rows.append((method, out))
 
     if args.out:
-        import matplotlib
+        save_figure(images, labels, rows, args.out)
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
 
-        shown = min(8, args.batch)
-        figure, axes = plt.subplots(len(rows) + 1, shown, figsize=(1.6 * shown, 1.8 * (len(rows) + 1)))
-        for column in range(shown):
-            axes[0, column].imshow(images[column].permute(1, 2, 0).cpu().clamp(0, 1))
-            axes[0, column].set_title(f"class {int(labels[column])}", fontsize=7)
-            for row, (method, out) in enumerate(rows, start=1):
-                axes[row, column].imshow(out.images[column].permute(1, 2, 0).cpu().float().clamp(0, 1))
-                partner = int(labels[out.partner[column]])
-                axes[row, column].set_title(
-                    f"{method} {out.lam_a[column]:.2f}/{out.lam_b[column]:.2f} c{partner}", fontsize=6
-                )
-        for axis in axes.flat:
-            axis.axis("off")
-        figure.tight_layout()
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(args.out, dpi=120)
-        print(f"saved {args.out}")
+def save_figure(images: torch.Tensor, labels: torch.Tensor, rows: list[tuple[str, MixedBatch]], out: str) -> None:
+    """The clean batch above each method's mix of it (up to 8 columns), with each image's weights and partner."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = min(8, len(images))
+    figure, axes = plt.subplots(len(rows) + 1, shown, figsize=(1.6 * shown, 1.8 * (len(rows) + 1)))
+    for column in range(shown):
+        axes[0, column].imshow(images[column].permute(1, 2, 0).cpu().clamp(0, 1))
+        axes[0, column].set_title(f"class {int(labels[column])}", fontsize=7)
+        for row, (method, mixed) in enumerate(rows, start=1):
+            axes[row, column].imshow(mixed.images[column].permute(1, 2, 0).cpu().float().clamp(0, 1))
+            partner = int(labels[mixed.partner[column]])
+            axes[row, column].set_title(
+                f"{method} {mixed.lam_a[column]:.2f}/{mixed.lam_b[column]:.2f} c{partner}", fontsize=6
+            )
+    for axis in axes.flat:
+        axis.axis("off")
+    figure.tight_layout()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=120)
+    print(f"saved {out}")
 
 
 if __name__ == "__main__":

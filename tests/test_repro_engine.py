@@ -42,8 +42,9 @@ def test_placement_normalises_uint8_on_the_device(device):
         {"method": "one", "mix": "snapmix"},
         {"method": "pcl", "branches_from": "layer3"},
         {"method": "ffl", "branches_from": "layer3", "mix": "none"},
+        {"method": "cekd", "branches_from": "layer3", "combine": "gate"},
     ],
-    ids=["cekd-snapmix-gate", "baseline", "mixup", "one-snapmix", "pcl-trunk", "ffl-trunk-unmixed"],
+    ids=["cekd-snapmix-gate", "baseline", "mixup", "one-snapmix", "pcl-trunk", "ffl-trunk-unmixed", "cekd-trunk-gate"],
 )
 def test_every_tensor_of_a_run_stays_on_its_device(overrides, tmp_path, monkeypatch):
     """The engine on the ``meta`` device, a stand-in accelerator that CPU-only CI has: a label, image,

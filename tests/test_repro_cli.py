@@ -215,8 +215,9 @@ def test_presets_and_explicit_arguments():
         200,
     )
     assert (paper.lr, paper.head_lr, paper.weight_decay, paper.milestones) == (0.001, 0.01, 1e-4, [80, 150, 180])
-    assert (paper.mix_alpha, paper.mix_p, paper.same_on_batch) == (5.0, 1.0, True)
-    assert config("--preset", "paper", "--dataset", "cub", "--data-root", "x", "--method", "cutmix").mix_alpha == 3.0
+    assert (paper.with_mixing_alpha().mix_alpha, paper.mix_p, paper.same_on_batch) == (5.0, 1.0, True)
+    cutmix = config("--preset", "paper", "--dataset", "cub", "--data-root", "x", "--method", "cutmix")
+    assert paper.mix_alpha is None and cutmix.with_mixing_alpha().mix_alpha == 3.0  # each mixing its own
     assert config("--preset", "paper", "--dataset", "cub", "--data-root", "x", "--mix-alpha", "2").mix_alpha == 2.0
     assert config("--epochs", "3", "--no-cross").epochs == 3 and config("--no-cross").no_cross
     transfer = config("--preset", "transfer", "--mix", "snapmix")  # the paper's recipe on the synthetic target
@@ -226,7 +227,8 @@ def test_presets_and_explicit_arguments():
         30,
         [12, 22, 27],
     )
-    assert (transfer.lr, transfer.head_lr, transfer.mix_p, transfer.mix_alpha) == (0.001, 0.01, 1.0, 5.0)
+    assert (transfer.lr, transfer.head_lr, transfer.mix_p) == (0.001, 0.01, 1.0)
+    assert transfer.with_mixing_alpha().mix_alpha == 5.0 and quick.with_mixing_alpha().mix_alpha == 1.0
     longer = config("--preset", "transfer", "--epochs", "90", "--milestones", "36", "67", "81")
     assert (longer.epochs, longer.milestones) == (90, [36, 67, 81])
 

@@ -122,6 +122,18 @@ def test_the_transfer_command_runs_every_row_and_probes_the_source(tmp_path, mon
     out = capsys.readouterr().out
     for row in ("baseline", "mixup", "cutmix", "snapmix", "cekd+cutmix w/o cross", "cekd+snapmix"):
         assert f"| {row} |" in out
+    alphas = {
+        path.parent.name: json.loads(path.read_text()).get("mix_alpha")
+        for path in (tmp_path / "tr" / "finetune").glob("*/config.json")
+    }
+    assert alphas == {  # each row mixes with its own Beta parameter (the paper's), not the base's
+        "baseline-seed0": None,
+        "mixup-seed0": 1.0,
+        "cutmix-seed0": 3.0,
+        "snapmix-seed0": 5.0,
+        **{f"cekd-cutmix{v}-seed0": 3.0 for v in ("", "_wo_cross", "_wo_ensemble")},
+        **{f"cekd-snapmix{v}-seed0": 5.0 for v in ("", "_wo_cross", "_wo_ensemble")},
+    }
     probe = [line for line in out.splitlines() if line.startswith("linear probe of the source features")]
     assert len(probe) == 1 and json.loads((tmp_path / "tr" / "probe.json").read_text())["top1"]
     assert cli_module.main(["--transfer", "--resume", "tr"]) == 0  # every run done: the same table and probe

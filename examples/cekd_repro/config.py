@@ -45,7 +45,7 @@ class RunConfig:
     clip_grad: float | None = None  # max global L2 norm of the gradient; None: no clipping
     schedule: str = "onecycle"  # onecycle | multistep
     milestones: list[int] = field(default_factory=lambda: [80, 150, 180])
-    mix_alpha: float = 1.0
+    mix_alpha: float | None = 1.0  # None (the fine-tuning presets'): each mixing's own, PAPER_MIX_ALPHA
     mix_p: float = 0.5
     same_on_batch: bool = False
     temperature: float = 3.0
@@ -106,6 +106,13 @@ class RunConfig:
         if self.method in ONLINE:
             return None if self.mix == "none" else self.mix
         return None if self.method == "baseline" else self.method
+
+    def with_mixing_alpha(self) -> RunConfig:
+        """This run with its mixing's own Beta parameter (:data:`PAPER_MIX_ALPHA`) where ``mix_alpha`` is None:
+        a table's base under a fine-tuning preset leaves it None, so that each row mixes with its own."""
+        if self.mix_alpha is not None or self.mixer_method is None:
+            return self
+        return replace(self, mix_alpha=PAPER_MIX_ALPHA[self.mixer_method])
 
     def validate(self) -> None:
         """Raise ValueError naming the flag for any value a run cannot use."""
@@ -243,11 +250,11 @@ PAPER_MIX_ALPHA = {"snapmix": 5.0, "cutmix": 3.0, "mixup": 1.0}
 
 
 def preset_config(preset: str, given: dict) -> RunConfig:
-    """The run of ``preset`` with the options ``given`` on the command line; the paper and transfer presets
-    take the mixing's own Beta parameter unless ``mix_alpha`` is given."""
+    """The run of ``preset`` with the options ``given`` on the command line; under the paper and transfer presets
+    each run (each row of a table) takes its mixing's own Beta parameter unless ``mix_alpha`` is given."""
     config = replace(RunConfig(), **{**PRESETS[preset], **given})
-    if preset in FINE_TUNING_PRESETS and "mix_alpha" not in given and config.mixer_method is not None:
-        config = replace(config, mix_alpha=PAPER_MIX_ALPHA[config.mixer_method])
+    if preset in FINE_TUNING_PRESETS and "mix_alpha" not in given:
+        config = replace(config, mix_alpha=None)  # each run takes its mixing's own (RunConfig.with_mixing_alpha)
     if config.dataset not in SYNTHETIC and not config.data_root:
         raise ValueError(f"--dataset {config.dataset} needs --data-root")
     if "milestones" in given and config.schedule != "multistep":

@@ -101,6 +101,7 @@ def train(config: RunConfig, run_dir: str | Path, resume: bool = False) -> dict:
     gradient or weights go non-finite raises :class:`Diverged` on every rank, after recording it in
     metrics.jsonl and before any checkpoint of it: the last good checkpoint stays."""
     run_dir = Path(run_dir)
+    config = config.with_mixing_alpha()
     config.validate()
     rank, world, local_rank = distributed_ranks(config.device)
     if rank == 0:

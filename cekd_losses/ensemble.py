@@ -22,11 +22,10 @@ from .cam import FeatureTap, find_classifier
 
 __all__ = ["CollaborativeEnsemble", "Combine", "EnsembleOutput"]
 
-Combine = Literal["mean", "gate", "linear", "fusion"]
-"""How :class:`CollaborativeEnsemble` makes the ensemble's logits: ``"mean"``, ``"gate"`` or ``"linear"``
-(``"fusion"``: the earlier name of ``"linear"``, still accepted)."""
+Combine = Literal["mean", "gate", "linear"]
+"""How :class:`CollaborativeEnsemble` makes the ensemble's logits: ``"mean"``, ``"gate"`` or ``"linear"``."""
 _COMBINES = ("mean", "gate", "linear")
-_RENAMED = {"fusion": "linear"}
+_RENAMED = {"fusion": "linear"}  # the earlier name, still read (saved runs and configs resume)
 
 
 class EnsembleOutput(NamedTuple):
@@ -56,8 +55,7 @@ class CollaborativeEnsemble(nn.Module):
         members: the N models.
         combine: ``"mean"`` of member logits; ``"gate"``: ``sum_i g_i(x) z_i`` with
             ``g = softmax(Linear(concat pooled features))``; ``"linear"``: ``Linear(concat pooled
-            features)``, PCL's peer ensemble teacher (``"fusion"`` is its earlier name, still accepted). Gate and
-            linear read the input of each member's linear classifier
+            features)``, PCL's peer ensemble teacher. Gate and linear read the input of each member's linear classifier
             through a :class:`~cekd_losses.cam.FeatureTap` (found automatically for timm and
             torchvision classifiers, see :func:`~cekd_losses.find_classifier`).
         taps: gate and linear only: one entry per member, a :class:`~cekd_losses.cam.FeatureTap` of

@@ -87,10 +87,10 @@ def save_figure(images: torch.Tensor, labels: torch.Tensor, rows: list[tuple[str
     shown = min(8, len(images))
     figure, axes = plt.subplots(len(rows) + 1, shown, figsize=(1.6 * shown, 1.8 * (len(rows) + 1)))
     for column in range(shown):
-        axes[0, column].imshow(images[column].permute(1, 2, 0).cpu().clamp(0, 1))
+        axes[0, column].imshow(images[column].permute(1, 2, 0).cpu().clamp(0, 1).numpy())
         axes[0, column].set_title(f"class {int(labels[column])}", fontsize=7)
         for row, (method, mixed) in enumerate(rows, start=1):
-            axes[row, column].imshow(mixed.images[column].permute(1, 2, 0).cpu().float().clamp(0, 1))
+            axes[row, column].imshow(mixed.images[column].permute(1, 2, 0).cpu().float().clamp(0, 1).numpy())
             partner = int(labels[mixed.partner[column]])
             axes[row, column].set_title(
                 f"{method} {mixed.lam_a[column]:.2f}/{mixed.lam_b[column]:.2f} c{partner}", fontsize=6

@@ -35,7 +35,7 @@ PAPER_FROM_SCRATCH = (
     "warning: --preset paper is the fine-tuning recipe of the paper (ImageNet-pretrained members, lr 0.001/0.01, "
     "no clipping); without --pretrained it trains from scratch, where 2 x resnet50 at 448 px diverged in our runs "
     "(epoch-1 loss ~250, gradient norm ~500). Pass --pretrained imagenet (or a local state-dict), or add --clip-grad 5 "
-    "(see docs/reproduction.rst)"
+    "(see docs/example.rst)"
 )
 
 

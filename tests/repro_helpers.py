@@ -16,7 +16,7 @@ TINY = RunConfig(
     train_per_class=6,
     test_per_class=3,
     image_size=32,
-    arch="resnet18",
+    arch="timm:test_resnet",  # the tests are about the engine, not the network
     epochs=1,
     batch_size=8,
     lr=0.05,
@@ -32,6 +32,8 @@ TINY_ARGS = [
     "2",
     "--image-size",
     "32",
+    "--arch",
+    "timm:test_resnet",
     "--epochs",
     "1",
     "--batch-size",

@@ -100,7 +100,7 @@ def test_gate_and_linear_read_pooled_features_from_the_members_forward(combine):
     assert torch.allclose(out.ensemble_logits, expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("combine", ["mean", "gate", "fusion"])
+@pytest.mark.parametrize("combine", ["mean", "gate", "linear"])
 def test_state_dict_round_trip(combine):
     source = CollaborativeEnsemble(tiny_resnets(2), combine=combine).eval()
     buffer = io.BytesIO()
@@ -142,7 +142,7 @@ def test_ensemble_errors():
     ):
         CollaborativeEnsemble([Flat(), headless], combine="gate")
     ensemble = CollaborativeEnsemble(
-        [Flat(), headless], combine="fusion", taps=[None, FeatureTap(headless, classifier=headless[1])]
+        [Flat(), headless], combine="linear", taps=[None, FeatureTap(headless, classifier=headless[1])]
     )
     assert ensemble(torch.rand(2, 3, 2, 2)).ensemble_logits.shape == (2, 3)
     with pytest.raises(ValueError, match=r"`taps\[0\]` must be a FeatureTap of members\[0\]"):

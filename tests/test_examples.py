@@ -1,47 +1,60 @@
-"""The examples users copy run as shipped (on the installed package, with few steps)."""
+"""The examples users copy run as shipped (on the installed package, with few steps).
+
+Each runs in this process as ``python examples/<script> ...`` would run it (``runpy`` as ``__main__``, its
+arguments in ``sys.argv``, the current directory a fresh one): a new interpreter would add 4-5 s of imports per
+script on a 2-core machine and test nothing more. The command line's own process is tested in test_repro_cli.py.
+"""
 
 from __future__ import annotations
 
-import subprocess
+import runpy
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
-def run(script: str, *args: str, cwd: Path) -> str:
-    result = subprocess.run(
-        [sys.executable, str(EXAMPLES / script), *args], cwd=cwd, capture_output=True, text=True, timeout=600
-    )
-    assert result.returncode == 0, result.stderr
-    return result.stdout
+@pytest.fixture
+def run(tmp_path, monkeypatch, capsys):
+    """``run(script, *args)``: the script's stdout, run in ``tmp_path`` with the torch RNG restored after."""
+
+    def run_script(script: str, *args: str) -> str:
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.setattr(sys, "argv", [str(EXAMPLES / script), *args])
+        capsys.readouterr()
+        with torch.random.fork_rng():
+            runpy.run_path(str(EXAMPLES / script), run_name="__main__")
+        return capsys.readouterr().out
+
+    return run_script
 
 
 @pytest.mark.parametrize("script", ["quickstart_torchvision.py", "quickstart_timm.py"])
-def test_quickstart_runs(script, tmp_path):
-    out = run(script, "--steps", "2", cwd=tmp_path)
+def test_quickstart_runs(script, run):
+    out = run(script, "--steps", "2")
     assert out.count("step ") == 2
 
 
-def test_mixing_demo_prints_every_method_and_writes_a_png(tmp_path):
-    out = run("demo_mixing.py", "--batch", "8", cwd=tmp_path)
+def test_mixing_demo_prints_every_method_and_writes_a_png(run, tmp_path):
+    out = run("demo_mixing.py", "--batch", "8")
     for method in ("mixup", "cutmix", "snapmix"):
         assert method in out
     assert (tmp_path / "runs" / "demo_mixing.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # not beside the code
 
 
-def test_kornia_pipeline_example_mixes_after_kornias_augmentations_and_writes_a_png(tmp_path):
-    out = run("kornia_pipeline.py", "--batch", "6", "--size", "64", cwd=tmp_path)
+def test_kornia_pipeline_example_mixes_after_kornias_augmentations_and_writes_a_png(run, tmp_path):
+    out = run("kornia_pipeline.py", "--batch", "6", "--size", "64")
     assert (
         "RandomCutMix rows" in out and "RandomSnapMix rows" in out and "MixingAugmenter: images (6, 3, 64, 64)" in out
     )
     assert (tmp_path / "runs" / "kornia_pipeline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_online_family_example_trains_every_method(tmp_path):
-    out = run("online_family.py", "--steps", "2", cwd=tmp_path)
+def test_online_family_example_trains_every_method(run):
+    out = run("online_family.py", "--steps", "2")
     lines = out.splitlines()
     expected = {
         "dml": ["supervised", "peers"],

@@ -45,7 +45,7 @@ from repro_helpers import TINY_ARGS, cli
         (["--method", "mixup", "--branches-from", "layer3"], "--branches-from applies to --method cekd, dml, one"),
         (["--method", "one", "--mix", "snapmix", "--branches-from", "layer3"], "--mix snapmix reads its CAMs"),
         (["--method", "dml", "--members", "1"], "--members must be >= 2 for --method dml, got 1"),
-        (["--method", "pcl", "--branches-from", "layer9"], "`stage` must name a child of the model"),
+        (["--method", "pcl", "--branches-from", "layer9"], "--branches-from layer9: the stage must name a child"),
         (["--compare", "--mix", "none"], "--compare sets each method without mixing beside it over --mix"),
         (["--compare", "--ablation"], "--compare is a table of its own"),
         (["--transfer", "--compare", "--sweep", "30"], "--compare is a table of its own"),
@@ -76,11 +76,33 @@ def test_resuming_a_table_where_there_is_none_is_one_line(table, where, tmp_path
     assert str(exit_.value.code) == f"error: --resume {where}: no ablation there (no ablation.json)"
 
 
+def one_line_exit(argv: list[str]) -> str:
+    """The message ``main(argv)`` exits with: what the script prints as its last line, exit status 1, with no
+    traceback (``sys.exit`` of a string)."""
+    import reproduce_cekd as cli_module
+
+    with pytest.raises(SystemExit) as exit_:
+        cli_module.main(argv)
+    message = exit_.value.code
+    assert isinstance(message, str) and "\n" not in message and "Traceback" not in message
+    return message
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
-def test_cli_cuda_without_a_gpu(tmp_path):
-    result = cli(*TINY_ARGS, "--device", "cuda", cwd=tmp_path)
-    assert result.returncode != 0 and "error: --device cuda: no CUDA GPU is visible here" in result.stderr
-    assert "Traceback" not in result.stderr
+def test_cli_cuda_without_a_gpu(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert "error: --device cuda: no CUDA GPU is visible here" in one_line_exit([*TINY_ARGS, "--device", "cuda"])
+
+
+def test_a_bad_model_flag_fails_before_the_run_announces_itself(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    loud = [arg for arg in TINY_ARGS if arg != "--quiet"]
+    for flags, message in (
+        (["--arch", "nosuchnet"], "error: unknown torchvision classification model 'nosuchnet' in --arch"),
+        (["--method", "pcl", "--branches-from", "layer9"], "error: --branches-from layer9: the stage must name"),
+    ):
+        assert one_line_exit([*loud, *flags]).startswith(message)
+        assert capsys.readouterr().out == "" and not list(tmp_path.iterdir())  # no header, no run dir
 
 
 def test_cli_prints_a_line_per_epoch_and_where_the_results_are(tmp_path):
@@ -163,33 +185,42 @@ def test_cli_paper_preset_without_pretrained_warns(tmp_path, monkeypatch, capsys
         assert warned == (not pretrained)
 
 
-def test_cli_help_shows_each_presets_defaults(capsys):
+def test_cli_help_shows_each_presets_defaults(capsys, monkeypatch):
     import reproduce_cekd as cli_module
 
+    monkeypatch.setenv("COLUMNS", "1000")  # no line wrapped at the hyphen of a preset's name
     with pytest.raises(SystemExit):
         cli_module.parse(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "[quick: 0.1; paper: 0.001; transfer: 0.001; transfer-tiny: 0.001]" in text  # --lr
-    assert "[quick: 5; paper: -; transfer: -; transfer-tiny: -]" in text  # --clip-grad
-    assert "[quick: resnet18; paper: resnet50; transfer: resnet18; transfer-tiny: timm:test_resnet]" in text
+    assert "[quick: 0.1; quick-resnet18: 0.1; paper: 0.001; transfer: 0.001; transfer-tiny: 0.001]" in text  # --lr
+    assert "[quick: 5; quick-resnet18: 5; paper: -; transfer: -; transfer-tiny: -]" in text  # --clip-grad
+    archs = "quick: timm:test_resnet; quick-resnet18: resnet18; paper: resnet50; transfer: resnet18; transfer-tiny"
+    assert f"[{archs}: timm:test_resnet]" in text
     assert "[default: 3]" in text
     mix_alpha = "5 snapmix, 3 cutmix, 1 mixup"
     assert f"paper: {mix_alpha}; transfer: {mix_alpha}; transfer-tiny: {mix_alpha}" in text
-    assert "[quick: -; paper: 80 150 180; transfer: 12 22 27; transfer-tiny: 12 22 27]" in text  # --milestones
+    milestones = "[quick: -; quick-resnet18: -; paper: 80 150 180; transfer: 12 22 27; transfer-tiny: 12 22 27]"
+    assert milestones in text
 
 
-def test_cli_bad_choice(tmp_path):
-    result = cli("--method", "mixcut", cwd=tmp_path)
-    assert result.returncode == 2 and "invalid choice: 'mixcut'" in result.stderr
+def test_cli_bad_choice(capsys):
+    import reproduce_cekd as cli_module
+
+    with pytest.raises(SystemExit) as exit_:
+        cli_module.main(["--method", "mixcut"])
+    assert exit_.value.code == 2 and "invalid choice: 'mixcut'" in capsys.readouterr().err
 
 
-def test_cli_ablation_writes_results(tmp_path):
-    result = cli(*TINY_ARGS, "--ablation", "--seeds", "1", "--run-dir", "abl", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
+def test_cli_ablation_writes_results(tmp_path, monkeypatch, capsys):
+    import reproduce_cekd as cli_module
+
+    monkeypatch.chdir(tmp_path)
+    assert cli_module.main([*TINY_ARGS, "--ablation", "--seeds", "1", "--run-dir", "abl"]) == 0
+    stdout = capsys.readouterr().out
     for mix in ("cutmix", "snapmix"):  # CEKD over both mixings, with both module switches
         for name in (mix, f"cekd+{mix} w/o cross", f"cekd+{mix} w/o ensemble", f"cekd+{mix}"):
-            assert f"| {name} |" in result.stdout
-    assert "| baseline |" in result.stdout and result.stdout.splitlines()[-1].startswith("results in abl")
+            assert f"| {name} |" in stdout
+    assert "| baseline |" in stdout and stdout.splitlines()[-1].startswith("results in abl")
     out = tmp_path / "abl"
     assert (out / "results.csv").read_text().startswith("method,seed,model,top1")
     assert "| cekd+snapmix |" in (out / "results.md").read_text()
@@ -203,7 +234,10 @@ def test_presets_and_explicit_arguments():
         return cli_module.build_config(cli_module.parse(list(args)))
 
     quick = config()
-    assert (quick.method, quick.dataset, quick.arch, quick.image_size) == ("cekd", "synthetic", "resnet18", 64)
+    assert (quick.method, quick.dataset, quick.arch, quick.image_size) == ("cekd", "synthetic", "timm:test_resnet", 64)
+    assert (quick.train_per_class, quick.epochs, quick.mix) == (30, 30, "cutmix")
+    before = config("--preset", "quick-resnet18")  # the quick preset of the tables measured until 82cf9f1
+    assert (before.arch, before.train_per_class, before.epochs, before.clip_grad) == ("resnet18", 60, 20, 5.0)
     assert (quick.lr, quick.clip_grad) == (0.1, 5.0) and config("--clip-grad", "2").clip_grad == 2.0
     assert config("--preset", "paper", "--dataset", "cub", "--data-root", "x").clip_grad is None
     paper = config("--preset", "paper", "--dataset", "cub", "--data-root", "x", "--mix", "snapmix")
@@ -233,30 +267,12 @@ def test_presets_and_explicit_arguments():
     assert (longer.epochs, longer.milestones) == (90, [36, 67, 81])
 
 
-def test_cli_divergence_is_one_line_and_a_failure(tmp_path):
+def test_cli_divergence_is_one_line_and_a_failure(tmp_path, monkeypatch):
     """The issue's command: it used to print nan losses, exit 0 and overwrite the checkpoint with NaN weights."""
-    result = cli(
-        "--lr",
-        "1e5",
-        "--epochs",
-        "3",
-        "--classes",
-        "4",
-        "--train-per-class",
-        "8",
-        "--test-per-class",
-        "4",
-        "--image-size",
-        "32",
-        "--batch-size",
-        "8",
-        "--run-dir",
-        "run",
-        cwd=tmp_path,
-    )
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    error = result.stderr.strip().splitlines()
-    assert len(error) == 1 and re.match(r"error: epoch \d diverged: .* went non-finite", error[0])
+    monkeypatch.chdir(tmp_path)
+    args = ["--lr", "1e5", "--epochs", "3", "--classes", "4", "--train-per-class", "8", "--test-per-class", "4"]
+    error = one_line_exit([*args, "--image-size", "32", "--batch-size", "8", "--run-dir", "run"])
+    assert re.match(r"error: epoch \d diverged: .* went non-finite", error)
     checkpoint = tmp_path / "run" / "checkpoint.pt"
     if checkpoint.exists():  # whatever epoch diverged, what was kept is finite
         state = torch.load(checkpoint, weights_only=True)

@@ -103,7 +103,7 @@ def test_build_model_and_local_pretrained_weights(tmp_path):
         {"method": "cekd", "no_cross": True, "arch": "resnet18,timm:resnet18"},
         {"method": "cekd", "no_ensemble": True, "amp": "bf16", "channels_last": True},
         {"method": "snapmix", "arch": "timm:vit_tiny_patch16_224"},
-        {"method": "cekd", "mix": "snapmix", "combine": "fusion", "arch": "resnet18,timm:deit_tiny_patch16_224"},
+        {"method": "cekd", "mix": "snapmix", "combine": "linear", "arch": "resnet18,timm:deit_tiny_patch16_224"},
     ],
     ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()),
 )
@@ -171,11 +171,11 @@ def test_clip_grad_bounds_every_update(tmp_path):
     """Plain SGD (no momentum, no weight decay, constant lr): 3 steps move the parameters by at most 3 lr clip."""
     config = replace(TINY, method="cekd", momentum=0.0, weight_decay=0.0, schedule="multistep", milestones=[99])
     torch.manual_seed(config.seed)  # the engine builds its members right after seeding
-    start = CollaborativeEnsemble([build_model("resnet18", 4, None) for _ in range(2)])
+    start = CollaborativeEnsemble([build_model(config.arch, 4, None) for _ in range(2)])
 
     def distance_moved(run: str, clip: float | None) -> tuple[float, dict]:
         record = train(replace(config, clip_grad=clip), tmp_path / run)
-        end = CollaborativeEnsemble([build_model("resnet18", 4, None) for _ in range(2)])
+        end = CollaborativeEnsemble([build_model(config.arch, 4, None) for _ in range(2)])
         end.load_state_dict(torch.load(tmp_path / run / "checkpoint.pt", weights_only=False)["model"])
         moved = torch.cat([(a - b).flatten() for a, b in zip(end.parameters(), start.parameters(), strict=True)])
         return moved.norm().item(), record
@@ -283,8 +283,8 @@ def test_a_run_says_what_it_trains_at_once_and_shows_progress_in_a_log(tmp_path,
     train(replace(TINY, method="cekd", quiet=False), tmp_path / "run")
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == (
-        f"training cekd over cutmix: 2 x resnet18, synthetic 4 classes, 24 train / 12 test images at "
-        f"32 px, cpu, 1 epochs of batch 8 -> {tmp_path / 'run'}"
+        f"training cekd over cutmix: 2 x timm:test_resnet, synthetic 4 classes, 24 train / 12 test images at "
+        f"32 px, cpu ({torch.get_num_threads()} threads), 1 epochs of batch 8 -> {tmp_path / 'run'}"
     )
     assert [re.sub(r"\d+ s$", "T", line) for line in lines[1:4]] == [
         f"  epoch 1/1: {step}/3 batches, T" for step in (1, 2, 3)

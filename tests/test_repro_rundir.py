@@ -3,8 +3,11 @@ safe checkpoints, the recorded config."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -102,11 +105,24 @@ def test_damaged_run_files_are_named(tmp_path):
         rundir.resumed_config(tmp_path / "run")
 
 
+def help_text() -> str:
+    """The command line's --help text."""
+    import reproduce_cekd as cli_module
+
+    with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.suppress(SystemExit):
+        cli_module.parse(["--help"])
+    return out.getvalue()
+
+
 def test_resume_changes_only_what_it_may(tmp_path):
     config = replace(TINY, schedule="multistep", milestones=[5])
     train(config, tmp_path / "run")
-    with pytest.raises(ValueError, match=r"cannot change --batch-size, --lr \(it may change --epochs"):
+    with pytest.raises(ValueError, match=r"cannot change --batch-size, --lr \(it may change --epochs") as refused:
         rundir.resumed_config(tmp_path / "run", lr=0.5, batch_size=2)
+    named = re.findall(r"--[a-z-]+", str(refused.value))  # every flag as the parser takes it
+    assert "--clip-grad" in named and "--no-cache" in named and not re.search(r"--\w*_", str(refused.value))
+    parser_flags = set(re.findall(r"--[a-z-]+", help_text()))
+    assert set(named) <= parser_flags
     with pytest.raises(ValueError, match=r"--device cuda: this run trains on cpu and resumes on that kind of device"):
         rundir.resumed_config(tmp_path / "run", device="cuda")
     with pytest.raises(ValueError, match=r"--epochs 0: a resumed run keeps its 1 epochs"):
@@ -124,7 +140,7 @@ def test_keep_weights_leaves_only_the_weights(tmp_path):
     train(replace(TINY, method="cekd", keep="weights"), tmp_path / "run")
     files = {p.name for p in (tmp_path / "run").iterdir()}
     assert files == {"config.json", "metrics.jsonl", "weights.pt"}
-    ensemble = CollaborativeEnsemble([build_model("resnet18", 4) for _ in range(2)])
+    ensemble = CollaborativeEnsemble([build_model(TINY.arch, 4) for _ in range(2)])
     ensemble.load_state_dict(torch.load(tmp_path / "run" / "weights.pt"))
     with pytest.raises(RunDirExists, match="already holds a run"):
         train(TINY, tmp_path / "run")

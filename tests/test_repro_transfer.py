@@ -42,7 +42,7 @@ def test_farther_sources_share_fewer_parts_with_the_target():
 
 
 def test_pretraining_once_then_fine_tuning_from_it(tmp_path):
-    base = replace(TINY, method="cekd", lr=0.001, head_lr=0.01, schedule="multistep", milestones=[9])
+    base = replace(TINY, method="cekd", arch="resnet18", lr=0.001, head_lr=0.01, schedule="multistep", milestones=[9])
     weights = transfer.pretrained_weights(base, tmp_path, per_class=4, epochs=1)
     source = torch.load(weights, weights_only=True)  # an ordinary state-dict file
     assert source["fc.weight"].shape == (32, 512)  # 4 target classes (2 x 2) leave 32 source classes

@@ -111,7 +111,6 @@ def train(config: RunConfig, run_dir: str | Path, resume: bool = False) -> dict:
 
     log = Log(rank == 0 and not config.quiet)
     train_set, test_set, num_classes, mean, std = load_data(config, rank, world, log.line)
-    log.line(describe_run(config, run_dir, len(train_set), len(test_set), num_classes))
     place = Placement(device, mean, std, config.channels_last, config.amp)
     per_rank = -(-len(train_set) // world)
     steps_per_epoch = per_rank // config.batch_size
@@ -120,7 +119,8 @@ def train(config: RunConfig, run_dir: str | Path, resume: bool = False) -> dict:
             f"--batch-size {config.batch_size} is larger than this rank's {per_rank} "
             "training images: no full batch to train on"
         )
-    run = build_run(config, num_classes, place, steps_per_epoch, rank, world)
+    run = build_run(config, num_classes, place, steps_per_epoch, rank, world)  # a bad --arch fails here, unannounced
+    log.line(describe_run(config, run_dir, len(train_set), len(test_set), num_classes))
     checkpoint = run_dir / "checkpoint.pt"
     start_epoch, history = load_checkpoint(run, checkpoint) if resume and checkpoint.exists() else (0, [])
     if rank == 0:

@@ -22,8 +22,8 @@ def preset_defaults(name: str) -> str:
     if name == "mix_alpha":  # the fine-tuning presets take each mixing's own
         for preset in FINE_TUNING_PRESETS:
             values[preset] = ", ".join(f"{v:g} {k}" for k, v in PAPER_MIX_ALPHA.items())
-    if name == "milestones":  # the quick preset's schedule is one-cycle
-        values["quick"] = None
+    if name == "milestones":  # a one-cycle schedule has none
+        values = {k: None if PRESETS[k].get("schedule", base.schedule) == "onecycle" else v for k, v in values.items()}
         values = {k: " ".join(map(str, v)) if v else v for k, v in values.items()}
     shown = {k: ("-" if v is None else f"{v:g}" if isinstance(v, float) else str(v)) for k, v in values.items()}
     if len(set(shown.values())) == 1:
@@ -110,8 +110,8 @@ def _training_flags(add: Callable[..., None]) -> None:
     add("--beta", type=float, help="cekd: weight of ensemble-to-member distillation")
     add(
         "--combine",
-        choices=["mean", "gate", "linear", "fusion"],
-        help="cekd: how member logits make the ensemble's (linear: on the pooled features; fusion: its earlier name)",
+        choices=["mean", "gate", "linear"],
+        help="cekd: how member logits make the ensemble's (linear: a classifier on the members' pooled features)",
     )
     add("--rampup-epochs", dest="rampup_epochs", type=int, help="cekd: epochs over which alpha and beta ramp up")
     add("--no-cross", dest="no_cross", action="store_const", const=True, help="ablation: alpha = 0")

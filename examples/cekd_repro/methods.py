@@ -84,6 +84,14 @@ TEACHERS: dict[str, Teacher | None] = {
 """Each online method's teacher (DML has none): ONE's gated teacher, FFL's fused classifier, PCL's peer ensemble."""
 
 
+def shared_trunk(models: list[nn.Module], stage: str) -> SharedTrunk:
+    """The library's :class:`~cekd_losses.SharedTrunk`, its error about the stage naming the flag that gave it."""
+    try:
+        return SharedTrunk(models, stage)
+    except ValueError as error:
+        raise ValueError(f"--branches-from {stage}: {str(error).replace('`stage`', 'the stage', 1)}") from None
+
+
 class Peers(nn.Module):
     """The members of an online-distillation method and its teacher (:data:`TEACHERS`); ``peers(images)`` ->
     OnlineOutput. PCL adds the temporal mean of every member (:meth:`update` after each optimizer step; on
@@ -92,7 +100,7 @@ class Peers(nn.Module):
     def __init__(self, method: str, models: list[nn.Module], num_classes: int, stage: str | None, image_size: int):
         super().__init__()
         self.method, self.teacher, self.count = method, TEACHERS[method], len(models)
-        self.members: nn.Module = SharedTrunk(models, stage) if stage else CollaborativeEnsemble(models)
+        self.members: nn.Module = shared_trunk(models, stage) if stage else CollaborativeEnsemble(models)
         if method == "pcl":  # copied before any tap hooks the members: the mean models run no tap
             self.means = TemporalMean(self.members, max_decay=PCL_MAX_DECAY)
         branches = list(self.members.branches if stage else self.members.members)  # type: ignore[union-attr]
@@ -129,7 +137,7 @@ def cekd_ensemble(models: list[nn.Module], combine: str, stage: str | None) -> n
     trunk runs once and the ensemble combines its branches' logits (its gate reads the branches' pooled features)."""
     if stage is None:
         return CollaborativeEnsemble(models, combine)  # type: ignore[arg-type]
-    shared = SharedTrunk(models, stage)
+    shared = shared_trunk(models, stage)
     return nn.Sequential(shared.trunk, CollaborativeEnsemble(list(shared.branches), combine))  # type: ignore[arg-type]
 
 

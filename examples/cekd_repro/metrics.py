@@ -165,9 +165,11 @@ def describe_run(config: RunConfig, run_dir: Path, train_size: int, test_size: i
         what += f" over {config.mix}" if config.mix != "none" else " without mixing"
         what += f", branches from {config.branches_from} of one trunk" if config.branches_from else ""
     data = config.dataset if config.data_root is None else f"{config.dataset} ({config.data_root})"
+    # a CPU run's numbers depend on its thread count (the kernels' summation order), so the line says it
+    device = f"cpu ({torch.get_num_threads()} threads)" if config.device == "cpu" else config.device
     return (
         f"training {what}: {models}, {data} {num_classes} classes, {train_size} train / {test_size} test images "
-        f"at {config.image_size} px, {config.device}, {config.epochs} epochs of batch {config.batch_size} "
+        f"at {config.image_size} px, {device}, {config.epochs} epochs of batch {config.batch_size} "
         f"-> {run_dir}"
     )
 

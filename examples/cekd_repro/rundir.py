@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -44,15 +44,19 @@ def resumed_config(run_dir: str | Path, **changes) -> RunConfig:
     return apply_resume_changes(RunConfig(**_read_config(run_dir)), changes, run_dir / "config.json")
 
 
+def _flags(names: Iterable[str]) -> str:
+    """Option names as the command line spells them: ``clip_grad`` -> ``--clip-grad``."""
+    return ", ".join("--" + name.replace("_", "-") for name in names)
+
+
 def apply_resume_changes(saved: RunConfig, changes: dict, source: Path) -> RunConfig:
     """``saved`` with ``changes`` of the fields in ``RESUME_CHANGES`` only; ``epochs`` may only grow, and
     only with the multistep schedule (a one-cycle schedule is fixed by its length)."""
     refused = sorted(set(changes) - set(RESUME_CHANGES))
     if refused:
         raise ValueError(
-            f"--resume continues the run as saved in {source}; it cannot change "
-            + ", ".join("--" + name.replace("_", "-") for name in refused)
-            + f" (it may change {', '.join('--' + n for n in RESUME_CHANGES)})"
+            f"--resume continues the run as saved in {source}; it cannot change {_flags(refused)} "
+            f"(it may change {_flags(RESUME_CHANGES)})"
         )
     device = changes.get("device", saved.device)
     if device.split(":")[0] != saved.device.split(":")[0]:

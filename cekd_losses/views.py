@@ -19,7 +19,7 @@ def _reflected(positions: Tensor, size: int) -> Tensor:
 
 class PeerViews(nn.Module):
     """N random views of a batch, one per peer: every sample of every view shifted by whole pixels, reflected at
-    the border, and optionally mirrored.
+    the border, and mirrored left-right at random unless ``flip=False``.
 
     Each view of each sample draws a shift of ``-max_shift`` to ``max_shift`` pixels along each axis (what
     padding by ``max_shift`` with reflection and cropping back does) and, with ``flip``, a left-right flip with

@@ -1,8 +1,11 @@
-"""Every example in the public docstrings runs and prints what it shows."""
+"""Every example in the public docstrings runs and prints what it shows, and every Python block of the README and
+of the docs runs as a reader would paste it: on CPU, a page's blocks in order in one session."""
 
 from __future__ import annotations
 
 import doctest
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -43,3 +46,35 @@ def test_docstring_examples(module):
     result = doctest.testmod(module, extraglobs={"torch": torch}, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0
     assert result.failed == 0
+
+
+ROOT = Path(__file__).resolve().parent.parent
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.rst"))]
+
+
+def python_blocks(page: Path) -> list[str]:
+    """The Python blocks of a Markdown (```python fences) or reStructuredText (``.. code-block:: python``) page."""
+    text = page.read_text()
+    if page.suffix == ".md":
+        return re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M)
+    blocks = []
+    for match in re.finditer(r"^\.\. code-block:: python\n\n((?:(?:    .*)?\n)+)", text, flags=re.M):
+        lines = match.group(1).rstrip().splitlines()
+        blocks.append("\n".join(line[4:] for line in lines) + "\n")
+    return blocks
+
+
+def test_the_pages_have_their_python_blocks():
+    """The extraction itself: the pages that show code give their blocks (a changed fence would hide them)."""
+    counts = {page.name: len(python_blocks(page)) for page in PAGES}
+    assert counts["README.md"] >= 1 and counts["quickstart.rst"] >= 7 and counts["kornia.rst"] >= 2
+
+
+@pytest.mark.parametrize("page", [p for p in PAGES if python_blocks(p)], ids=lambda p: p.name)
+def test_every_python_block_of_a_page_runs(page, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    session: dict[str, object] = {"__name__": "__main__"}
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        for number, block in enumerate(python_blocks(page), start=1):
+            exec(compile(block, f"{page.name} block {number}", "exec"), session)  # noqa: S102

@@ -2,8 +2,9 @@
 
 Public API:
 
-- :class:`MixingAugmenter`, :class:`MixedBatch`, the kernels :func:`mixup`, :func:`cutmix`,
-  :func:`snapmix` and :func:`replay` of a mix on another view (``cekd_losses.mixing``);
+- :class:`MixingAugmenter` (``cekd_losses.mixing``), the record :class:`MixedBatch` of a mix
+  (``cekd_losses.mixed_batch``), the kernels :func:`mixup`, :func:`cutmix`, :func:`snapmix` and :func:`replay`
+  of a mix on another view (``cekd_losses.kernels``), their parameter draws (``cekd_losses.draws``);
 - :class:`FeatureTap` (its :meth:`~FeatureTap.cams` reads class activation maps),
   :func:`normalize_cams` and :func:`find_classifier` (``cekd_losses.cam``);
 - :func:`soft_cross_entropy`, :class:`SoftTargetCrossEntropy`, :func:`distillation_kl` and
@@ -20,17 +21,19 @@ Public API:
 - :class:`PeerViews`: a random view of the batch for every peer, on its device (``cekd_losses.views``);
 - :class:`TemporalMean`, a network's temporal mean model (``cekd_losses.mean_teacher``);
 - :class:`RandomMixUp`, :class:`RandomCutMix`, :class:`RandomSnapMix` (Kornia augmentations) and
-  :func:`kornia_soft_targets` (``cekd_losses.kornia_mix``).
+  :func:`kornia_soft_targets` (the package ``cekd_losses.kornia_mix``, one class a module).
 """
 
 from .cam import FeatureTap, find_classifier, normalize_cams
 from .ensemble import CollaborativeEnsemble, Combine, EnsembleOutput
 from .fusion import FeatureFusion
 from .gate import BranchGate
+from .kernels import cutmix, mixup, replay, snapmix
 from .kornia_mix import RandomCutMix, RandomMixUp, RandomSnapMix, kornia_soft_targets
 from .losses import CrossDistillationLoss, Reduction, SoftTargetCrossEntropy, distillation_kl, soft_cross_entropy
 from .mean_teacher import TemporalMean
-from .mixing import MixedBatch, MixingAugmenter, MixMethod, cutmix, mixup, replay, snapmix
+from .mixed_batch import MixedBatch
+from .mixing import MixingAugmenter, MixMethod
 from .objective import CEKDLoss, rampup
 from .online import METHODS, MethodTerms, OnlineDistillationLoss, OnlineMethod, OnlineOutput
 from .step import StepOutput, train_step

@@ -2,7 +2,7 @@
 
 A CAM (Zhou et al., 2016) is the classifier's score for one class evaluated at every position of
 the last feature map: ``cam[b, y, x] = w[label_b] . F[b, :, y, x] + bias[label_b]``. For a model
-that ends in global average pooling and a linear layer, its spatial mean is the class logit.
+that ends in global average pooling and a linear layer, its spatial mean is the logit.
 SnapMix uses CAMs normalised per image to a spatial distribution (minimum subtracted, then divided
 by the sum) to measure how much of a class's evidence a box holds.
 """
@@ -10,17 +10,16 @@ by the sum) to measure how much of a class's evidence a box holds.
 from __future__ import annotations
 
 import contextlib
-import math
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _checks
+from ._maps import resized_maps
+from ._sites import FeatureSite, feature_map, find_feature_site, uniform_features
 
 __all__ = ["FeatureTap", "find_classifier", "normalize_cams"]
 
@@ -59,20 +58,11 @@ def normalize_cams(cams: Tensor, size: int | tuple[int, int] | None = None) -> T
     """
     cams = _checks.check_maps("cams", cams, ("B", "h", "w"))
     size = _check_size(size)
-    maps = cams.float() if size is None else _resized_maps(cams[:, None], size)[:, 0]
+    maps = cams.float() if size is None else resized_maps(cams[:, None], size)[:, 0]
     shifted = maps - maps.amin(dim=(1, 2), keepdim=True)
     total = shifted.sum(dim=(1, 2), keepdim=True)
     valid = torch.isfinite(total) & (total > 0)
     return torch.where(valid, shifted / torch.where(valid, total, torch.ones_like(total)), 0.0)
-
-
-def _resized_maps(maps: Tensor, size: tuple[int, int]) -> Tensor:
-    """(B, C, H, W) float32 bilinear resize (``align_corners=False``, as SnapMix) of (B, C, h, w) maps; one kernel."""
-    if maps.dtype != torch.float32:
-        maps = maps.float()
-    if size == maps.shape[-2:]:
-        return maps
-    return F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
 
 
 def _linear_cams(
@@ -97,63 +87,6 @@ def _linear_cams(
         if classifier_bias is not None:
             maps = maps + classifier_bias.detach()[labels].float()[:, None, None]
         return maps
-
-
-Layout = Literal["NCHW", "NHWC", "tokens"]
-
-
-@dataclass(frozen=True)
-class _FeatureSite:
-    """Where a model's last feature map is read and how its head turns features into logits."""
-
-    module: nn.Module  # hooked: its input (a pooling layer) or its output (a token model's encoder/norm)
-    take_input: bool
-    layout: Layout  # NCHW, NHWC (timm Swin), or tokens (B, N, D) with ``prefix`` class/register tokens first
-    head: Callable[[Tensor], Tensor]  # features in ``layout`` -> (N, K) logits: pooling, norm, classifier
-    prefix: int = 0
-    patch: tuple[int, int] = (1, 1)
-
-
-def _submodule(model: nn.Module, path: str) -> nn.Module | None:
-    try:
-        return model.get_submodule(path)
-    except AttributeError:
-        return None
-
-
-def _find_feature_site(model: nn.Module) -> _FeatureSite | None:
-    """The feature site of a timm model (any family) or a torchvision classifier, or None."""
-    forward_head = getattr(model, "forward_head", None)
-    if callable(forward_head):  # timm: forward = forward_head(forward_features(x))
-        prefix = getattr(model, "num_prefix_tokens", None)
-        patch_embed = getattr(model, "patch_embed", None)
-        patch = tuple(getattr(patch_embed, "patch_size", (1, 1)))
-        pool = _submodule(model, "global_pool") or _submodule(model, "head.global_pool")
-        norm = _submodule(model, "norm")
-        if prefix is not None and norm is not None:  # ViT, DeiT and other token models: the final norm's output
-            return _FeatureSite(norm, False, "tokens", forward_head, int(prefix), (int(patch[0]), int(patch[-1])))
-        if pool is not None:
-            layout: Layout = "NHWC" if getattr(model, "output_fmt", "NCHW") == "NHWC" else "NCHW"
-            return _FeatureSite(pool, True, layout, forward_head)
-        return None
-    encoder, heads = _submodule(model, "encoder"), _submodule(model, "heads")
-    if encoder is not None and heads is not None and hasattr(model, "class_token"):  # torchvision ViT
-        size = int(getattr(model, "patch_size"))  # noqa: B009 (an int attribute of that model)
-        return _FeatureSite(encoder, False, "tokens", lambda tokens: heads(tokens[:, 0]), 1, (size, size))
-    pool = _submodule(model, "avgpool")
-    head = next(
-        (m for m in (getattr(model, n, None) for n in ("fc", "classifier", "head")) if isinstance(m, nn.Module)), None
-    )
-    if pool is None or head is None:
-        return None
-    flattens = any(isinstance(m, nn.Flatten) for m in head.modules())  # ConvNeXt's head flattens itself
-
-    def pool_and_head(features: Tensor) -> Tensor:
-        pooled = pool(features)
-        logits: Tensor = head(pooled if flattens else torch.flatten(pooled, 1))
-        return logits
-
-    return _FeatureSite(pool, True, "NCHW", pool_and_head)
 
 
 def find_classifier(model: nn.Module) -> nn.Linear | None:
@@ -193,6 +126,33 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
     finally:
         for module, training in modes.items():
             module.training = training
+
+
+def _linear_head(model: nn.Module, classifier: nn.Module | None) -> nn.Linear:
+    """The given ``classifier``, or the one :func:`find_classifier` finds, checked to be a linear layer."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+    head = classifier if classifier is not None else find_classifier(model)
+    if head is None:
+        raise ValueError(
+            f"could not find the linear classifier of {type(model).__name__} (looked for timm's "
+            "`get_classifier()`, `fc`, `classifier`, `head`, `heads`); pass classifier=<the nn.Linear "
+            "that produces the logits>"
+        )
+    if not isinstance(head, nn.Linear):
+        raise TypeError(
+            "`classifier` must be the model's linear head (torch.nn.Linear), got "
+            f"{type(head).__name__}; pass classifier=<the nn.Linear that produces the logits>"
+        )
+    return head
+
+
+def _no_feature_map(model: nn.Module) -> ValueError:
+    return ValueError(
+        f"could not find the last feature map of {type(model).__name__} (found for timm models and "
+        "torchvision classifiers with `avgpool` or a class token); pass feature_module=<the module "
+        "whose output is the last (B, D, h, w) feature map> and classifier=<its linear head>"
+    )
 
 
 class FeatureTap:
@@ -239,57 +199,41 @@ class FeatureTap:
         feature_module: nn.Module | None = None,
         classifier: nn.Module | None = None,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
-        head = classifier if classifier is not None else find_classifier(model)
-        if head is None:
-            raise ValueError(
-                f"could not find the linear classifier of {type(model).__name__} (looked for timm's "
-                "`get_classifier()`, `fc`, `classifier`, `head`, `heads`); pass classifier=<the nn.Linear "
-                "that produces the logits>"
-            )
-        if not isinstance(head, nn.Linear):
-            raise TypeError(
-                "`classifier` must be the model's linear head (torch.nn.Linear), got "
-                f"{type(head).__name__}; pass classifier=<the nn.Linear that produces the logits>"
-            )
+        self.classifier: nn.Linear = _linear_head(model, classifier)
+        if feature_module is not None and not isinstance(feature_module, nn.Module):
+            raise TypeError(f"`feature_module` must be a torch.nn.Module, got {type(feature_module).__name__}")
         self.model = model
-        self.classifier: nn.Linear = head
+        # where the feature map is read: the given module's output, else a site found in the model (None: not
+        # found; pooled features, for gate and linear ensembles, still work, CAMs do not)
+        self._feature_module = feature_module
+        self._site: FeatureSite | None = None if feature_module is not None else find_feature_site(model)
         self._features: Tensor | None = None
         self._pooled: Tensor | None = None
         self._image_size: tuple[int, int] = (0, 0)
-        self._site: _FeatureSite | None = None
-        self._no_site = ""
-        handles: list[torch.utils.hooks.RemovableHandle] = []
-        if feature_module is not None:
-            if not isinstance(feature_module, nn.Module):
-                raise TypeError(f"`feature_module` must be a torch.nn.Module, got {type(feature_module).__name__}")
-            handles.append(feature_module.register_forward_hook(self._save_output))
-        else:
-            self._site = _find_feature_site(model)
-            if self._site is None:  # pooled features (for gate/linear ensembles) still work; CAMs do not
-                self._no_site = (
-                    f"could not find the last feature map of {type(model).__name__} (found for timm models and "
-                    "torchvision classifiers with `avgpool` or a class token); pass feature_module=<the module "
-                    "whose output is the last (B, D, h, w) feature map> and classifier=<its linear head>"
-                )
-            elif self._site.take_input:
-                handles.append(self._site.module.register_forward_pre_hook(self._save_input))
-            else:
-                handles.append(self._site.module.register_forward_hook(self._save_output))
-        handles.append(head.register_forward_pre_hook(self._save_classifier_input))
-        handles.append(model.register_forward_pre_hook(self._save_image_size))
-        self._handles = handles
+        self._handles = self._hook()
+
+    def _hook(self) -> list[torch.utils.hooks.RemovableHandle]:
+        """The forward hooks that capture the feature map, the classifier's input and the image size."""
+        handles = [
+            self.classifier.register_forward_pre_hook(self._save_classifier_input),
+            self.model.register_forward_pre_hook(self._save_image_size),
+        ]
+        if self._feature_module is not None:
+            handles.append(self._feature_module.register_forward_hook(self._save_output))
+        elif self._site is not None and self._site.take_input:
+            handles.append(self._site.module.register_forward_pre_hook(self._save_input))
+        elif self._site is not None:
+            handles.append(self._site.module.register_forward_hook(self._save_output))
+        return handles
 
     def __repr__(self) -> str:
         site = self._site
-        if self._no_site:
-            where = "not found (pooled features only)"
-        elif site is None:
+        if self._feature_module is not None:
             where = "the given feature_module"
+        elif site is None:
+            where = "not found (pooled features only)"
         else:
-            side = "input" if site.take_input else "output"
-            where = f"{site.layout} {side} of {type(site.module).__name__}"
+            where = f"{site.layout} {'input' if site.take_input else 'output'} of {type(site.module).__name__}"
         state = "" if self._handles else ", removed"
         return (
             f"FeatureTap(model={type(self.model).__name__}, feature_map={where}, classifier={self.classifier}{state})"
@@ -321,29 +265,13 @@ class FeatureTap:
     @property
     def features(self) -> Tensor:
         """(B, D, h, w) feature map of the last forward (NHWC maps permuted; patch tokens on their grid)."""
-        if self._no_site:
-            raise ValueError(self._no_site)
+        if self._feature_module is None and self._site is None:
+            raise _no_feature_map(self.model)
         if self._features is None:
             raise RuntimeError("FeatureTap has captured nothing yet: run a forward of the model first")
-        features, site = self._features, self._site
-        if site is None or site.layout == "NCHW":
-            return features
-        if site.layout == "NHWC":
-            return features.permute(0, 3, 1, 2)
-        return self._token_grid(features, site)
-
-    def _token_grid(self, tokens: Tensor, site: _FeatureSite) -> Tensor:
-        """(B, N, D) tokens -> (B, D, h, w): prefix (class, register) tokens dropped, patches on their grid."""
-        batch, count, depth = tokens.shape
-        patches = count - site.prefix
-        (height, width), (ph, pw) = self._image_size, site.patch
-        for rows, cols in ((height // ph, width // pw), (math.ceil(height / ph), math.ceil(width / pw))):
-            if rows * cols == patches:
-                return tokens[:, site.prefix :].reshape(batch, rows, cols, depth).permute(0, 3, 1, 2)
-        raise ValueError(
-            f"{patches} patch tokens do not form the patch grid of a {height}x{width} image with "
-            f"{ph}x{pw} patches; pass feature_module= and classifier= for this model"
-        )
+        if self._site is None:
+            return self._features
+        return feature_map(self._features, self._site, self._image_size)
 
     @property
     def pooled(self) -> Tensor:
@@ -402,35 +330,27 @@ class FeatureTap:
                 f"the tapped feature map must have shape (B, D, h, w), got shape {tuple(features.shape)}; "
                 "pass feature_module=<a module whose output is a spatial feature map>"
             )
-        site = self._site
-        if site is None:
+        if self._site is None:  # a given feature_module: the linear read-out
             if features.shape[1] != self.classifier.in_features:
                 raise ValueError(
                     f"the classifier {self.classifier} does not read the tapped feature map ({features.shape[1]} "
                     "channels): pass a feature_module whose output the classifier reads after pooling"
                 )
             return _linear_cams(features, self.classifier.weight, labels, self.classifier.bias)
-        batch, depth, height, width = features.shape
-        _checks.check_shape("labels", labels, (batch,))
+        _checks.check_shape("labels", labels, (features.shape[0],))
         _checks.check_class_ids("labels", labels, self.classifier.out_features)
+        return self._head_cams(features, labels, self._site)
+
+    def _head_cams(self, features: Tensor, labels: Tensor, site: FeatureSite) -> Tensor:
+        """The model's own head on every position's features (eval mode, no gradient, no autocast), read for
+        ``labels``."""
+        batch, depth, height, width = features.shape
         positions = features.detach().permute(0, 2, 3, 1).reshape(-1, depth).to(self.classifier.weight.dtype)
-        if site.layout == "NCHW":
-            constant_maps = positions[:, :, None, None]
-        elif site.layout == "NHWC":
-            constant_maps = positions[:, None, None, :]
-        else:  # every token the same: any pooling (class token, mean of patches) returns it
-            constant_maps = positions[:, None, :].expand(-1, site.prefix + 1, -1)
-        with (
-            self._captures_kept(),
-            torch.no_grad(),
-            _eval_mode(self.model),
-            _checks.without_autocast(positions.device),
-        ):
-            scores = site.head(constant_maps).float()  # (B * h * w, K), in the head's own precision
-        maps = scores.view(batch, height * width, -1).gather(
-            2, labels.long()[:, None, None].expand(-1, height * width, 1)
-        )
-        return maps.view(batch, height, width)
+        with self._captures_kept(), torch.no_grad(), _eval_mode(self.model):
+            with _checks.without_autocast(positions.device):
+                scores = site.head(uniform_features(positions, site)).float()  # (B * h * w, K)
+        index = labels.long()[:, None, None].expand(-1, height * width, 1)
+        return scores.view(batch, height * width, -1).gather(2, index).view(batch, height, width)
 
     def remove(self) -> None:
         """Unhook from the model and drop the captured tensors."""

@@ -45,6 +45,36 @@ def _num_classes(model: nn.Module) -> int | None:
     return head.out_features if head is not None else None
 
 
+def _check_members(members: object) -> None:
+    if not isinstance(members, (list, tuple, nn.ModuleList)):
+        raise TypeError(f"`members` must be a list of nn.Module, got {type(members).__name__}")
+    for i, member in enumerate(members):
+        if not isinstance(member, nn.Module):
+            raise TypeError(f"`members[{i}]` must be a torch.nn.Module, got {type(member).__name__}")
+    if len(members) < 2:
+        raise ValueError(f"`members` must hold N >= 2 models, got N = {len(members)}")
+
+
+def _member_taps(
+    members: Sequence[nn.Module], taps: Sequence[FeatureTap | None] | None, combine: str
+) -> list[FeatureTap]:
+    """One :class:`~cekd_losses.FeatureTap` per member for a gate or linear combiner: the given ones (each of its
+    member), and for None entries one found automatically."""
+    if taps is not None and (not isinstance(taps, (list, tuple)) or len(taps) != len(members)):
+        raise ValueError(f"`taps` must be a list of N = {len(members)} FeatureTap or None entries, got {taps!r}"[:200])
+    given = list(taps) if taps is not None else [None] * len(members)
+    for i, (member, tap) in enumerate(zip(members, given, strict=True)):
+        if tap is not None and (not isinstance(tap, FeatureTap) or tap.model is not member):
+            raise ValueError(f"`taps[{i}]` must be a FeatureTap of members[{i}], got {type(tap).__name__}")
+        if tap is None and find_classifier(member) is None:
+            raise ValueError(
+                f"combine={combine!r} reads the input of each member's linear classifier, and none was "
+                f"found in members[{i}] ({type(member).__name__}); pass taps=[..., "
+                f"FeatureTap(members[{i}], classifier=<its nn.Linear head>), ...] (None for the others)"
+            )
+    return [tap if tap is not None else FeatureTap(member) for member, tap in zip(members, given, strict=True)]
+
+
 class CollaborativeEnsemble(nn.Module):
     """Wrap N >= 2 classifiers (any ``nn.Module`` mapping images to (B, K) logits) as one ensemble.
 
@@ -80,13 +110,7 @@ class CollaborativeEnsemble(nn.Module):
         taps: Sequence[FeatureTap | None] | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(members, (list, tuple, nn.ModuleList)):
-            raise TypeError(f"`members` must be a list of nn.Module, got {type(members).__name__}")
-        for i, member in enumerate(members):
-            if not isinstance(member, nn.Module):
-                raise TypeError(f"`members[{i}]` must be a torch.nn.Module, got {type(member).__name__}")
-        if len(members) < 2:
-            raise ValueError(f"`members` must hold N >= 2 models, got N = {len(members)}")
+        _check_members(members)
         self.combine = _checks.check_choice("combine", _RENAMED.get(combine, combine), _COMBINES)
         self.members = nn.ModuleList(members)
         classes = [_num_classes(member) for member in members]
@@ -94,30 +118,12 @@ class CollaborativeEnsemble(nn.Module):
         if len(known) > 1:
             raise ValueError(f"every member must predict the same number of classes K, got K = {classes} per member")
         self.num_classes = known.pop() if known else None
-
-        self._taps: list[FeatureTap] = []
-        if taps is not None and combine == "mean":
+        if taps is not None and self.combine == "mean":
             raise ValueError("`taps` are read by combine='gate' or 'linear' only, got taps with combine='mean'")
-        if taps is not None and (not isinstance(taps, (list, tuple)) or len(taps) != len(members)):
-            raise ValueError(
-                f"`taps` must be a list of N = {len(members)} FeatureTap or None entries, got {taps!r}"[:200]
-            )
-        if combine != "mean":
-            given = list(taps) if taps is not None else [None] * len(members)
-            for i, (member, tap) in enumerate(zip(members, given, strict=True)):
-                if tap is not None and (not isinstance(tap, FeatureTap) or tap.model is not member):
-                    raise ValueError(f"`taps[{i}]` must be a FeatureTap of members[{i}], got {type(tap).__name__}")
-                if tap is None and find_classifier(member) is None:
-                    raise ValueError(
-                        f"combine={combine!r} reads the input of each member's linear classifier, and none was "
-                        f"found in members[{i}] ({type(member).__name__}); pass taps=[..., "
-                        f"FeatureTap(members[{i}], classifier=<its nn.Linear head>), ...] (None for the others)"
-                    )
-            self._taps = [
-                tap if tap is not None else FeatureTap(member) for member, tap in zip(members, given, strict=True)
-            ]
+        self._taps: list[FeatureTap] = [] if self.combine == "mean" else _member_taps(members, taps, self.combine)
+        if self._taps:
             depth = sum(tap.classifier.in_features for tap in self._taps)
-            out = len(members) if combine == "gate" else self._taps[0].classifier.out_features
+            out = len(members) if self.combine == "gate" else self._taps[0].classifier.out_features
             self.head = nn.Linear(depth, out)
 
     def __len__(self) -> int:

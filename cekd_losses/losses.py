@@ -14,14 +14,14 @@ Defined edge cases:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Literal
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _checks
+from ._terms import kl, mean_over_peers, reduce, weighted_log
 
 __all__ = [
     "CrossDistillationLoss",
@@ -33,20 +33,6 @@ __all__ = [
 
 Reduction = Literal["mean", "sum", "none"]
 """The ``reduction`` of every loss, as in ``torch.nn``: ``"mean"`` over the batch, ``"sum"``, or ``"none"``."""
-
-
-def _reduce(per_sample: Tensor, reduction: str) -> Tensor:
-    """Reduce (B,) per-sample losses; the mean of an empty batch is 0 (see the module docstring)."""
-    if reduction == "mean":
-        return per_sample.sum() / max(per_sample.shape[-1], 1)
-    if reduction == "sum":
-        return per_sample.sum()
-    return per_sample
-
-
-def _weighted_log(weights: Tensor, log_values: Tensor) -> Tensor:
-    """``weights * log_values`` with 0 where a weight is 0, even where the log is -inf (masked classes)."""
-    return torch.where(weights == 0, 0.0, weights * log_values)
 
 
 def soft_cross_entropy(logits: Tensor, target: Tensor, reduction: Reduction = "mean") -> Tensor:
@@ -72,8 +58,8 @@ def soft_cross_entropy(logits: Tensor, target: Tensor, reduction: Reduction = "m
     if target.ndim == 1:
         per_sample = -log_probs.gather(1, target.long()[:, None])[:, 0]
     else:
-        per_sample = -_weighted_log(target.float(), log_probs).sum(dim=1)
-    return _reduce(per_sample, reduction)
+        per_sample = -weighted_log(target.float(), log_probs).sum(dim=1)
+    return reduce(per_sample, reduction)
 
 
 class SoftTargetCrossEntropy(nn.Module):
@@ -126,14 +112,8 @@ def distillation_kl(
         )
     student = F.log_softmax(student_logits.float() / temperature, dim=1)
     teacher = F.log_softmax(teacher_logits.detach().float() / temperature, dim=1)
-    per_sample = _kl(teacher, student).sum(dim=1)
-    return _reduce(per_sample * temperature**2, reduction)
-
-
-def _kl(teacher_log_probs: Tensor, student_log_probs: Tensor) -> Tensor:
-    """Elementwise ``p_t (log p_t - log p_s)``; 0 where ``p_t`` is 0 (also where both logs are -inf)."""
-    teacher_probs = teacher_log_probs.exp()
-    return torch.where(teacher_probs == 0, 0.0, teacher_probs * (teacher_log_probs - student_log_probs))
+    per_sample = kl(teacher, student).sum(dim=1)
+    return reduce(per_sample * temperature**2, reduction)
 
 
 class CrossDistillationLoss(nn.Module):
@@ -172,25 +152,9 @@ class CrossDistillationLoss(nn.Module):
         logits = _checks.check_member_logits(member_logits)
         weights = _checks.check_weights(weights, logits.shape[1])
         log_probs = F.log_softmax(logits.float() / self.temperature, dim=2)  # (N, B, K), as students
-        per_member = _mean_over_peers(log_probs, log_probs.detach()[None], self.temperature**2)  # (N, B)
+        per_member = mean_over_peers(log_probs, log_probs.detach()[None], self.temperature**2)  # (N, B)
         if weights is not None:
             per_member = per_member * weights.float()[None]
         if self.reduction == "none":
             return per_member
-        return _reduce(per_member.sum(dim=0), self.reduction)
-
-
-def _mean_over_peers(student_log_probs: Tensor, teacher_log_probs: Tensor, scale: float = 1.0) -> Tensor:
-    """(N, B) ``scale * mean_{j != i} KL(p_t[i, j] || p_s[i])`` of (N, B, K) student log-probabilities and teacher
-    ones, (N, N, B, K) (teacher j as seen by student i) or (1, N, B, K) (teacher j, the same for every student);
-    ``scale`` (T^2) joins the mean's 1 / (N - 1) in one multiplication."""
-    members = student_log_probs.shape[0]
-    # kl[i, j, b] = sum_k p_t (log p_t - log p_s): student i, teacher j
-    kl = _kl(teacher_log_probs, student_log_probs[:, None]).sum(dim=3)
-    peers = ~torch.eye(members, dtype=torch.bool, device=kl.device)
-    return (kl * peers[:, :, None]).sum(dim=1) * (scale / (members - 1))
-
-
-def _summed_over_members(member_logits: Tensor, term: Callable[[Tensor], Tensor]) -> Tensor:
-    """(B,) ``sum_i term(z_i)`` of a per-sample ``term`` over the (N, B, K) logits' members."""
-    return torch.stack([term(logits) for logits in member_logits.unbind(0)]).sum(0)
+        return reduce(per_member.sum(dim=0), self.reduction)

@@ -17,41 +17,11 @@ import math
 from torch import Tensor, nn
 
 from . import _checks
+from ._terms import ramp_factor, rampup, reduce, summed_over_members
 from .ensemble import EnsembleOutput
-from .losses import (
-    CrossDistillationLoss,
-    Reduction,
-    _reduce,
-    _summed_over_members,
-    distillation_kl,
-    soft_cross_entropy,
-)
+from .losses import CrossDistillationLoss, Reduction, distillation_kl, soft_cross_entropy
 
 __all__ = ["CEKDLoss", "rampup"]
-
-
-def rampup(step: int, rampup_steps: int) -> float:
-    """The usual online-distillation ramp ``exp(-5 (1 - t)^2)``, t = step / rampup_steps, 1 from then on.
-
-    Example:
-        >>> rampup(0, 100), rampup(50, 100), rampup(100, 100), rampup(7, 0)
-        (0.006737946999085467, 0.2865047968601901, 1.0, 1.0)
-    """
-    if rampup_steps <= 0 or step >= rampup_steps:
-        return 1.0
-    return math.exp(-5.0 * (1.0 - step / rampup_steps) ** 2)
-
-
-def _ramp_factor(step: int | None, rampup_steps: int) -> float:
-    """:func:`rampup` of a loss's ``step`` argument, checked: 1 without a ramp (``rampup_steps`` 0), and a step
-    (an int >= 0) required with one."""
-    if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
-        raise ValueError(f"`step` must be an int >= 0 (the number of optimizer steps taken) or None, got {step!r}")
-    if rampup_steps == 0:
-        return 1.0
-    if step is None:
-        raise ValueError(f"`step` is required when rampup_steps > 0 (rampup_steps={rampup_steps}), got None")
-    return rampup(step, rampup_steps)
 
 
 class CEKDLoss(nn.Module):
@@ -111,7 +81,7 @@ class CEKDLoss(nn.Module):
 
     def ramp(self, step: int | None) -> float:
         """r(step): the ramp-up factor of both distillation weights; ``step`` is an int >= 0 or None."""
-        return _ramp_factor(step, self.rampup_steps)
+        return ramp_factor(step, self.rampup_steps)
 
     def components(
         self,
@@ -132,14 +102,14 @@ class CEKDLoss(nn.Module):
         weights = _checks.check_weights(weights, batch)
         ramp = self.ramp(step)
 
-        supervised = _summed_over_members(members, lambda logits: soft_cross_entropy(logits, target, "none"))
+        supervised = summed_over_members(members, lambda logits: soft_cross_entropy(logits, target, "none"))
         if self.supervise_ensemble:
             supervised = supervised + soft_cross_entropy(ensemble_logits, target, "none")
         zero = supervised.new_zeros(batch)
         cross = self.alpha * ramp * self.cross(members).sum(0) if self.alpha > 0 else zero
         ensemble = zero
         if self.beta > 0:
-            to_members = _summed_over_members(
+            to_members = summed_over_members(
                 members, lambda logits: distillation_kl(logits, ensemble_logits, self.temperature, "none")
             )
             ensemble = self.beta * ramp * to_members
@@ -147,7 +117,7 @@ class CEKDLoss(nn.Module):
             cross, ensemble = cross * weights.float(), ensemble * weights.float()
         parts = {"supervised": supervised, "cross": cross, "ensemble": ensemble}
         parts = {"total": supervised + cross + ensemble, **parts}
-        return {name: _reduce(value, self.reduction) for name, value in parts.items()}
+        return {name: reduce(value, self.reduction) for name, value in parts.items()}
 
     def forward(
         self,

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _checks
-from .losses import Reduction, _mean_over_peers, _reduce, _summed_over_members, distillation_kl, soft_cross_entropy
-from .objective import _ramp_factor
+from ._terms import mean_over_peers, ramp_factor, reduce, summed_over_members
+from .losses import Reduction, distillation_kl, soft_cross_entropy
 
 __all__ = ["METHODS", "MethodTerms", "OnlineDistillationLoss", "OnlineMethod", "OnlineOutput"]
 
@@ -133,7 +133,7 @@ class OnlineDistillationLoss(nn.Module):
 
     def ramp(self, step: int | None) -> float:
         """r(step), the factor of every distillation term; ``step`` is an int >= 0, or None without a ramp."""
-        return _ramp_factor(step, self.rampup_steps)
+        return ramp_factor(step, self.rampup_steps)
 
     def components(
         self,
@@ -160,7 +160,7 @@ class OnlineDistillationLoss(nn.Module):
         weights = _checks.check_weights(weights, batch)
         ramp = self.ramp(step)
 
-        supervised = _summed_over_members(members, lambda logits: soft_cross_entropy(logits, target, "none"))
+        supervised = summed_over_members(members, lambda logits: soft_cross_entropy(logits, target, "none"))
         if teacher is not None:
             supervised = supervised + soft_cross_entropy(teacher, target, "none")
         parts = {"supervised": supervised}
@@ -168,7 +168,7 @@ class OnlineDistillationLoss(nn.Module):
             term = self._term(name, members, teacher, means) * ramp
             parts[name] = term * weights.float() if weights is not None else term
         parts = {"total": sum(parts.values()), **parts}  # type: ignore[dict-item]
-        return {name: _reduce(value, self.reduction) for name, value in parts.items()}
+        return {name: reduce(value, self.reduction) for name, value in parts.items()}
 
     def forward(
         self,
@@ -188,13 +188,13 @@ class OnlineDistillationLoss(nn.Module):
         if name in ("teacher", "to_teacher") and teacher is not None:
             if name == "to_teacher":
                 return distillation_kl(teacher, members.mean(0), scale, "none")
-            return _summed_over_members(members, lambda logits: distillation_kl(logits, teacher, scale, "none"))
+            return summed_over_members(members, lambda logits: distillation_kl(logits, teacher, scale, "none"))
         log_probs = F.log_softmax(members.float() / scale, dim=2)
         teachers = log_probs.detach()[None]  # peers: member j teaches member i
         if name == "mean_teachers" and means is not None:
             teachers = F.log_softmax(means.detach().float() / scale, dim=-1)
             teachers = teachers if teachers.ndim == 4 else teachers[None]
-        return _mean_over_peers(log_probs, teachers, scale**2).sum(0)
+        return mean_over_peers(log_probs, teachers, scale**2).sum(0)
 
     def _check_teacher(self, teacher_logits: Tensor | None, batch: int, num_classes: int) -> Tensor | None:
         what = METHODS[self.method].teacher

@@ -10,13 +10,21 @@ from pathlib import Path
 import pytest
 import torch
 
+import cekd_losses._constants
+import cekd_losses._terms
 import cekd_losses.cam
+import cekd_losses.draws
 import cekd_losses.ensemble
 import cekd_losses.fusion
 import cekd_losses.gate
-import cekd_losses.kornia_mix
+import cekd_losses.kernels
+import cekd_losses.kornia_mix.cutmix
+import cekd_losses.kornia_mix.mixup
+import cekd_losses.kornia_mix.snapmix
+import cekd_losses.kornia_mix.soft_targets
 import cekd_losses.losses
 import cekd_losses.mean_teacher
+import cekd_losses.mixed_batch
 import cekd_losses.mixing
 import cekd_losses.objective
 import cekd_losses.online
@@ -25,6 +33,11 @@ import cekd_losses.trunk
 import cekd_losses.views
 
 MODULES = [
+    cekd_losses._constants,
+    cekd_losses._terms,
+    cekd_losses.mixed_batch,
+    cekd_losses.kernels,
+    cekd_losses.draws,
     cekd_losses.mixing,
     cekd_losses.cam,
     cekd_losses.losses,
@@ -33,7 +46,10 @@ MODULES = [
     cekd_losses.gate,
     cekd_losses.objective,
     cekd_losses.step,
-    cekd_losses.kornia_mix,
+    cekd_losses.kornia_mix.mixup,
+    cekd_losses.kornia_mix.cutmix,
+    cekd_losses.kornia_mix.snapmix,
+    cekd_losses.kornia_mix.soft_targets,
     cekd_losses.mean_teacher,
     cekd_losses.online,
     cekd_losses.trunk,

@@ -576,7 +576,7 @@ def test_boxes_are_timm_cutmix_boxes(seed, height, width, square):
     """Side int(size * sqrt(u)) (u ~ Beta, in the place of 1 - lam), centred on a uniform pixel, clipped: the
     vectorised float construction equals the integer recipe of timm's rand_bbox, written here per box. Centres
     come as int64 in [0, 2**62) (reduced per axis), or for a square image as float32 pixels."""
-    from cekd_losses.mixing import _boxes_from_draws, _clipped
+    from cekd_losses._boxes import clipped, corners_from_draws
 
     g = torch.Generator().manual_seed(seed)
     u = torch.rand(64, 2, generator=g)
@@ -585,7 +585,7 @@ def test_boxes_are_timm_cutmix_boxes(seed, height, width, square):
         centres = torch.randint(0, height, (64, 2, 2), generator=g, dtype=torch.float32)
     else:
         centres = torch.randint(0, 2**62, (64, 2, 2), generator=g)
-    boxes = _clipped(_boxes_from_draws(u[..., None, None], centres[:, :, None], height, width), height, width)
+    boxes = clipped(corners_from_draws(u[..., None, None], centres[:, :, None], height, width), height, width)
     assert boxes.shape == (64, 2, 2, 2) and boxes.dtype == torch.float32
     boxes = boxes.flatten(-2)
     for n in range(64):
@@ -603,10 +603,11 @@ def test_boxes_are_timm_cutmix_boxes(seed, height, width, square):
 def test_box_centres_are_uniform_over_the_pixels(height, width):
     """The drawn centres, reduced as the boxes use them, cover every pixel of each axis equally (a square
     image draws its pixels directly, another image reduces 62-bit draws): chi-square test at p = 1e-6."""
-    from cekd_losses.mixing import _centre_range, _random_draws
+    from cekd_losses import draws as draws_module
 
     draws = 6000
-    centres = _random_draws(1, draws, 1, 1, _centre_range(height, width), 0, 1.0, None, torch.device("cpu"))[2]
+    spec = draws_module.DrawSpec("cutmix", batch=draws, height=height, width=width, alpha=1.0)
+    centres = draws_module._random_draws(draws_module._counts(spec), 1.0, None, torch.device("cpu"))[2]
     assert centres is not None and centres.shape == (draws, 1, 1, 2)
     for axis, size in ((0, width), (1, height)):
         counts = torch.bincount(centres[..., axis].flatten().long() % size, minlength=size).double()
@@ -686,12 +687,12 @@ def test_beta_draws_without_private_torch_api(alpha, monkeypatch):
     """The public Gamma-ratio fallback (used where torch lacks _sample_dirichlet) draws Beta(alpha, alpha)."""
     from scipy import stats
 
-    from cekd_losses import mixing
+    from cekd_losses import draws as draws_module
 
     monkeypatch.delattr(torch, "_sample_dirichlet")
-    monkeypatch.setattr(mixing, "_HAS_DIRICHLET", False)  # as decided at import on such a torch
-    draws = mixing._sample_beta(alpha, (20000,), torch.Generator().manual_seed(0), torch.device("cpu"))
-    again = mixing._sample_beta(alpha, (20000,), torch.Generator().manual_seed(0), torch.device("cpu"))
+    monkeypatch.setattr(draws_module, "_HAS_DIRICHLET", False)  # as decided at import on such a torch
+    draws = draws_module._sample_beta(alpha, (20000,), torch.Generator().manual_seed(0), torch.device("cpu"))
+    again = draws_module._sample_beta(alpha, (20000,), torch.Generator().manual_seed(0), torch.device("cpu"))
     assert torch.equal(draws, again) and ((draws >= 0) & (draws <= 1)).all()
     assert stats.kstest(draws.double().numpy(), stats.beta(alpha, alpha).cdf).pvalue > 1e-3
     batch = MixingAugmenter("mixup", 3, mix_alpha=alpha)(torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 0]))

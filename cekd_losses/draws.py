@@ -9,6 +9,7 @@ draws for the same generator state. :class:`~cekd_losses.MixingAugmenter` and th
 
 from __future__ import annotations
 
+import itertools
 import math
 import weakref
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from torch import Tensor
 from ._boxes import corners_from_draws
 from ._constants import cached, positions
 
-__all__ = ["DRAWS_PER_SAMPLE", "DrawSpec", "MixParameters", "draw_parameters", "registered"]
+__all__ = ["DRAWS_PER_SAMPLE", "DrawSpec", "MixParameters", "RandomSource", "draw_parameters", "random_source"]
 
 # method -> (Beta draws, boxes) per sample: MixUp's lambda; CutMix's box; SnapMix's target box and source box
 DRAWS_PER_SAMPLE = {"mixup": (1, 0), "cutmix": (1, 1), "snapmix": (2, 2)}
@@ -82,28 +83,36 @@ class MixParameters(NamedTuple):
     mixed: Tensor | None
 
 
+class RandomSource(NamedTuple):
+    """Where a call's random numbers come from: a ``torch.Generator`` (None: PyTorch's default one) and the key
+    by which the compiled draws find it (0 for the default); made by :func:`random_source`."""
+
+    generator: torch.Generator | None
+    key: int = 0
+
+
 def draw_parameters(
     spec: DrawSpec,
     *,
-    generator: torch.Generator | None,
+    source: RandomSource,
     device: torch.device,
     lam_map: Callable[[Tensor], Tensor] | None = None,
 ) -> MixParameters:
     """The random parameters of one call of ``spec``, on ``device`` (drawn on the generator's device, or
-    ``device`` without one, with PyTorch's default generator). ``lam_map`` maps the Beta draws before they make
-    boxes (the Kornia classes' ranges).
+    ``device`` with PyTorch's default generator). ``lam_map`` maps the Beta draws before they make boxes (the
+    Kornia classes' ranges).
 
     Example:
         >>> spec = DrawSpec("cutmix", batch=4, height=8, width=8, alpha=1.0, p=0.5)
-        >>> params = draw_parameters(spec, generator=torch.Generator().manual_seed(0), device=torch.device("cpu"))
+        >>> source = RandomSource(torch.Generator().manual_seed(0))  # eager only: random_source() for compile
+        >>> params = draw_parameters(spec, source=source, device=torch.device("cpu"))
         >>> params.partner.shape, params.corners.shape, params.mixed.dtype
         (torch.Size([4]), torch.Size([4, 1, 2, 2]), torch.bool)
     """
-    counts = _counts(spec)
+    counts, generator = _counts(spec), source.generator
     draw_device = generator.device if generator is not None else device
     if torch.compiler.is_compiling():
-        key = id(generator) if generator is not None else 0
-        partner, lam, centres, decision = _compiled_draws(list(counts), spec.alpha, key, draw_device)
+        partner, lam, centres, decision = _compiled_draws(list(counts), spec.alpha, source.key, draw_device)
         centres = centres if counts.boxes else None  # the op returns an empty tensor for a draw not made
         decision = decision if counts.decisions else None
     else:
@@ -204,22 +213,28 @@ def _sample_gamma(shape: float, count: int, generator: torch.Generator | None, d
     return draws
 
 
-# torch.compile cannot take a torch.Generator into a graph: the compiled draws find it by key in this registry
-_GENERATORS: weakref.WeakValueDictionary[int, torch.Generator] = weakref.WeakValueDictionary()
+# torch.compile cannot take a torch.Generator into a graph: the compiled draws find it by key here, for as long as
+# the module that owns it lives (a plain dict: a generator is not weakly referenceable before torch 2.10 or so)
+_GENERATORS: dict[int, torch.Generator] = {}
+_KEYS = itertools.count(1)
 
 
-def registered(generator: object) -> torch.Generator | None:
-    """``generator`` checked (a ``torch.Generator`` or None) and made findable by the compiled draws.
+def random_source(generator: object, owner: object) -> RandomSource:
+    """``generator`` checked (a ``torch.Generator`` or None) and made findable by the compiled draws until
+    ``owner`` (the module that draws with it) is garbage-collected.
 
     Example:
-        >>> registered(None) is None
-        True
+        >>> random_source(None, object()).key
+        0
     """
-    if generator is not None and not isinstance(generator, torch.Generator):
+    if generator is None:
+        return RandomSource(None)
+    if not isinstance(generator, torch.Generator):
         raise TypeError(f"`generator` must be a torch.Generator or None, got {type(generator).__name__}")
-    if generator is not None:
-        _GENERATORS[id(generator)] = generator
-    return generator
+    key = next(_KEYS)
+    _GENERATORS[key] = generator
+    weakref.finalize(owner, _GENERATORS.pop, key, None)
+    return RandomSource(generator, key)
 
 
 @torch.library.custom_op("cekd_losses::random_draws", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))

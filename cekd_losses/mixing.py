@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from . import _checks
 from ._constants import cached
-from .draws import DrawSpec, draw_parameters, registered
+from .draws import DrawSpec, draw_parameters, random_source
 from .kernels import blend, cutmix, mixup, paste, replay, snap, snapmix
 from .mixed_batch import MixedBatch
 
@@ -106,11 +106,11 @@ class MixingAugmenter(nn.Module):
     @property
     def generator(self) -> torch.Generator | None:
         """The ``torch.Generator`` of the draws, or None for PyTorch's default one."""
-        return self._generator
+        return self._source.generator
 
     @generator.setter
     def generator(self, generator: torch.Generator | None) -> None:
-        self._generator = registered(generator)
+        self._source = random_source(generator, self)
 
     def extra_repr(self) -> str:
         return (
@@ -163,7 +163,7 @@ class MixingAugmenter(nn.Module):
         _checks.check_same_device("labels", targets, "images", images)
         cams = self._checked_cams(cams, images)
         with _checks.without_autocast(images.device):
-            params = draw_parameters(self._spec(images), generator=self._generator, device=images.device)
+            params = draw_parameters(self._spec(images), source=self._source, device=images.device)
             if self.method == "mixup":
                 return blend(images, targets, params.partner, params.lam)
             assert params.corners is not None

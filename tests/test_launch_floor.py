@@ -153,3 +153,18 @@ def test_cached_constants_stay_within_their_limits():
         assert _constants.positions.cache_info().currsize <= 64
     again = _constants.positions(599, torch.device("cpu"))
     assert _constants.positions(599, torch.device("cpu")) is again  # a cached constant is reused
+
+
+def test_the_compiled_draws_find_only_live_mixers_generators():
+    """The registry the compiled draws read holds a generator while the module that draws with it lives."""
+    import gc
+
+    from cekd_losses import draws
+
+    gc.collect()
+    before = len(draws._GENERATORS)
+    mixers = [MixingAugmenter("mixup", 3, generator=torch.Generator()) for _ in range(20)]
+    assert len(draws._GENERATORS) == before + 20 and all(m.generator in draws._GENERATORS.values() for m in mixers)
+    del mixers
+    gc.collect()
+    assert len(draws._GENERATORS) == before

@@ -9,13 +9,13 @@ from typing import Any, cast
 import torch
 from kornia.augmentation import MixAugmentationBaseV2
 from kornia.augmentation.random_generator.base import RandomGeneratorBase
-from kornia.constants import DataKey
+from kornia.constants import DataKey, DType
 from torch import Tensor
 
 from .. import _checks
 from .._boxes import clipped
 from .._constants import cached
-from ..draws import DrawSpec, draw_parameters, registered
+from ..draws import DrawSpec, draw_parameters, random_source
 
 Params = dict[str, Tensor]
 
@@ -43,7 +43,7 @@ class MixParameterGenerator(RandomGeneratorBase):
     ) -> None:
         super().__init__()
         self.method, self.mix_alpha, self.p_batch, self.lam_map = method, mix_alpha, p_batch, lam_map
-        self.generator = registered(generator)
+        self.source = random_source(generator, self)
 
     def make_samplers(self, device: torch.device, dtype: torch.dtype) -> None:
         """Nothing to build: each call draws on the device it is given."""
@@ -68,7 +68,7 @@ class MixParameterGenerator(RandomGeneratorBase):
             batch_gate=True,
         )
         device = torch.device(self.device or "cpu") if device is None else device
-        drawn = draw_parameters(spec, generator=self.generator, device=device, lam_map=self.lam_map)
+        drawn = draw_parameters(spec, source=self.source, device=device, lam_map=self.lam_map)
         dtype = dtype or self.dtype
         lam = self._lambdas(drawn.lam.flatten(1).expand(batch, -1), dtype)
         params = {"mix_pairs": drawn.partner, "mix_lambdas": lam.to(row_dtype(dtype))}
@@ -113,11 +113,11 @@ class KorniaMix(MixAugmentationBaseV2):
     @property
     def generator(self) -> torch.Generator | None:
         """The ``torch.Generator`` of the draws, or None for PyTorch's default one."""
-        return self.parameter_generator.generator
+        return self.parameter_generator.source.generator
 
     @generator.setter
     def generator(self, generator: torch.Generator | None) -> None:
-        self.parameter_generator.generator = registered(generator)
+        self.parameter_generator.source = random_source(generator, self.parameter_generator)
 
     @property
     def mix_alpha(self) -> float:
@@ -136,6 +136,8 @@ class KorniaMix(MixAugmentationBaseV2):
             shape = tuple(images.shape)
             params = self.parameter_generator(shape, self.same_on_batch, device=images.device, dtype=images.dtype)
             params = self._with_weights(params, images, labels)
+            # Kornia's code of the image dtype, which Kornia 0.8's forward records for its own draws only
+            params["dtype"] = torch.full((), DType.get(images.dtype).value, dtype=torch.long)
         return super().forward(*inputs, params=params, data_keys=data_keys)
 
     def _inputs(self, inputs: tuple[Tensor, ...], data_keys: Any) -> tuple[Tensor, Tensor | None]:

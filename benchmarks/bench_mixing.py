@@ -91,7 +91,7 @@ def time_interleaved(
 
 
 CONFIGS = [(method, same) for method in ("mixup", "cutmix", "snapmix") for same in (False, True)]
-OP_BUDGETS = {"mixup": 16, "cutmix": 28, "snapmix": 60}
+OP_BUDGETS = {"mixup": 9, "cutmix": 22, "snapmix": 59}  # tests/test_launch_floor.py: 1.25x the counts of 2026-12-03
 
 
 def peer_calls(images: torch.Tensor, labels: torch.Tensor, classes: int) -> dict[str, Callable[[], object]]:
@@ -153,7 +153,7 @@ def print_ops() -> None:
 
 
 def print_overhead(rounds: int) -> None:
-    """Median us per call on a tiny batch, interleaved with the peers, and the ratios against the goals."""
+    """Median us per call on a tiny batch, interleaved with the peers, and the ratios against their ceilings."""
     torch.set_num_threads(1)
     torch.manual_seed(0)
     images, labels, cams = torch.rand(32, 3, 8, 8), torch.randint(0, 10, (32,)), torch.rand(32, 2, 2)
@@ -165,17 +165,17 @@ def print_overhead(rounds: int) -> None:
     )
     for name, value in us.items():
         print(f"{name:30} {value:8.0f}")
-    print("\nratio                                   value   goal")
+    print("\nratio                                   value   ceiling (a regression guard, not a target)")
     for method, same in CONFIGS:
         ours = us[f"ours {method} {'batch' if same else 'elem'}"]
         if method == "snapmix":
             label, peer, goal = (
                 f"snapmix {'same_on_batch' if same else 'per-sample'} / timm cutmix batch",
                 us["timm cutmix batch"],
-                3.0,
+                5.2,
             )
         elif same:
-            label, peer, goal = f"{method} same_on_batch / timm batch", us[f"timm {method} batch"], 1.0
+            label, peer, goal = f"{method} same_on_batch / timm batch", us[f"timm {method} batch"], 1.4
         else:
             fastest = min((v, k) for k, v in us.items() if k.split()[-1] == "elem" and method in k and "ours" not in k)
             label, peer, goal = f"{method} per-sample / {fastest[1]}", fastest[0], 0.5

@@ -4,6 +4,7 @@ of the docs runs as a reader would paste it: on CPU, a page's blocks in order in
 from __future__ import annotations
 
 import doctest
+import functools
 import re
 from pathlib import Path
 
@@ -88,7 +89,10 @@ def test_the_pages_have_their_python_blocks():
 
 @pytest.mark.parametrize("page", [p for p in PAGES if python_blocks(p)], ids=lambda p: p.name)
 def test_every_python_block_of_a_page_runs(page, tmp_path, monkeypatch):
+    """A block that compiles is traced whole by dynamo, with the eager backend: inductor's code generation (a
+    cold compile costs 15-20 s on 2 cores) is tested on the same mixer in test_launch_floor.py."""
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
     session: dict[str, object] = {"__name__": "__main__"}
     with torch.random.fork_rng():
         torch.manual_seed(0)

@@ -106,8 +106,8 @@ def test_cekd_step_on_a_token_model_and_a_cnn(combine):
 @pytest.mark.slow
 def test_cekd_step_with_a_token_model_compiles():
     """The CEKD step of a ViT beside a CNN traces whole through dynamo and AOT autograd and equals eager (backend
-    aot_eager: the library's part of compiling; inductor's code generation is tested on smaller graphs in
-    test_training_step.py and test_launch_floor.py, at a fraction of this graph's cold compile time).
+    aot_eager: the library's part of compiling; inductor's code generation is tested on the mixer in
+    test_launch_floor.py, at a fraction of this graph's cold compile time).
     Small members keep the trace short: a two-block ViT and timm's test_resnet."""
     torch.manual_seed(0)
     vit = timm.create_model("vit_tiny_patch16_224", num_classes=CLASSES, img_size=32, depth=2)

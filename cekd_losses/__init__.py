@@ -20,6 +20,7 @@ Public API:
   (``cekd_losses.trunk``);
 - :class:`PeerViews`: a random view of the batch for every peer, on its device (``cekd_losses.views``);
 - :class:`TemporalMean`, a network's temporal mean model (``cekd_losses.mean_teacher``);
+- :class:`Mixup`, a drop-in for ``timm.data.Mixup`` on this library's kernels (``cekd_losses.timm_mix``);
 - :class:`RandomMixUp`, :class:`RandomCutMix`, :class:`RandomSnapMix` (Kornia augmentations) and
   :func:`kornia_soft_targets` (the package ``cekd_losses.kornia_mix``, one class a module).
 """
@@ -37,6 +38,7 @@ from .mixing import MixingAugmenter, MixMethod
 from .objective import CEKDLoss, rampup
 from .online import METHODS, MethodTerms, OnlineDistillationLoss, OnlineMethod, OnlineOutput
 from .step import StepOutput, train_step
+from .timm_mix import Mixup
 from .trunk import SharedTrunk, TrunkOutput
 from .views import PeerViews
 
@@ -54,6 +56,7 @@ __all__ = [
     "FeatureTap",
     "MixMethod",
     "MixedBatch",
+    "Mixup",
     "PeerViews",
     "RandomCutMix",
     "RandomMixUp",

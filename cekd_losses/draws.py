@@ -165,7 +165,7 @@ def _random_draws(
     """Every random choice of one call: a (B,) permutation of partners, (draws, lambdas, 1, 1) Beta(alpha, alpha)
     values, (draws, boxes, 1, 2) box centres (None for MixUp) and (decisions,) uniforms (None at p = 1)."""
     partner = torch.randperm(counts.batch, generator=generator, device=device)
-    lam = _sample_beta(alpha, (counts.draws, counts.lambdas, 1, 1), generator, device)
+    lam = sample_beta(alpha, (counts.draws, counts.lambdas, 1, 1), generator, device)
     centres = None
     if counts.boxes:
         shape, dtype = (counts.draws, counts.boxes, 1, 2), _centre_dtype(counts.centre_range)
@@ -182,10 +182,11 @@ def _concentration(alpha: float, shape: tuple[int, ...], device: torch.device) -
     return torch.full((*shape, 2), alpha, device=device)
 
 
-def _sample_beta(
+def sample_beta(
     alpha: float, shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device
 ) -> Tensor:
-    """float32 draws of Beta(alpha, alpha) of the given ``shape``, seeded by ``generator``.
+    """float32 draws of Beta(alpha, alpha) of the given ``shape``, seeded by ``generator`` (an internal API, shared
+    with the timm drop-in).
 
     PyTorch's Dirichlet sampler (one kernel) where this torch has it; it is private API, so otherwise
     two Gamma draws with public ops: Beta = G1 / (G1 + G2)."""

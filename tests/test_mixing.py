@@ -691,8 +691,8 @@ def test_beta_draws_without_private_torch_api(alpha, monkeypatch):
 
     monkeypatch.delattr(torch, "_sample_dirichlet")
     monkeypatch.setattr(draws_module, "_HAS_DIRICHLET", False)  # as decided at import on such a torch
-    draws = draws_module._sample_beta(alpha, (20000,), torch.Generator().manual_seed(0), torch.device("cpu"))
-    again = draws_module._sample_beta(alpha, (20000,), torch.Generator().manual_seed(0), torch.device("cpu"))
+    draws = draws_module.sample_beta(alpha, (20000,), torch.Generator().manual_seed(0), torch.device("cpu"))
+    again = draws_module.sample_beta(alpha, (20000,), torch.Generator().manual_seed(0), torch.device("cpu"))
     assert torch.equal(draws, again) and ((draws >= 0) & (draws <= 1)).all()
     assert stats.kstest(draws.double().numpy(), stats.beta(alpha, alpha).cdf).pvalue > 1e-3
     batch = MixingAugmenter("mixup", 3, mix_alpha=alpha)(torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 0]))

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from . import _checks
-from ._boxes import box_masks, clipped, corners_from_draws
+from ._boxes import box_masks, clipped, corners_from_draws, image_limits
 from ._constants import cached
 from .draws import sample_beta
 
@@ -206,7 +206,7 @@ class Mixup:
             centres = torch.randint(0, 2**62, (sets, 1, 1, 2), generator=generator, device=device)
             return clipped(corners_from_draws((1.0 - lam).view(-1, 1, 1, 1), centres, height, width), height, width)
         low, high = self.cutmix_minmax
-        sizes = torch.tensor([width, height], dtype=torch.float32, device=device)
+        sizes = image_limits(height, width, device).high  # (2,) [W, H], cached: no copy to the device per call
         smallest, largest = (sizes * low).floor(), (sizes * high).floor()  # as timm's int(size * min), int(size * max)
         uniform = torch.rand(sets, 2, 2, generator=generator, device=device)
         sides = smallest + (uniform[:, 0] * (largest - smallest)).floor()

@@ -127,6 +127,11 @@ def our_calls(
         calls[f"ours {method} {'batch' if same else 'elem'}"] = (
             lambda m=mixer, c=(cams if method == "snapmix" else None): m(images, labels, c)
         )
+    for methods in (["mixup", "cutmix"], ["cutmix", "snapmix"]):  # a choice per sample, as timm's switch
+        mixer = MixingAugmenter(methods, classes)
+        calls[f"ours {'+'.join(methods)} elem"] = lambda m=mixer, c=(cams if "snapmix" in methods else None): m(
+            images, labels, c
+        )
     keys = ["input", "class"]  # the Kornia-native classes, called as Kornia's own
     for name, augmentation in (
         ("RandomMixUp", RandomMixUp(data_keys=keys)),

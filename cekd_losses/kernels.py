@@ -17,6 +17,7 @@ Internal API (for :class:`~cekd_losses.MixingAugmenter` and the Kornia classes, 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -27,6 +28,7 @@ from . import _checks
 from ._boxes import box_masks, clipped, grid_steps, scaled_pixel_grid
 from ._constants import positions
 from ._maps import resized_maps
+from .draws import METHOD_IDS, MixParameters
 from .mixed_batch import MixedBatch
 
 __all__ = ["cutmix", "mixup", "replay", "snapmix"]
@@ -188,11 +190,12 @@ def snapmix(
     return snap(images, targets, cams, partner, corners, normalize_targets)
 
 
-def paste_resized(images: Tensor, partner: Tensor, corners: Tensor, mask: Tensor) -> Tensor:
-    """SnapMix's pixels: each partner's source box resized (bilinear, corners aligned) into the sample's target
-    box. ``corners``: (n, 2 boxes, 2, 2) clipped, the target box then the source box (n = 1: one pair for all);
-    ``mask``: (B, 1, H, W), the target boxes that receive a paste."""
-    batch, _, height, width = images.shape
+def resized_patches(sources: Tensor, corners: Tensor) -> Tensor:
+    """SnapMix's patches: each partner's source box resized (bilinear, corners aligned) over the sample's target
+    box, the (B, C, H, W) images to paste inside the target boxes. ``sources``: (B, C, H, W) each sample's
+    partner image; ``corners``: (n, 2 boxes, 2, 2) clipped, the target box then the source box (n = 1: one pair
+    for all)."""
+    batch, _, height, width = sources.shape
     low, high = corners.view(-1, 2, 2, 1, 1, 2).unbind(2)  # (n, 2 boxes, 1, 1, 2 axes) each
     # Target pixel i of an axis reads source pixel lo_s + (i - lo_t) * (side_s - 1) / (side_t - 1) (a 1-pixel
     # target side reads the first source pixel), as one grid_sample over a separable grid in normalised
@@ -200,17 +203,23 @@ def paste_resized(images: Tensor, partner: Tensor, corners: Tensor, mask: Tensor
     target_steps, source_steps = (high - low - 1).unbind(1)
     scale = source_steps / target_steps.clamp(min=1)  # (n, 1, 1, 2 axes): source pixels per target pixel
     target_low, source_low = low.unbind(1)
-    start = torch.addcmul(source_low, target_low, scale, value=-1) * grid_steps(height, width, images.device) - 1
-    sample_dtype = torch.float64 if images.dtype == torch.float64 else torch.float32  # half: inexact past 256 px
-    grid = torch.addcmul(start, scale, scaled_pixel_grid(height, width, sample_dtype, images.device))
+    start = torch.addcmul(source_low, target_low, scale, value=-1) * grid_steps(height, width, sources.device) - 1
+    sample_dtype = torch.float64 if sources.dtype == torch.float64 else torch.float32  # half: inexact past 256 px
+    grid = torch.addcmul(start, scale, scaled_pixel_grid(height, width, sample_dtype, sources.device))
     patches = F.grid_sample(
-        images.index_select(0, partner).to(sample_dtype),
+        sources.to(sample_dtype),
         grid.expand(batch, -1, -1, -1),
         mode="bilinear",
         padding_mode="zeros",
         align_corners=True,
     )
-    return torch.where(mask, patches.to(images.dtype), images)
+    return patches.to(sources.dtype)
+
+
+def paste_resized(images: Tensor, partner: Tensor, corners: Tensor, mask: Tensor) -> Tensor:
+    """SnapMix's pixels: :func:`resized_patches` of (n, 2, 2, 2) clipped ``corners`` pasted where ``mask`` (B, 1,
+    H, W), the target boxes that receive a paste, holds."""
+    return torch.where(mask, resized_patches(images.index_select(0, partner), corners), images)
 
 
 def snapmix_weights(cams: Tensor, partner: Tensor, masks: Tensor, normalize: bool) -> tuple[Tensor, Tensor]:
@@ -275,6 +284,56 @@ def snap(
     return MixedBatch(mixed, targets, partner, lam_a, lam_b, boxes.active, corners=boxes.boxes)
 
 
+def mixed_pixels(
+    images: Tensor, partner: Tensor, weight: Tensor | None, cut_mask: Tensor, snap: tuple[Tensor, Tensor] | None
+) -> Tensor:
+    """A choice's pixels: each image blended with its partner by MixUp's ``weight`` (B or 1, 1, 1, 1) (None: no
+    blend), the partner pasted where ``cut_mask`` (B, 1, H, W) holds (CutMix), and with ``snap`` = (corners (B, 2,
+    2, 2), target masks (B, 1, H, W)) SnapMix's resized patches pasted in their target boxes. A sample outside
+    a method's rows (weight 1, empty masks) gets exactly the other methods' pixels."""
+    sources = images.index_select(0, partner)
+    pixels = images if weight is None else torch.lerp(sources, images, weight.to(images.dtype))
+    pixels = torch.where(cut_mask, sources, pixels)
+    if snap is not None:
+        pixels = torch.where(snap[1], resized_patches(sources, snap[0]), pixels)
+    return pixels
+
+
+def choose(
+    images: Tensor, targets: Tensor, cams: Tensor | None, params: MixParameters, methods: Sequence[str], normalize: bool
+) -> MixedBatch:
+    """A choice among ``methods`` on checked input: each sample mixed by its ``params.method`` (MixUp's weight in
+    ``params.lam``, CutMix's box in ``params.corners[:, :1]``, SnapMix's two boxes in ``params.corners`` with
+    ``cams`` (B, h, w)) as :func:`blend`, :func:`paste` or :func:`snap` would mix it alone: the same pixels, bit
+    for bit, and targets ``lam_a * own + lam_b * partner`` with that method's weights."""
+    assert params.method is not None and params.corners is not None
+    batch, _, height, width = images.shape
+    partner, method = params.partner, params.method.view(-1, 1, 1, 1)
+    cut_corners = torch.where(method == METHOD_IDS["cutmix"], params.corners[:, :1], 0.0)
+    cut_mask = box_masks(cut_corners, height, width)
+    lam_b = cut_mask.mean(dim=(2, 3), dtype=torch.float32)  # (B, 1): CutMix's pasted fraction, 0 elsewhere
+    lam_a, weight, snap_boxes_, applied = 1.0 - lam_b, None, None, None
+    if "mixup" in methods:
+        weight = params.lam.to(images.dtype)
+        own_weight = weight.float().view(-1, 1)  # 1 outside MixUp's rows, as lam_b is 0 outside CutMix's
+        lam_a, lam_b = own_weight - lam_b, (1.0 - own_weight) + lam_b
+    if "snapmix" in methods:
+        assert cams is not None
+        is_snap = method == METHOD_IDS["snapmix"]
+        snap_boxes_ = snap_boxes(torch.where(is_snap, params.corners, 0.0), partner, height, width)
+        snap_a, snap_b = snapmix_weights(cams, partner, snap_boxes_.masks, normalize)
+        rows = is_snap.view(-1, 1)
+        lam_a, lam_b = torch.where(rows, snap_a, lam_a), torch.where(rows, snap_b, lam_b)
+        others = (partner != positions(batch, partner.device)) & (lam_b.view(-1) > 0)
+        applied = torch.where(rows.view(-1), snap_boxes_.active, others)
+    snap = None if snap_boxes_ is None else (snap_boxes_.boxes, snap_boxes_.masks[:, :1])
+    pixels = mixed_pixels(images, partner, weight, cut_mask, snap)
+    own = targets.float()
+    mixed_targets = torch.addcmul(lam_a * own, lam_b, own.index_select(0, partner))
+    corners = cut_corners if snap is None else torch.where(method == METHOD_IDS["snapmix"], snap[0], cut_corners)
+    return MixedBatch(pixels, mixed_targets, partner, lam_a, lam_b, applied, corners=corners, method=params.method)
+
+
 def replay(batch: MixedBatch, images: Tensor) -> Tensor:
     """The mix of ``batch`` made again on ``images``, another view of the same clean batch: the same partners,
     weights and boxes (SnapMix's resized paste included), so every view shares ``batch.targets``.
@@ -300,9 +359,28 @@ def replay(batch: MixedBatch, images: Tensor) -> Tensor:
     _checks.check_shape("images", images, expected)
     _checks.check_same_device("images", images, "batch.images", batch.images)
     partner, boxes, source_boxes = batch.partner, batch.boxes, batch.source_boxes
+    if batch.method is not None:
+        return _replay_choice(batch, images)
     if boxes is None:  # mixup
         return torch.lerp(images.index_select(0, partner), images, batch.lam_a.view(-1, 1, 1, 1).to(images.dtype))
     if source_boxes is None:  # cutmix
         return paste_boxes(images, partner, boxes.float().view(-1, 1, 2, 2))[0]
     corners = torch.stack([boxes, source_boxes], dim=1).float().view(-1, 2, 2, 2)  # snapmix
     return paste_resized(images, partner, corners, box_masks(corners[:, :1], *images.shape[-2:]))
+
+
+def _replay_choice(batch: MixedBatch, images: Tensor) -> Tensor:
+    """:func:`replay` of a batch mixed by a choice among methods: each sample's method from ``batch.method``."""
+    assert batch.boxes is not None and batch.method is not None
+    height, width = images.shape[-2:]
+    method = batch.method.view(-1, 1, 1, 1)
+    weight = torch.where(method == METHOD_IDS["mixup"], batch.lam_a.view(-1, 1, 1, 1), 1.0)
+    cut_mask = box_masks(
+        torch.where(method == METHOD_IDS["cutmix"], batch.boxes.float().view(-1, 1, 2, 2), 0.0), height, width
+    )
+    snap = None
+    if batch.source_boxes is not None:
+        corners = torch.stack([batch.boxes, batch.source_boxes], dim=1).float().view(-1, 2, 2, 2)
+        corners = torch.where(method == METHOD_IDS["snapmix"], corners, 0.0)
+        snap = (corners, box_masks(corners[:, :1], height, width))
+    return mixed_pixels(images, batch.partner, weight, cut_mask, snap)

@@ -25,6 +25,10 @@ class MixedBatch:
             the partner's content (empty where nothing was pasted); mixup: None.
         source_boxes: snapmix: (B, 4) int64 box of the partner that was cut out and resized into
             ``boxes``; otherwise None.
+        method: for a batch mixed by a choice among methods, (B,) int64 id of each sample's method
+            (:data:`~cekd_losses.draws.METHOD_IDS`: mixup 0, cutmix 1, snapmix 2; 3 where it was left as it is);
+            its ``boxes`` are then CutMix's and SnapMix's (empty for MixUp), its ``source_boxes`` (with SnapMix
+            among the methods) SnapMix's, and a CutMix sample's own box. None for a single method.
 
     The fields that follow from the others are computed when first read (MixUp's ``lam_b = 1 - lam_a``,
     CutMix's ``lam_a = 1 - lam_b``; a mix is applied where the partner differs and ``lam_b > 0``; the integer
@@ -45,7 +49,18 @@ class MixedBatch:
         (tensor([0.0000, 0.5000]), tensor([False,  True]))
     """
 
-    __slots__ = ("images", "targets", "partner", "_lam_a", "_lam_b", "_applied", "_boxes", "_source_boxes", "_corners")
+    __slots__ = (
+        "images",
+        "targets",
+        "partner",
+        "method",
+        "_lam_a",
+        "_lam_b",
+        "_applied",
+        "_boxes",
+        "_source_boxes",
+        "_corners",
+    )
 
     def __init__(
         self,
@@ -59,10 +74,11 @@ class MixedBatch:
         source_boxes: Tensor | None = None,
         *,
         corners: Tensor | None = None,
+        method: Tensor | None = None,
     ) -> None:
         if lam_a is None and lam_b is None:
             raise TypeError("MixedBatch needs `lam_a` or `lam_b` (the other is 1 minus it), got neither")
-        self.images, self.targets, self.partner = images, targets, partner
+        self.images, self.targets, self.partner, self.method = images, targets, partner, method
         self._lam_a, self._lam_b, self._applied = lam_a, lam_b, applied
         self._boxes, self._source_boxes = boxes, source_boxes
         self._corners = corners
@@ -112,4 +128,5 @@ class MixedBatch:
 
     def __repr__(self) -> str:
         fields = ("images", "targets", "partner", "lam_a", "lam_b", "applied", "boxes", "source_boxes")
-        return "MixedBatch(" + ", ".join(f"{name}={getattr(self, name)!r}" for name in fields) + ")"
+        chosen = f", method={self.method!r}" if self.method is not None else ""
+        return "MixedBatch(" + ", ".join(f"{name}={getattr(self, name)!r}" for name in fields) + chosen + ")"

@@ -53,6 +53,7 @@ def train_step(
     step: int | None = None,
     eval_mode_cams: bool = False,
     views: PeerViews | None = None,
+    mix_off_step: int | None = None,
 ) -> StepOutput:
     """Mix a batch, run the model on it and compute the loss.
 
@@ -76,6 +77,9 @@ def train_step(
         views: optional :class:`~cekd_losses.PeerViews`: the model gets a list of N views of the batch (one per
             member), the first mixed (its CAMs for SnapMix) and the same mix replayed on the others
             (:func:`~cekd_losses.replay`), so every view shares the targets.
+        mix_off_step: stop mixing from this optimizer step on (needs ``step``): the mixer's ``enabled`` is set
+            to ``step < mix_off_step``, so the last steps train on clean images with the mixer's (smoothed)
+            targets and no CAM forward. timm's ``--mixup-off-epoch E`` is ``E * steps_per_epoch``.
 
     Returns:
         :class:`StepOutput` (loss, named parts, model output, mixed batch).
@@ -90,7 +94,11 @@ def train_step(
         >>> sorted(out.parts), out.batch.targets.shape
         (['cross', 'ensemble', 'supervised', 'total'], torch.Size([4, 5]))
     """
-    snapmix = mixer is not None and mixer.method == "snapmix"
+    snapmix = mixer is not None and "snapmix" in mixer.methods
+    if mix_off_step is not None:
+        if mixer is None or step is None:
+            raise ValueError(f"`mix_off_step` needs a `mixer` and the `step`, got mixer={mixer!r}, step={step!r}")
+        mixer.enabled = step < mix_off_step
     if snapmix and tap is None:
         raise ValueError("`tap` is required with a snapmix mixer: pass tap=FeatureTap(<a member or the model>)")
     if tap is not None and not snapmix:
@@ -99,7 +107,7 @@ def train_step(
     peers = list(views(images).unbind(0)) if views is not None else [images]
     inputs, targets = peers, labels
     if mixer is not None:
-        cams = tap.cams(peers[0], labels, eval_mode=eval_mode_cams) if tap is not None else None
+        cams = tap.cams(peers[0], labels, eval_mode=eval_mode_cams) if tap is not None and mixer.enabled else None
         batch = mixer(peers[0], labels, cams)
         inputs, targets = [batch.images, *(replay(batch, view) for view in peers[1:])], batch.targets
     output = model(inputs if views is not None else inputs[0])

@@ -50,6 +50,22 @@ def test_mixing_some_samples_only_costs_a_few_ops_more(method, monkeypatch):
     assert counter.reads == 0 and len(counter.ops) <= BUDGETS[method] + 4, counter.ops
 
 
+# a choice among methods runs the union of its methods' pixels and weights: 1.25x its counts of 2026-12-03
+# (34, 74 and 81 kernels; the methods alone: 7 + 17, 17 + 47, 7 + 17 + 47)
+CHOICE_BUDGETS = {("mixup", "cutmix"): 42, ("cutmix", "snapmix"): 92, ("mixup", "cutmix", "snapmix"): 101}
+
+
+@pytest.mark.parametrize("p", [1.0, 0.5])
+@pytest.mark.parametrize("same_on_batch", [False, True], ids=["per-sample", "same_on_batch"])
+@pytest.mark.parametrize("methods", list(CHOICE_BUDGETS), ids="+".join)
+def test_a_choice_among_methods_costs_about_its_methods_together(methods, same_on_batch, p, monkeypatch):
+    mixer = MixingAugmenter(list(methods), 200, p=p, same_on_batch=same_on_batch, generator=torch.Generator())
+    images, labels = torch.rand(32, 3, 64, 64), torch.randint(0, 200, (32,))
+    cams = torch.rand(32, 2, 2) if "snapmix" in methods else None
+    counter = count_call(lambda: mixer(images, labels, cams), monkeypatch)
+    assert counter.reads == 0 and len(counter.ops) <= CHOICE_BUDGETS[methods] + (4 if p < 1 else 0), counter.ops
+
+
 def test_the_counter_sees_ops_and_host_reads(monkeypatch):
     """The counter itself: kernels and reads where the code makes them, views free."""
     x = torch.rand(4, 2)

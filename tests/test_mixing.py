@@ -607,7 +607,7 @@ def test_box_centres_are_uniform_over_the_pixels(height, width):
 
     draws = 6000
     spec = draws_module.DrawSpec("cutmix", batch=draws, height=height, width=width, alpha=1.0)
-    centres = draws_module._random_draws(draws_module._counts(spec), 1.0, None, torch.device("cpu"))[2]
+    centres = draws_module._random_draws(draws_module._counts(spec), spec.alphas, None, torch.device("cpu"))[2]
     assert centres is not None and centres.shape == (draws, 1, 1, 2)
     for axis, size in ((0, width), (1, height)):
         counts = torch.bincount(centres[..., axis].flatten().long() % size, minlength=size).double()

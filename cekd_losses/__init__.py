@@ -21,6 +21,8 @@ Public API:
 - :class:`PeerViews`: a random view of the batch for every peer, on its device (``cekd_losses.views``);
 - :class:`TemporalMean`, a network's temporal mean model (``cekd_losses.mean_teacher``);
 - :class:`Mixup`, a drop-in for ``timm.data.Mixup`` on this library's kernels (``cekd_losses.timm_mix``);
+- :class:`MixUp` and :class:`CutMix`, drop-ins for torchvision's ``transforms.v2.MixUp`` and ``CutMix``
+  (``cekd_losses.torchvision_mix``);
 - :class:`RandomMixUp`, :class:`RandomCutMix`, :class:`RandomSnapMix` (Kornia augmentations) and
   :func:`kornia_soft_targets` (the package ``cekd_losses.kornia_mix``, one class a module).
 """
@@ -39,6 +41,7 @@ from .objective import CEKDLoss, rampup
 from .online import METHODS, MethodTerms, OnlineDistillationLoss, OnlineMethod, OnlineOutput
 from .step import StepOutput, train_step
 from .timm_mix import Mixup
+from .torchvision_mix import CutMix, MixUp
 from .trunk import SharedTrunk, TrunkOutput
 from .views import PeerViews
 
@@ -51,10 +54,12 @@ __all__ = [
     "CollaborativeEnsemble",
     "Combine",
     "CrossDistillationLoss",
+    "CutMix",
     "EnsembleOutput",
     "FeatureFusion",
     "FeatureTap",
     "MixMethod",
+    "MixUp",
     "MixedBatch",
     "Mixup",
     "PeerViews",

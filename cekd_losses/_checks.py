@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 
-def _describe(value: object) -> str:
+def describe(value: object) -> str:
     """A short description of a received value: a tensor's dtype and shape, a scalar's repr, else its type."""
     if isinstance(value, Tensor):
         return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
@@ -27,7 +27,7 @@ def _describe(value: object) -> str:
 
 def check_tensor(name: str, value: object) -> Tensor:
     if not isinstance(value, Tensor):
-        raise TypeError(f"`{name}` must be a torch.Tensor, got {_describe(value)}")
+        raise TypeError(f"`{name}` must be a torch.Tensor, got {describe(value)}")
     return value
 
 
@@ -108,7 +108,7 @@ def check_in_range(name: str, value: object, low: float, high: float, *, high_op
 
 def check_real(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"`{name}` must be a real number, got {_describe(value)}")
+        raise TypeError(f"`{name}` must be a real number, got {describe(value)}")
     number = float(value)
     if number != number or number in (float("inf"), float("-inf")):
         raise ValueError(f"`{name}` must be finite, got {value!r}")
@@ -120,7 +120,7 @@ def check_interval(name: str, value: object, low: float, high: float) -> tuple[f
     tensor of two values (read once, at construction)."""
     items = value.tolist() if isinstance(value, Tensor) and value.numel() == 2 else value
     if not isinstance(items, (tuple, list)) or len(items) != 2:
-        raise TypeError(f"`{name}` must be a (min, max) pair, got {_describe(value)}")
+        raise TypeError(f"`{name}` must be a (min, max) pair, got {describe(value)}")
     lo, hi = (check_real(name, item) for item in items)
     if not low <= lo <= hi <= high:
         raise ValueError(f"`{name}` must be a (min, max) pair with {low} <= min <= max <= {high}, got {value!r}")
@@ -129,7 +129,7 @@ def check_interval(name: str, value: object, low: float, high: float) -> tuple[f
 
 def check_positive_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"`{name}` must be an int, got {_describe(value)}")
+        raise TypeError(f"`{name}` must be an int, got {describe(value)}")
     if value < 1:
         raise ValueError(f"`{name}` must be >= 1, got {value!r}")
     return value

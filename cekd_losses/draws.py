@@ -35,9 +35,10 @@ __all__ = [
 
 # method -> (Beta draws, boxes) per sample: MixUp's lambda; CutMix's box; SnapMix's target box and source box
 DRAWS_PER_SAMPLE = {"mixup": (1, 0), "cutmix": (1, 1), "snapmix": (2, 2)}
-# method -> the id a choice among methods gives each sample's method; UNMIXED for a sample left as it is
 METHOD_IDS = {"mixup": 0, "cutmix": 1, "snapmix": 2}
+"""The id a choice among methods gives each sample's method (:attr:`MixedBatch.method <cekd_losses.MixedBatch>`)."""
 UNMIXED = 3
+"""The id of a sample a choice among methods leaves as it is."""
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ import cekd_losses.objective
 import cekd_losses.online
 import cekd_losses.step
 import cekd_losses.timm_mix
+import cekd_losses.torchvision_mix
 import cekd_losses.trunk
 import cekd_losses.views
 
@@ -49,6 +50,7 @@ MODULES = [
     cekd_losses.objective,
     cekd_losses.step,
     cekd_losses.timm_mix,
+    cekd_losses.torchvision_mix,
     cekd_losses.kornia_mix.mixup,
     cekd_losses.kornia_mix.cutmix,
     cekd_losses.kornia_mix.snapmix,

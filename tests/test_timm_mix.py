@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from scipy import stats
 
-from cekd_losses import Mixup, _checks
+from cekd_losses import Mixup, _checks, snapmix
 from cekd_losses._launches import count_launches
 from cekd_losses.timm_mix import TimmMixParameters
 
@@ -156,7 +156,10 @@ def test_it_compiles_whole():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"mixup_alpha": 0.0, "cutmix_alpha": 0.0}, "one of `mixup_alpha` > 0, `cutmix_alpha` > 0 or `cutmix_minmax`"),
+        (
+            {"mixup_alpha": 0.0, "cutmix_alpha": 0.0},
+            "one of `mixup_alpha` > 0, `cutmix_alpha` > 0, `cutmix_minmax` or `snapmix_alpha`",
+        ),
         ({"mixup_alpha": -1.0}, "`mixup_alpha` must be >= 0"),
         ({"mode": "sample"}, "`mode` must be one of 'batch', 'pair', 'elem', got 'sample'"),
         ({"prob": 1.5}, r"`prob` must be in \[0.0, 1.0\], got 1.5"),
@@ -169,3 +172,75 @@ def test_bad_arguments_are_named(kwargs, message):
         Mixup(**kwargs)
     with pytest.raises(ValueError, match=r"`target` must hold class ids in \[0, 3\), got values in \[0, 5\]"):
         Mixup(num_classes=3)(torch.rand(2, 3, 4, 4), torch.tensor([0, 5]))
+
+
+def snapmix_setup(mode: str = "elem", **kwargs):
+    g = torch.Generator().manual_seed(4)
+    images, labels, cams = torch.rand(7, 3, 16, 12, generator=g), torch.arange(7) % 5, torch.rand(7, 4, 3, generator=g)
+    mixup_fn = Mixup(
+        num_classes=5, label_smoothing=0.0, mode=mode, generator=torch.Generator().manual_seed(1), **kwargs
+    )
+    return mixup_fn, images, labels, cams
+
+
+@pytest.mark.parametrize("mode", ["batch", "pair", "elem"])
+def test_snapmix_rows_are_the_snapmix_kernels(mode):
+    """Each SnapMix row equals the public kernel on the same partner (B - 1 - i) and boxes, to the bit."""
+    mixup_fn, images, labels, cams = snapmix_setup(mode, mixup_alpha=0.0, snapmix_alpha=2.0)
+    targets = mixup_fn.smoothed_targets(labels, 7)
+    params = mixup_fn.draw(tuple(images.shape), images.device)
+    our_images, our_targets = mixup_fn.apply(images, targets, params, cams)
+    sets = {"batch": [0] * 7, "pair": [0, 1, 2, 3, 2, 1, 0], "elem": list(range(7))}[mode]
+    boxes = clipped_boxes(params.snap_corners[sets], 16, 12)
+    expected = snapmix(images, targets, cams, torch.arange(6, -1, -1), boxes[:, 0], boxes[:, 1])
+    assert torch.equal(our_images, expected.images) and torch.equal(our_targets, expected.targets)
+
+
+def clipped_boxes(corners: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(B, 2, 4) int64 boxes of (B, 2, 2, 2) corners clipped to the image, written out."""
+    x = corners[..., 0].clamp(0, width)
+    y = corners[..., 1].clamp(0, height)
+    return torch.stack([x[..., 0], y[..., 0], x[..., 1], y[..., 1]], dim=-1).long()
+
+
+def test_snapmix_takes_its_share_and_leaves_the_other_draws_alone():
+    """With MixUp and CutMix active, SnapMix is drawn for about snapmix_prob of the mixed images (binomial test)
+    and every other image is mixed exactly as without SnapMix."""
+    mixup_fn, images, labels, cams = snapmix_setup(
+        mixup_alpha=0.8, cutmix_alpha=1.0, snapmix_alpha=5.0, snapmix_prob=0.3
+    )
+    without, *_ = snapmix_setup(mixup_alpha=0.8, cutmix_alpha=1.0)
+    drawn = 0
+    for seed in range(200):  # each call from the same generator state: SnapMix's draws come after the others
+        mixup_fn.generator.manual_seed(seed)
+        without.generator.manual_seed(seed)
+        params = mixup_fn.draw(tuple(images.shape), images.device)
+        plain = without.draw(tuple(images.shape), images.device)
+        snapped = params.snap_corners.flatten(1).ne(0).any(dim=1)
+        drawn += int(snapped.sum())
+        for field in ("lam", "use_cutmix", "blend"):
+            assert torch.equal(getattr(params, field)[~snapped], getattr(plain, field)[~snapped])
+        assert torch.equal(params.corners[~snapped], plain.corners[~snapped])
+    assert stats.binomtest(drawn, 200 * 7, 0.3).pvalue > 1e-4
+
+
+def test_snapmix_cams_come_from_the_tap_or_the_call():
+    import torchvision
+
+    from cekd_losses import FeatureTap
+
+    model = torchvision.models.resnet18(num_classes=5).eval()
+    tap = FeatureTap(model)
+    images, labels = torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    by_tap = Mixup(
+        snapmix_alpha=5.0, mixup_alpha=0.0, num_classes=5, tap=tap, generator=torch.Generator().manual_seed(0)
+    )
+    by_call = Mixup(snapmix_alpha=5.0, mixup_alpha=0.0, num_classes=5, generator=torch.Generator().manual_seed(0))
+    first, second = by_tap(images, labels), by_call(images, labels, cams=tap.cams(images, labels))
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    with pytest.raises(ValueError, match="needs CAMs: pass tap=FeatureTap"):
+        Mixup(snapmix_alpha=5.0, num_classes=5)(images, labels)
+    with pytest.raises(ValueError, match="needs class ids"):
+        Mixup(snapmix_alpha=5.0, num_classes=5, multi_label=True)
+    with pytest.raises(TypeError, match="`tap` must be a FeatureTap"):
+        Mixup(snapmix_alpha=5.0, num_classes=5, tap=model)

@@ -105,6 +105,8 @@ def comparison(config: RunConfig) -> list[tuple[str, dict]]:
         raise ValueError(
             "--compare sets each method without mixing beside it over --mix: give --mix cutmix, snapmix or mixup"
         )
+    if "," in config.mix:
+        raise ValueError(f"--compare sets --mix alone beside the online methods: give one mixing, not {config.mix}")
     rows = compare_rows(config.mix)
     for _, overrides in rows:
         replace(config, **overrides).validate()

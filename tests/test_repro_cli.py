@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 
 import pytest
 import torch
 from repro_helpers import TINY_ARGS, cli
+
+from cekd_repro.config import RunConfig
 
 
 @pytest.mark.parametrize(
@@ -298,3 +301,29 @@ def test_cli_compare_writes_every_online_method_with_and_without_mixing(tmp_path
     trained = []
     monkeypatch.setattr(ablation, "train", lambda *a, **k: trained.append(a))
     assert cli_module.main(["--resume", "cmp", "--compare"]) == 0 and trained == []  # all finished: kept
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"mix": "cutmix,cutmix"}, "a list of distinct ones"),
+        ({"mix": "cutmix,none"}, "a list of distinct ones"),
+        ({"mix": "cutmix", "switch_prob": 0.5}, "--switch-prob chooses within a --mix list"),
+        ({"mix": "mixup,cutmix", "switch_prob": 1.5}, r"--switch-prob must be in \[0, 1\]"),
+        ({"mix_off_epoch": 0}, r"--mix-off-epoch must be in \[1, --epochs 30\)"),
+        ({"mix_off_epoch": 30}, r"--mix-off-epoch must be in \[1, --epochs 30\)"),
+        ({"method": "baseline", "mix_off_epoch": 3}, "--method baseline here does not mix"),
+        ({"mix": "snapmix,cutmix", "branches_from": "layer3"}, "--mix snapmix reads its CAMs from a whole member"),
+    ],
+)
+def test_mix_list_and_off_epoch_flags_are_checked(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        replace(RunConfig(), **overrides).validate()
+
+
+def test_a_mix_list_takes_each_mixings_own_alpha_and_timms_switch():
+    config = replace(RunConfig(), mix="mixup,cutmix,snapmix", mix_alpha=None, switch_prob=0.4)
+    assert config.mixer_methods == ("mixup", "cutmix", "snapmix") and config.mixer_alpha == [1.0, 3.0, 5.0]
+    assert config.method_p == pytest.approx([0.6, 0.2, 0.2]) and config.with_mixing_alpha().mix_alpha is None
+    assert replace(config, switch_prob=None).method_p is None  # equal shares
+    assert {"switch_prob", "mix_off_epoch"} <= set(config.saved()) and "switch_prob" not in RunConfig().saved()

@@ -310,3 +310,25 @@ def test_fp16_steps_the_scaler_skips_are_counted_not_taken_for_divergence(tmp_pa
     monkeypatch.setattr(engine, "build_run", build_run)
     record = train(replace(TINY, device="cuda", amp="fp16", train_per_class=40), tmp_path / "run")  # 20 steps
     assert 1 <= record["skipped_steps"] < 20 and math.isfinite(record["loss_total"])
+
+
+def test_a_mix_list_chooses_per_sample_and_mixing_stops_after_its_epoch(tmp_path, monkeypatch):
+    """--mix snapmix,mixup --switch-prob 0.25 --mix-off-epoch 2: the mixer chooses between the two with the
+    probabilities timm's switch gives (the first 0.75), SnapMix gets its CAMs, and the third epoch's steps see
+    clean batches."""
+    seen = []
+    real_step = engine.train_step
+
+    def recording_step(*args, **kwargs):
+        out = real_step(*args, **kwargs)
+        seen.append((kwargs["step"], kwargs["mixer"], bool(out.batch.applied.any())))
+        return out
+
+    monkeypatch.setattr(engine, "train_step", recording_step)
+    config = replace(TINY, method="cekd", mix="snapmix,mixup", switch_prob=0.25, mix_off_epoch=2, epochs=3)
+    train(config, tmp_path / "run")
+    mixer = seen[0][1]
+    assert mixer.methods == ("snapmix", "mixup") and mixer.method_p == (0.75, 0.25) and mixer.p == config.mix_p
+    steps_per_epoch = len(seen) // 3
+    assert [applied for step, _, applied in seen if step >= 2 * steps_per_epoch] == [False] * steps_per_epoch
+    assert any(applied for step, _, applied in seen if step < 2 * steps_per_epoch)

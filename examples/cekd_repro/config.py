@@ -15,7 +15,7 @@ SOURCE_TASKS = {"synthetic-source": "near", "synthetic-colours": "colours", "syn
 SYNTHETIC = ("synthetic", *SOURCE_TASKS)
 CEKD_OPTIONS = ("temperature", "alpha", "beta", "combine", "no_cross", "no_ensemble")
 ONLINE_OPTIONS = ("mix", "members", "rampup_epochs", "branches_from")  # every online method's
-MIXING_OPTIONS = ("mix_alpha", "mix_p", "same_on_batch")
+MIXING_OPTIONS = ("mix_alpha", "mix_p", "same_on_batch", "mix_off_epoch")
 
 
 @dataclass
@@ -23,7 +23,7 @@ class RunConfig:
     """Everything that defines a run; saved as config.json in the run dir."""
 
     method: str = "cekd"
-    mix: str = "cutmix"  # the online methods' mixing: cutmix | snapmix | mixup | none
+    mix: str = "cutmix"  # the online methods' mixing: cutmix | snapmix | mixup | none, or a list: cutmix,mixup
     dataset: str = "synthetic"
     data_root: str | None = None
     classes: int = 12  # synthetic only
@@ -48,6 +48,8 @@ class RunConfig:
     mix_alpha: float | None = 1.0  # None (the fine-tuning presets'): each mixing's own, PAPER_MIX_ALPHA
     mix_p: float = 0.5
     same_on_batch: bool = False
+    switch_prob: float | None = None  # a --mix list: the others' share (first: 1 - it); None: equal shares
+    mix_off_epoch: int | None = None  # no mixing after this many epochs (timm's --mixup-off-epoch)
     temperature: float = 3.0
     alpha: float = 1.0
     beta: float = 1.0
@@ -80,7 +82,9 @@ class RunConfig:
         if name in ONLINE_OPTIONS:
             return self.method in ONLINE
         if name in MIXING_OPTIONS:
-            return self.mixer_method is not None
+            return bool(self.mixer_methods)
+        if name == "switch_prob":
+            return len(self.mixer_methods) > 1
         if name == "milestones":
             return self.schedule == "multistep"
         return True
@@ -100,19 +104,37 @@ class RunConfig:
         return names
 
     @property
-    def mixer_method(self) -> str | None:
-        """The MixingAugmenter method this run applies: the method's own (mixup, cutmix, snapmix), an online
-        method's ``mix`` (the --mix flag), or None for the baseline and ``--mix none``."""
+    def mixer_methods(self) -> tuple[str, ...]:
+        """The MixingAugmenter methods this run chooses among: the method's own (mixup, cutmix, snapmix), an online
+        method's ``mix`` (the --mix flag, a comma-separated list), or none for the baseline and ``--mix none``."""
         if self.method in ONLINE:
-            return None if self.mix == "none" else self.mix
-        return None if self.method == "baseline" else self.method
+            return () if self.mix == "none" else tuple(self.mix.split(","))
+        return () if self.method == "baseline" else (self.method,)
+
+    @property
+    def mixer_alpha(self) -> float | list[float]:
+        """The mixer's Beta parameter: ``mix_alpha``, or where it is None each mixing's own
+        (:data:`PAPER_MIX_ALPHA`)."""
+        if self.mix_alpha is not None:
+            return self.mix_alpha
+        return [PAPER_MIX_ALPHA[m] for m in self.mixer_methods]
+
+    @property
+    def method_p(self) -> list[float] | None:
+        """A --mix list's probabilities: the first ``1 - switch_prob``, the others ``switch_prob`` shared (timm's
+        switch for two), or None (equal)."""
+        methods = self.mixer_methods
+        if len(methods) < 2 or self.switch_prob is None:
+            return None
+        return [1.0 - self.switch_prob] + [self.switch_prob / (len(methods) - 1)] * (len(methods) - 1)
 
     def with_mixing_alpha(self) -> RunConfig:
-        """This run with its mixing's own Beta parameter (:data:`PAPER_MIX_ALPHA`) where ``mix_alpha`` is None:
-        a table's base under a fine-tuning preset leaves it None, so that each row mixes with its own."""
-        if self.mix_alpha is not None or self.mixer_method is None:
+        """This run with its mixing's own Beta parameter (:data:`PAPER_MIX_ALPHA`) where ``mix_alpha`` is None and
+        it mixes with one method: a table's base under a fine-tuning preset leaves it None, so that each row mixes
+        with its own (a --mix list keeps None: each method its own, :attr:`mixer_alpha`)."""
+        if self.mix_alpha is not None or len(self.mixer_methods) != 1:
             return self
-        return replace(self, mix_alpha=PAPER_MIX_ALPHA[self.mixer_method])
+        return replace(self, mix_alpha=PAPER_MIX_ALPHA[self.mixer_methods[0]])
 
     def validate(self) -> None:
         """Raise ValueError naming the flag for any value a run cannot use."""
@@ -152,6 +174,7 @@ class RunConfig:
             raise ValueError(f"--milestones must be increasing epochs >= 1, got {' '.join(map(str, self.milestones))}")
         if not 0 <= self.mix_p <= 1:
             raise ValueError(f"--mix-p must be in [0, 1], got {self.mix_p}")
+        self._validate_mixing()
         if self.dataset not in SYNTHETIC and self.data_seed is not None:
             raise ValueError(f"--data-seed draws the synthetic sets' images; --dataset {self.dataset} has its own")
         if self.dataset not in SYNTHETIC and self.image_size > self.resize:
@@ -165,17 +188,36 @@ class RunConfig:
         if self.amp == "fp16" and not self.device.startswith("cuda"):
             raise ValueError("--amp fp16 needs a CUDA device; use --amp bf16 on CPU")
 
+    def _validate_mixing(self) -> None:
+        """--mix (one mixing, none, or a list of distinct mixings), --switch-prob and --mix-off-epoch."""
+        names = self.mix.split(",")
+        if self.mix not in MIXES and (len(set(names)) != len(names) or not set(names) <= set(MIXES) - {"none"}):
+            raise ValueError(
+                f"--mix must be one of {', '.join(MIXES)} or a list of distinct ones (cutmix,mixup), got {self.mix!r}"
+            )
+        if self.switch_prob is not None:
+            if len(self.mixer_methods) < 2:
+                raise ValueError("--switch-prob chooses within a --mix list (cutmix,mixup); this run mixes with one")
+            if not 0 <= self.switch_prob <= 1:
+                raise ValueError(f"--switch-prob must be in [0, 1], got {self.switch_prob}")
+        if self.mix_off_epoch is not None:
+            if not self.mixer_methods:
+                raise ValueError(f"--mix-off-epoch stops the mixing; --method {self.method} here does not mix")
+            if not 1 <= self.mix_off_epoch < self.epochs:
+                raise ValueError(
+                    f"--mix-off-epoch must be in [1, --epochs {self.epochs}) (the epochs mixed before the clean ones), "
+                    f"got {self.mix_off_epoch}"
+                )
+
     def _validate_online(self) -> None:
         """The flags of the methods that train N members together (cekd, dml, one, ffl, pcl)."""
-        if self.mix not in MIXES:
-            raise ValueError(f"--mix must be one of {', '.join(MIXES)}, got {self.mix!r}")
         if self.method in ONLINE and self.members < 2:
             raise ValueError(f"--members must be >= 2 for --method {self.method}, got {self.members}")
         if self.branches_from is None:
             return
         if self.method not in ONLINE:
             raise ValueError(f"--branches-from applies to --method {', '.join(ONLINE)}, got --method {self.method}")
-        if self.mix == "snapmix":
+        if "snapmix" in self.mixer_methods:
             raise ValueError("--mix snapmix reads its CAMs from a whole member: drop --branches-from, or mix otherwise")
 
 

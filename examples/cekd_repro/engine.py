@@ -51,6 +51,7 @@ def run_step(run: Run, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
             tap=run.tap,
             step=run.scheduler.last_epoch,
             views=run.views,
+            mix_off_step=run.mix_off_step,
         )
     run.optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(out.loss).backward()

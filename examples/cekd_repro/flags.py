@@ -35,7 +35,12 @@ def _run_flags(add: Callable[..., None]) -> None:
     """What is trained: the preset and the method."""
     add("--preset", choices=sorted(PRESETS), help="base values of every option below [default: quick]")
     add("--method", choices=METHODS)
-    add("--mix", choices=list(MIXES), help="the online methods' (cekd, dml, one, ffl, pcl) mixing augmentation")
+    add(
+        "--mix",
+        metavar="|".join(MIXES),
+        help="the online methods' (cekd, dml, one, ffl, pcl) mixing augmentation, or a comma-separated list of them "
+        "to choose among per sample (cutmix,mixup)",
+    )
 
 
 def _data_flags(add: Callable[..., None]) -> None:
@@ -105,6 +110,20 @@ def _training_flags(add: Callable[..., None]) -> None:
     add("--clip-grad", dest="clip_grad", type=float, metavar="NORM", help="clip the gradient's global L2 norm to NORM")
     add("--mix-alpha", dest="mix_alpha", type=float, help="Beta(alpha, alpha) of the mixing lambdas")
     add("--mix-p", dest="mix_p", type=float, help="probability that a sample is mixed")
+    add(
+        "--switch-prob",
+        dest="switch_prob",
+        type=float,
+        metavar="P",
+        help="a --mix list: a mixed sample takes the first with 1 - P, the others share P (timm's switch; -: equal)",
+    )
+    add(
+        "--mix-off-epoch",
+        dest="mix_off_epoch",
+        type=int,
+        metavar="E",
+        help="train on clean images after the first E epochs (timm's --mixup-off-epoch E)",
+    )
     add("--temperature", type=float, help="cekd: distillation temperature T")
     add("--alpha", type=float, help="cekd: weight of cross distillation")
     add("--beta", type=float, help="cekd: weight of ensemble-to-member distillation")

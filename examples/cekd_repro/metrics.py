@@ -163,7 +163,10 @@ def describe_run(config: RunConfig, run_dir: Path, train_size: int, test_size: i
     what = {"baseline": "baseline (no mixing)"}.get(config.method, config.method)
     if config.method in ONLINE:
         what += f" over {config.mix}" if config.mix != "none" else " without mixing"
+        what += f" (switch {config.switch_prob:g})" if config.switch_prob is not None else ""
         what += f", branches from {config.branches_from} of one trunk" if config.branches_from else ""
+    if config.mix_off_epoch is not None:
+        what += f", mixing off after epoch {config.mix_off_epoch}"
     data = config.dataset if config.data_root is None else f"{config.dataset} ({config.data_root})"
     # a CPU run's numbers depend on its thread count (the kernels' summation order), so the line says it
     device = f"cpu ({torch.get_num_threads()} threads)" if config.device == "cpu" else config.device

@@ -44,6 +44,7 @@ class Run:
     clip_grad: float | None
     after_step: Callable[[], None] | None = None  # after each optimizer step (PCL's temporal means)
     views: PeerViews | None = None  # PCL on whole members: one view of the batch per peer
+    mix_off_step: int | None = None  # --mix-off-epoch in optimizer steps: clean batches from this step on
 
 
 def build_run(
@@ -63,12 +64,13 @@ def build_run(
     )
     optimizer = _optimizer(config, net, models)
     mixer = None
-    if config.mixer_method is not None:
+    if config.mixer_methods:
         mixer = MixingAugmenter(
-            config.mixer_method,
+            list(config.mixer_methods),
             num_classes,
-            mix_alpha=config.mix_alpha,
+            mix_alpha=config.mixer_alpha,
             p=config.mix_p,
+            method_p=config.method_p,
             same_on_batch=config.same_on_batch,
             generator=place.generator(config.seed * MIXER_SEED_STRIDE + rank),
         )
@@ -81,11 +83,12 @@ def build_run(
         torch.amp.GradScaler(device.type, enabled=config.amp == "fp16"),
         place,
         mixer,
-        FeatureTap(models[0]) if config.mixer_method == "snapmix" else None,
+        FeatureTap(models[0]) if "snapmix" in config.mixer_methods else None,
         _criterion(config, steps_per_epoch),
         config.clip_grad,
         net.update if isinstance(net, Peers) and config.method == "pcl" else None,
         peer_views(config, place.generator(config.seed * MIXER_SEED_STRIDE + VIEW_SEED_OFFSET + rank)),
+        None if config.mix_off_epoch is None else config.mix_off_epoch * steps_per_epoch,
     )
 
 

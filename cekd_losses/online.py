@@ -11,7 +11,7 @@ peers          ``sum_i mean_{j != i} KL_T(z_j -> z_i)``                         
 teacher        ``sum_i KL_T(z_t -> z_i)``                                           ONE, FFL, PCL, CEKD
 to_teacher     ``KL_T(mean_i z_i -> z_t)``                                          FFL
 mean_teachers  ``sum_i mean_{j != i} KL_T(z'_ij -> z_i)``, z'_ij: mean model j      PCL
-               on peer i's view
+               (on its own view; or on peer i's)
 =============  ==================================================================  =====
 """
 
@@ -92,9 +92,10 @@ class OnlineDistillationLoss(nn.Module):
     (N, B, K) ``member_logits`` (or N (B, K) tensors, or an :class:`OnlineOutput` holding all three logits),
     ``target`` (B,) class ids or (B, K) soft targets, the
     method's (B, K) ``teacher_logits`` (ONE, FFL, PCL, CEKD), PCL's ``mean_logits`` of the N temporal mean
-    models, (N, N, B, K) with ``[i, j]`` = mean model j on peer i's view, or (N, B, K) when every peer saw the
-    same images, the global ``step`` (required when ``rampup_steps > 0``) and optional per-sample ``weights``
-    (B,) that scale the distillation terms. Teachers are detached where they teach. :meth:`components` returns
+    models, (N, B, K) with ``[j]`` = mean model j on its own peer's view (PCL's code) or on the one view all
+    peers saw, or (N, N, B, K) with ``[i, j]`` = mean model j on peer i's view, the global ``step`` (required
+    when ``rampup_steps > 0``) and optional per-sample ``weights`` (B,) that scale the distillation terms.
+    Teachers are detached where they teach. :meth:`components` returns
     the named terms (the module docstring's table) for logging.
 
     Example:

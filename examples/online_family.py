@@ -79,8 +79,10 @@ class PeersWithMeans(nn.Module):
 
     def __init__(self, peers: list[nn.Module]) -> None:
         super().__init__()
+        # copied before the ensemble's linear combiner taps the peers' features (a copy would carry the hooks);
+        # statistics of their own, as PCL's code (its mean models run forward in train mode)
+        self.means = nn.ModuleList(TemporalMean(peer, max_decay=0.999, buffers="own") for peer in peers)
         self.ensemble = CollaborativeEnsemble(peers, combine="linear")
-        self.means = nn.ModuleList(TemporalMean(peer, max_decay=0.999) for peer in peers)
 
     def update(self) -> None:
         for mean, peer in zip(self.means, self.ensemble.members, strict=True):

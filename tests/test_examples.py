@@ -67,3 +67,19 @@ def test_online_family_example_trains_every_method(run):
         assert line.split()[0] == method
         assert line.split()[1::2] == ["total", *terms]
     assert lines[-1].startswith("every method trained")
+
+
+def test_the_online_familys_pcl_means_carry_no_taps_and_keep_their_own_statistics():
+    """The mean models are copied before the linear combiner taps the peers (a copy would carry the hooks), and
+    keep BatchNorm statistics of their own, as PCL's code."""
+    import timm
+
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import online_family
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    model = online_family.PeersWithMeans([timm.create_model("test_resnet", num_classes=10) for _ in range(2)])
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.means.modules())
+    assert hooks == 0 and all(mean.buffers_rule == "own" for mean in model.means)
+    assert sum(len(m._forward_pre_hooks) for m in model.ensemble.modules()) > 0  # the combiner's taps are there

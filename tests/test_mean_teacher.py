@@ -1,4 +1,4 @@
-"""Specifications of the temporal mean model: PCL's decay, exact against its formula; buffers copied; no
+"""Specifications of the temporal mean model: PCL's decay, exact against its formula; its three rules for buffers; no
 gradient; exact resume from its state dict; named errors."""
 
 from __future__ import annotations
@@ -75,9 +75,13 @@ def test_its_state_dict_resumes_exactly():
     mean.update(model)
     restored.update(model)
     ours, theirs = mean.model.state_dict(), restored.model.state_dict()
-    assert mean.state_dict()["_extra_state"] == restored.state_dict()["_extra_state"] == {"updates": 4}
+    assert (
+        mean.state_dict()["_extra_state"]
+        == restored.state_dict()["_extra_state"]
+        == {"updates": 4, "buffers": "copied"}
+    )
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
-    assert repr(restored).startswith("TemporalMean(\n  max_decay=0.9, updates=4")
+    assert repr(restored).startswith("TemporalMean(\n  max_decay=0.9, buffers='copied', updates=4")
 
 
 @pytest.mark.parametrize(
@@ -96,3 +100,58 @@ def test_its_state_dict_resumes_exactly():
 def test_bad_input_is_named(call, error, message):
     with pytest.raises(error, match=message):
         call()
+
+
+def test_averaged_buffers_follow_the_moving_average_and_counts_are_copied():
+    """buffers="averaged" (timm's ModelEmaV3): running statistics as d * own + (1 - d) * network's, in float64
+    against the formula; the integer count copied."""
+    model = small()
+    mean = TemporalMean(model, max_decay=0.5, buffers="averaged")
+    reference = mean.model[1].running_mean.double().clone()
+    for n in range(5):
+        with torch.no_grad():
+            model[1].running_mean.add_(float(n + 1))
+            model[1].num_batches_tracked.add_(3)
+        decay = mean.decay()
+        mean.update(model)
+        reference = decay * reference + (1 - decay) * model[1].running_mean.double()
+        assert torch.allclose(mean.model[1].running_mean.double(), reference, atol=1e-6)
+        assert torch.equal(mean.model[1].num_batches_tracked, model[1].num_batches_tracked)
+
+
+def test_own_buffers_are_left_to_the_means_forwards():
+    """buffers="own" (PCL's reference): updates never touch the mean's statistics; its forwards in train mode
+    gather them from the batches it sees, in eval mode they are used as they are."""
+    model = small()
+    mean = TemporalMean(model, max_decay=0.5, buffers="own")
+    start = mean.model[1].running_mean.clone()
+    with torch.no_grad():
+        model[1].running_mean.add_(5.0)
+    mean.update(model)
+    assert torch.equal(mean.model[1].running_mean, start)  # the network's statistics were not taken
+    batch = torch.rand(16, 3) * 4
+    mean.train()(batch)
+    expected = 0.9 * start + 0.1 * mean.model[0](batch).mean(0)  # BatchNorm's momentum 0.1 on its own forward
+    assert torch.allclose(mean.model[1].running_mean, expected, atol=1e-5)
+    frozen = mean.model[1].running_mean.clone()
+    mean.eval()(batch)
+    assert torch.equal(mean.model[1].running_mean, frozen)
+
+
+def test_the_buffers_rule_is_named():
+    with pytest.raises(ValueError, match="`buffers` must be one of 'copied', 'averaged', 'own'"):
+        TemporalMean(small(), buffers="mean")  # type: ignore[arg-type]
+
+
+def test_a_state_dict_loads_only_into_a_mean_of_its_buffers_rule():
+    """A checkpoint says how its mean treated the buffers; one from before the choice copied them."""
+    saved = TemporalMean(small(), buffers="own").state_dict()
+    TemporalMean(small(), buffers="own").load_state_dict(saved)
+    with pytest.raises(ValueError, match="buffers='own', this one has buffers='copied'"):
+        TemporalMean(small()).load_state_dict(saved)
+    old = {**saved, "_extra_state": {"updates": 3}}  # as TemporalMean saved it before
+    restored = TemporalMean(small(), buffers="copied")
+    restored.load_state_dict(old)
+    assert restored.updates == 3
+    with pytest.raises(ValueError, match="buffers='copied', this one has buffers='own'"):
+        TemporalMean(small(), buffers="own").load_state_dict(old)

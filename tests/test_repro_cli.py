@@ -327,3 +327,28 @@ def test_a_mix_list_takes_each_mixings_own_alpha_and_timms_switch():
     assert config.method_p == pytest.approx([0.6, 0.2, 0.2]) and config.with_mixing_alpha().mix_alpha is None
     assert replace(config, switch_prob=None).method_p is None  # equal shares
     assert {"switch_prob", "mix_off_epoch"} <= set(config.saved()) and "switch_prob" not in RunConfig().saved()
+
+
+def test_dml_does_not_ramp_and_pcls_means_keep_their_own_statistics_but_old_runs_resume_as_they_trained(tmp_path):
+    """DML's paper: no ramp; PCL's code: mean models with statistics of their own. A run saved before either
+    (its config.json: DML with rampup_epochs, PCL without mean_buffers) resumes as it trained."""
+    from cekd_repro import rundir
+    from cekd_repro.run import _criterion
+
+    dml = replace(RunConfig(), method="dml")
+    assert "rampup_epochs" not in dml.saved() and _criterion(dml, 10).rampup_steps == 0
+    assert _criterion(replace(dml, method="ffl"), 10).rampup_steps == 50
+    pcl = replace(RunConfig(), method="pcl")
+    assert pcl.saved()["mean_buffers"] == "own" and "pcl_every_view" not in pcl.saved()
+    for method, saved, expected in (
+        ("dml", {"rampup_epochs": 5}, {"dml_ramp": True}),
+        ("pcl", {}, {"mean_buffers": "copied", "pcl_every_view": True}),
+        ("dml", {}, {"dml_ramp": False}),
+    ):
+        run_dir = tmp_path / f"{method}-{len(saved)}"
+        run_dir.mkdir()
+        (run_dir / "config.json").write_text(json.dumps({"method": method, **saved}))
+        resumed = rundir.resumed_config(run_dir)
+        assert {name: getattr(resumed, name) for name in expected} == expected
+    old_dml = rundir.resumed_config(tmp_path / "dml-1")
+    assert _criterion(old_dml, 10).rampup_steps == 50 and old_dml.saved()["dml_ramp"] is True

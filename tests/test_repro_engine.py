@@ -164,7 +164,7 @@ def test_pcl_mean_models_follow_every_step_and_resume_exactly(tmp_path):
     train(config, tmp_path / "run")
     saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["model"]
     updates = [v for k, v in saved.items() if k.endswith("_extra_state")]
-    assert updates == [{"updates": 2 * (24 // 8)}]  # 24 images in batches of 8, 2 epochs
+    assert updates == [{"updates": 2 * (24 // 8), "buffers": "own"}]  # 24 images in batches of 8, 2 epochs
 
 
 def test_clip_grad_bounds_every_update(tmp_path):
@@ -332,3 +332,18 @@ def test_a_mix_list_chooses_per_sample_and_mixing_stops_after_its_epoch(tmp_path
     steps_per_epoch = len(seen) // 3
     assert [applied for step, _, applied in seen if step >= 2 * steps_per_epoch] == [False] * steps_per_epoch
     assert any(applied for step, _, applied in seen if step < 2 * steps_per_epoch)
+
+
+@pytest.mark.parametrize("every_view", [False, True])
+def test_pcl_mean_model_j_sees_peer_js_view(every_view):
+    """PCL's code runs mean model j on view j (N forwards); runs saved before do mean j on every view (N x N)."""
+    models = [build_model("timm:test_resnet", 4, None, 32) for _ in range(2)]
+    peers = methods.Peers("pcl", models, 4, None, 32, "own", every_view).eval()
+    views = [torch.rand(3, 3, 32, 32), torch.rand(3, 3, 32, 32)]
+    means = peers(views).mean_logits
+    alone = [peers.means.model.members[j].eval()(views[j]) for j in range(2)]
+    if every_view:
+        assert means.shape == (2, 2, 3, 4)
+        assert all(torch.allclose(means[j, j], alone[j], atol=1e-5) for j in range(2))
+    else:
+        assert means.shape == (2, 3, 4) and all(torch.allclose(means[j], alone[j], atol=1e-5) for j in range(2))

@@ -15,6 +15,7 @@ SOURCE_TASKS = {"synthetic-source": "near", "synthetic-colours": "colours", "syn
 SYNTHETIC = ("synthetic", *SOURCE_TASKS)
 CEKD_OPTIONS = ("temperature", "alpha", "beta", "combine", "no_cross", "no_ensemble")
 ONLINE_OPTIONS = ("mix", "members", "rampup_epochs", "branches_from")  # every online method's
+MEAN_BUFFERS = ("own", "averaged", "copied")  # TemporalMean's rules for the buffers
 MIXING_OPTIONS = ("mix_alpha", "mix_p", "same_on_batch", "mix_off_epoch")
 
 
@@ -55,6 +56,9 @@ class RunConfig:
     beta: float = 1.0
     combine: str = "mean"
     rampup_epochs: int = 5
+    mean_buffers: str = "own"  # pcl: its temporal means' BatchNorm statistics (TemporalMean's buffers rule)
+    dml_ramp: bool = False  # dml: ramp its distillation as the others (runs saved before DML followed its paper)
+    pcl_every_view: bool = False  # pcl: every mean model on every peer's view (runs saved before mean j on view j)
     no_cross: bool = False
     no_ensemble: bool = False
     amp: str = "none"
@@ -79,6 +83,12 @@ class RunConfig:
             return not synthetic
         if name in CEKD_OPTIONS:
             return self.method == "cekd"
+        if name == "rampup_epochs":  # DML does not ramp (its paper), but for the runs saved when it did
+            return self.method in ONLINE and (self.method != "dml" or self.dml_ramp)
+        if name == "dml_ramp":
+            return self.method == "dml" and self.dml_ramp
+        if name == "pcl_every_view":
+            return self.method == "pcl" and self.pcl_every_view
         if name in ONLINE_OPTIONS:
             return self.method in ONLINE
         if name in MIXING_OPTIONS:
@@ -87,6 +97,8 @@ class RunConfig:
             return len(self.mixer_methods) > 1
         if name == "milestones":
             return self.schedule == "multistep"
+        if name == "mean_buffers":
+            return self.method == "pcl"
         return True
 
     def saved(self) -> dict:
@@ -174,6 +186,8 @@ class RunConfig:
             raise ValueError(f"--milestones must be increasing epochs >= 1, got {' '.join(map(str, self.milestones))}")
         if not 0 <= self.mix_p <= 1:
             raise ValueError(f"--mix-p must be in [0, 1], got {self.mix_p}")
+        if self.mean_buffers not in MEAN_BUFFERS:
+            raise ValueError(f"--mean-buffers must be one of {', '.join(MEAN_BUFFERS)}, got {self.mean_buffers!r}")
         self._validate_mixing()
         if self.dataset not in SYNTHETIC and self.data_seed is not None:
             raise ValueError(f"--data-seed draws the synthetic sets' images; --dataset {self.dataset} has its own")

@@ -132,7 +132,18 @@ def _training_flags(add: Callable[..., None]) -> None:
         choices=["mean", "gate", "linear"],
         help="cekd: how member logits make the ensemble's (linear: a classifier on the members' pooled features)",
     )
-    add("--rampup-epochs", dest="rampup_epochs", type=int, help="cekd: epochs over which alpha and beta ramp up")
+    add(
+        "--rampup-epochs",
+        dest="rampup_epochs",
+        type=int,
+        help="cekd, one, ffl, pcl: epochs over which the distillation weights ramp up (dml does not ramp: its paper)",
+    )
+    add(
+        "--mean-buffers",
+        dest="mean_buffers",
+        choices=["own", "averaged", "copied"],
+        help="pcl: the temporal means' BatchNorm statistics: their own (PCL's code), averaged (timm's EMA) or copied",
+    )
     add("--no-cross", dest="no_cross", action="store_const", const=True, help="ablation: alpha = 0")
     add(
         "--no-ensemble",

@@ -97,12 +97,22 @@ class Peers(nn.Module):
     OnlineOutput. PCL adds the temporal mean of every member (:meth:`update` after each optimizer step; on
     whole members each peer trains on its own view, :func:`peer_views`)."""
 
-    def __init__(self, method: str, models: list[nn.Module], num_classes: int, stage: str | None, image_size: int):
+    def __init__(
+        self,
+        method: str,
+        models: list[nn.Module],
+        num_classes: int,
+        stage: str | None,
+        image_size: int,
+        mean_buffers: str = "own",
+        every_view: bool = False,
+    ):
         super().__init__()
         self.method, self.teacher, self.count = method, TEACHERS[method], len(models)
+        self.every_view = every_view  # PCL: every mean model on every peer's view (runs saved before 94be06b)
         self.members: nn.Module = shared_trunk(models, stage) if stage else CollaborativeEnsemble(models)
         if method == "pcl":  # copied before any tap hooks the members: the mean models run no tap
-            self.means = TemporalMean(self.members, max_decay=PCL_MAX_DECAY)
+            self.means = TemporalMean(self.members, max_decay=PCL_MAX_DECAY, buffers=mean_buffers)
         branches = list(self.members.branches if stage else self.members.members)  # type: ignore[union-attr]
         tapped = method in ("ffl", "pcl") or (method == "one" and not stage)  # they read pooled features or maps
         self.taps = [FeatureTap(branch) for branch in branches] if tapped else []
@@ -119,10 +129,11 @@ class Peers(nn.Module):
         return OnlineOutput(out.member_logits, teacher, self._mean_logits(images))
 
     def _mean_logits(self, images: Tensor | list[Tensor]) -> Tensor | None:
-        """PCL's mean models on one view for all, (N, B, K), or on every peer's view: [i, j] mean j on view i."""
+        """PCL's mean models, (N, B, K): mean j on view j (PCL's code: a mean teacher sees its own peer's
+        augmentation; on one input, every mean on it). ``every_view``: (N, N, B, K), [i, j] mean j on view i."""
         if self.method != "pcl":
             return None
-        if isinstance(images, Tensor):
+        if isinstance(images, Tensor) or not self.every_view:
             return self.means(images).member_logits
         return torch.stack([self.means(view).member_logits for view in images])
 

@@ -97,7 +97,15 @@ def _network(config: RunConfig, models: list[nn.Module], num_classes: int) -> nn
     if config.method == "cekd":
         return cekd_ensemble(models, config.combine, config.branches_from)
     if config.method in ONLINE_METHODS:
-        return Peers(config.method, models, num_classes, config.branches_from, config.image_size)
+        return Peers(
+            config.method,
+            models,
+            num_classes,
+            config.branches_from,
+            config.image_size,
+            config.mean_buffers,
+            config.pcl_every_view,
+        )
     return models[0]
 
 
@@ -134,5 +142,6 @@ def _criterion(config: RunConfig, steps_per_epoch: int) -> Criterion:
             supervise_ensemble=not config.no_ensemble,
         )
     if config.method in ONLINE_METHODS:
-        return OnlineDistillationLoss(config.method, rampup_steps=rampup)  # type: ignore[arg-type]
+        ramps = config.method != "dml" or config.dml_ramp  # DML's paper: no ramp
+        return OnlineDistillationLoss(config.method, rampup_steps=rampup if ramps else 0)  # type: ignore[arg-type]
     return SoftTargetCrossEntropy()

@@ -20,6 +20,7 @@ Public API:
   (``cekd_losses.trunk``);
 - :class:`PeerViews`: a random view of the batch for every peer, on its device (``cekd_losses.views``);
 - :class:`TemporalMean`, a network's temporal mean model (``cekd_losses.mean_teacher``);
+- :class:`PeerContrast`, MCL-OKD's contrastive term between peers with its memory (``cekd_losses.contrastive``);
 - :class:`Mixup`, a drop-in for ``timm.data.Mixup`` on this library's kernels (``cekd_losses.timm_mix``);
 - :class:`MixUp` and :class:`CutMix`, drop-ins for torchvision's ``transforms.v2.MixUp`` and ``CutMix``
   (``cekd_losses.torchvision_mix``);
@@ -28,6 +29,7 @@ Public API:
 """
 
 from .cam import FeatureTap, find_classifier, normalize_cams
+from .contrastive import PeerContrast
 from .ensemble import CollaborativeEnsemble, Combine, EnsembleOutput
 from .fusion import FeatureFusion
 from .gate import BranchGate
@@ -71,6 +73,7 @@ __all__ = [
     "OnlineDistillationLoss",
     "OnlineMethod",
     "OnlineOutput",
+    "PeerContrast",
     "Reduction",
     "SharedTrunk",
     "SoftTargetCrossEntropy",

@@ -1,4 +1,4 @@
-"""The online-distillation family as presets over shared terms: DML, ONE, FFL, PCL and CEKD.
+"""The online-distillation family as presets over shared terms: DML, ONE, FFL, PCL, MCL-OKD and CEKD.
 
 Notation: members (peers, branches) z_1..z_N, teacher logits z_t, KL_T(p -> q) = T^2 KL(sg softmax(p / T) ||
 softmax(q / T)), w = r(step) the ramp-up of :func:`~cekd_losses.rampup`. Every method has
@@ -12,7 +12,10 @@ teacher        ``sum_i KL_T(z_t -> z_i)``                                       
 to_teacher     ``KL_T(mean_i z_i -> z_t)``                                          FFL
 mean_teachers  ``sum_i mean_{j != i} KL_T(z'_ij -> z_i)``, z'_ij: mean model j      PCL
                (on its own view; or on peer i's)
+mean_to_last   ``KL_T(mean_i z_i -> z_N)``                                          MCL-OKD
 =============  ==================================================================  =====
+
+MCL-OKD's contrastive term between the peers' embeddings is :class:`~cekd_losses.PeerContrast`, added beside.
 """
 
 from __future__ import annotations
@@ -29,8 +32,8 @@ from .losses import Reduction, distillation_kl, soft_cross_entropy
 
 __all__ = ["METHODS", "MethodTerms", "OnlineDistillationLoss", "OnlineMethod", "OnlineOutput"]
 
-OnlineMethod = Literal["dml", "one", "ffl", "pcl", "cekd"]
-"""A method of :class:`OnlineDistillationLoss`: ``"dml"``, ``"one"``, ``"ffl"``, ``"pcl"`` or ``"cekd"``."""
+OnlineMethod = Literal["dml", "one", "ffl", "pcl", "mcl", "cekd"]
+"""A method of :class:`OnlineDistillationLoss`: ``"dml"``, ``"one"``, ``"ffl"``, ``"pcl"``, ``"mcl"`` or ``"cekd"``."""
 
 
 class OnlineOutput(NamedTuple):
@@ -72,6 +75,7 @@ METHODS: dict[str, MethodTerms] = {
     "pcl": MethodTerms(
         3.0, "the peer ensemble teacher's logits (Linear on the pooled features)", ("teacher", "mean_teachers")
     ),
+    "mcl": MethodTerms(3.0, None, ("mean_to_last",)),
     "cekd": MethodTerms(3.0, "the ensemble's logits (CollaborativeEnsemble)", ("peers", "teacher")),
 }
 """The presets of :class:`OnlineDistillationLoss`, by method name."""
@@ -82,7 +86,9 @@ class OnlineDistillationLoss(nn.Module):
 
     Args:
         method: ``"dml"`` (Zhang et al., CVPR 2018), ``"one"`` (Lan et al., NeurIPS 2018), ``"ffl"`` (Kim et al.,
-            2019), ``"pcl"`` (Wu and Gong, AAAI 2021) or ``"cekd"`` (Zhang et al., 2022); see :data:`METHODS`.
+            2019), ``"pcl"`` (Wu and Gong, AAAI 2021), ``"mcl"`` (MCL-OKD, Yang et al., ICASSP 2021; its
+            contrastive term is :class:`~cekd_losses.PeerContrast`) or ``"cekd"`` (Zhang et al., 2022); see
+            :data:`METHODS`.
         temperature: T > 0; default: the method's (DML 1, the others 3).
         rampup_steps: steps over which every distillation term ramps up from ~0 (0: no ramp; the papers' code
             ramps over their first 80 epochs, DML does not ramp).
@@ -186,6 +192,8 @@ class OnlineDistillationLoss(nn.Module):
     def _term(self, name: str, members: Tensor, teacher: Tensor | None, means: Tensor | None) -> Tensor:
         """(B,) per-sample value of the distillation term ``name`` (the module docstring's table), before the ramp."""
         scale = self.temperature
+        if name == "mean_to_last":  # MCL-OKD: the members' mean teaches the last member
+            return distillation_kl(members[-1], members.mean(0), scale, "none")
         if name in ("teacher", "to_teacher") and teacher is not None:
             if name == "to_teacher":
                 return distillation_kl(teacher, members.mean(0), scale, "none")

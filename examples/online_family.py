@@ -1,4 +1,4 @@
-"""The online-distillation family in a few lines each: DML, ONE, FFL, PCL and CEKD, every one over CutMix.
+"""The online-distillation family in a few lines each: DML, ONE, FFL, PCL, MCL-OKD and CEKD, every one over CutMix.
 
 Each method is built from the library's pieces on small timm models and trained for a few steps on random
 images (put your loader's batches there); one line per method prints its loss terms. docs/online.rst
@@ -23,11 +23,13 @@ from cekd_losses import (
     FeatureTap,
     MixingAugmenter,
     OnlineDistillationLoss,
+    PeerContrast,
     SharedTrunk,
     TemporalMean,
 )
 
 CLASSES = 10
+SAMPLES = 64  # the training set's size, for MCL-OKD's memory (the random batches below stand in for it)
 Parts = Callable[[Tensor, Tensor, int], dict[str, Tensor]]  # (mixed images, soft targets, step) -> loss terms
 
 
@@ -102,6 +104,23 @@ def pcl(arch: str, rampup: int) -> tuple[nn.Module, Parts]:
     return model, parts
 
 
+def mcl(arch: str, rampup: int) -> tuple[nn.Module, Parts]:
+    """MCL-OKD: three branches on a shared trunk; their mean teaches the last, and each branch's embeddings are
+    contrasted with the other branches' memories of the same samples (weight 0.025, as its code)."""
+    branches = SharedTrunk(models(arch, 3), stage="layer3")
+    taps = [FeatureTap(branch) for branch in branches.branches]  # their pooled features feed the embedding heads
+    contrast = PeerContrast([tap.classifier.in_features for tap in taps], num_samples=SAMPLES, negatives=32)
+    criterion = OnlineDistillationLoss("mcl", rampup_steps=rampup)
+
+    def parts(x: Tensor, y: Tensor, step: int) -> dict[str, Tensor]:
+        terms = criterion.components(branches(x).member_logits, y, step=step)
+        index = (torch.arange(x.shape[0]) + step * x.shape[0]) % SAMPLES  # the batch's dataset indices
+        terms["contrast"] = 0.025 * contrast([tap.pooled for tap in taps], index)
+        return {**terms, "total": terms["total"] + terms["contrast"]}
+
+    return nn.ModuleList([branches, contrast]), parts
+
+
 def cekd(arch: str, rampup: int) -> tuple[nn.Module, Parts]:
     """CEKD: two members, cross distillation and their ensemble teaching both."""
     ensemble = CollaborativeEnsemble(models(arch, 2))
@@ -114,7 +133,7 @@ def cekd(arch: str, rampup: int) -> tuple[nn.Module, Parts]:
     return ensemble, parts
 
 
-METHODS = {"dml": dml, "one": one, "ffl": ffl, "pcl": pcl, "cekd": cekd}
+METHODS = {"dml": dml, "one": one, "ffl": ffl, "pcl": pcl, "mcl": mcl, "cekd": cekd}
 
 
 def train(name: str, arch: str, steps: int) -> str:

@@ -14,6 +14,7 @@ import torch
 import cekd_losses._constants
 import cekd_losses._terms
 import cekd_losses.cam
+import cekd_losses.contrastive
 import cekd_losses.draws
 import cekd_losses.ensemble
 import cekd_losses.fusion
@@ -43,6 +44,7 @@ MODULES = [
     cekd_losses.draws,
     cekd_losses.mixing,
     cekd_losses.cam,
+    cekd_losses.contrastive,
     cekd_losses.losses,
     cekd_losses.ensemble,
     cekd_losses.fusion,

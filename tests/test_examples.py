@@ -61,6 +61,7 @@ def test_online_family_example_trains_every_method(run):
         "one": ["supervised", "teacher"],
         "ffl": ["supervised", "teacher", "to_teacher"],
         "pcl": ["supervised", "teacher", "mean_teachers"],
+        "mcl": ["supervised", "mean_to_last", "contrast"],
         "cekd": ["supervised", "peers", "teacher"],
     }
     for line, (method, terms) in zip(lines, expected.items(), strict=False):

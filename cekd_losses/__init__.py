@@ -16,8 +16,8 @@ Public API:
 - :class:`OnlineDistillationLoss`, the objectives of DML, ONE, FFL, PCL and CEKD, its presets
   :data:`METHODS` and :class:`OnlineOutput` (``cekd_losses.online``);
 - :func:`train_step` and :class:`StepOutput` (``cekd_losses.step``);
-- :class:`SharedTrunk` and :class:`TrunkOutput`: N models as one trunk run once and N branches
-  (``cekd_losses.trunk``);
+- :class:`SharedTrunk` and :class:`TrunkOutput`: N models as one trunk run once and N branches, and
+  :class:`TrunkMember`, one of them whole (``cekd_losses.trunk``);
 - :class:`PeerViews`: a random view of the batch for every peer, on its device (``cekd_losses.views``);
 - :class:`TemporalMean`, a network's temporal mean model (``cekd_losses.mean_teacher``);
 - :class:`PeerContrast`, MCL-OKD's contrastive term between peers with its memory (``cekd_losses.contrastive``);
@@ -44,7 +44,7 @@ from .online import METHODS, MethodTerms, OnlineDistillationLoss, OnlineMethod, 
 from .step import StepOutput, train_step
 from .timm_mix import Mixup
 from .torchvision_mix import CutMix, MixUp
-from .trunk import SharedTrunk, TrunkOutput
+from .trunk import SharedTrunk, TrunkMember, TrunkOutput
 from .views import PeerViews
 
 __version__ = "0.1.0"
@@ -79,6 +79,7 @@ __all__ = [
     "SoftTargetCrossEntropy",
     "StepOutput",
     "TemporalMean",
+    "TrunkMember",
     "TrunkOutput",
     "__version__",
     "cutmix",

@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-__all__ = ["SharedTrunk", "TrunkOutput"]
+__all__ = ["SharedTrunk", "TrunkMember", "TrunkOutput"]
 
 
 class TrunkOutput(NamedTuple):
@@ -134,7 +134,8 @@ class SharedTrunk(nn.Module):
             branches (as ``branches[i]``).
         stage: the first module of the branches.
 
-    Call: ``model(images)`` -> :class:`TrunkOutput` (member logits (N, B, K), the trunk's features).
+    Call: ``model(images)`` -> :class:`TrunkOutput` (member logits (N, B, K), the trunk's features); ``model([view_1,
+    ..., view_N])`` runs the trunk once per view and branch i on view i (PCL's per-peer views).
 
     Example:
         >>> import torchvision
@@ -164,7 +165,57 @@ class SharedTrunk(nn.Module):
     def extra_repr(self) -> str:
         return f"stage={self.stage!r}, branches={len(self.branches)}"
 
-    def forward(self, images: Tensor) -> TrunkOutput:
-        """The trunk on (B, C, H, W) ``images`` once, then every branch on its output."""
-        features = self.trunk(images)
-        return TrunkOutput(torch.stack([branch(features) for branch in self.branches]), features)
+    def forward(self, images: Tensor | Sequence[Tensor]) -> TrunkOutput:
+        """The trunk on (B, C, H, W) ``images`` once, then every branch on its output; or, given N views of the
+        batch (one per branch, PCL's :class:`~cekd_losses.PeerViews`), the trunk on each view and branch i on view
+        i's features (``features`` then (N, B, ...))."""
+        if isinstance(images, Tensor):
+            features = self.trunk(images)
+            return TrunkOutput(torch.stack([branch(features) for branch in self.branches]), features)
+        if len(images) != len(self.branches):
+            raise ValueError(
+                f"`images` must be one batch or one view per branch ({len(self.branches)}), got {len(images)}"
+            )
+        views = [self.trunk(view) for view in images]
+        logits = [branch(view) for branch, view in zip(self.branches, views, strict=True)]
+        return TrunkOutput(torch.stack(logits), torch.stack(views))
+
+    def member(self, index: int) -> TrunkMember:
+        """Member ``index`` as a whole network, the trunk then its branch (the same modules, not copies): what a
+        :class:`~cekd_losses.FeatureTap` of one member taps, e.g. for SnapMix's CAMs on a trunk.
+
+        Example:
+            >>> import torchvision
+            >>> from cekd_losses import FeatureTap
+            >>> shared = SharedTrunk([torchvision.models.resnet18(num_classes=5) for _ in range(2)], "layer3")
+            >>> FeatureTap(shared.member(0)).cams(torch.rand(2, 3, 64, 64), torch.tensor([0, 4])).shape
+            torch.Size([2, 2, 2])
+        """
+        if not 0 <= index < len(self.branches):
+            raise ValueError(f"`index` must be a branch in [0, {len(self.branches)}), got {index!r}")
+        return TrunkMember(self.trunk, self.branches[index])
+
+
+class TrunkMember(nn.Module):
+    """One member of a :class:`SharedTrunk` as a whole network: ``branch(trunk(images))``. Attributes it lacks
+    are the branch's (its ``fc``, ``avgpool``, ``forward_head``, ...), so a :class:`~cekd_losses.FeatureTap` finds
+    its feature map and head as on the model the branch was cut from (CNN splits; a ViT's branch is not that
+    model). Made by :meth:`SharedTrunk.member`; it shares the modules, so keep it out of a module whose state is
+    saved (the parameters would be saved twice).
+    """
+
+    def __init__(self, trunk: nn.Module, branch: nn.Module) -> None:
+        super().__init__()
+        self.trunk, self.branch = trunk, branch
+
+    def forward(self, images: Tensor) -> Tensor:
+        logits: Tensor = self.branch(self.trunk(images))
+        return logits
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("trunk", "branch"):
+                raise
+            return getattr(super().__getattr__("branch"), name)

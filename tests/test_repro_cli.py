@@ -46,7 +46,6 @@ from cekd_repro.config import RunConfig
         (["--transfer", "--sweep", "30:0"], "--sweep 30:0: epochs and seeds must be >= 1"),
         (["--transfer", "--sweep", "30", "30:2"], "--sweep names a length twice: 30 30:2"),
         (["--method", "mixup", "--branches-from", "layer3"], "--branches-from applies to --method cekd, dml, one"),
-        (["--method", "one", "--mix", "snapmix", "--branches-from", "layer3"], "--mix snapmix reads its CAMs"),
         (["--method", "dml", "--members", "1"], "--members must be >= 2 for --method dml, got 1"),
         (["--method", "pcl", "--branches-from", "layer9"], "--branches-from layer9: the stage must name a child"),
         (["--compare", "--mix", "none"], "--compare sets each method without mixing beside it over --mix"),
@@ -313,7 +312,6 @@ def test_cli_compare_writes_every_online_method_with_and_without_mixing(tmp_path
         ({"mix_off_epoch": 0}, r"--mix-off-epoch must be in \[1, --epochs 30\)"),
         ({"mix_off_epoch": 30}, r"--mix-off-epoch must be in \[1, --epochs 30\)"),
         ({"method": "baseline", "mix_off_epoch": 3}, "--method baseline here does not mix"),
-        ({"mix": "snapmix,cutmix", "branches_from": "layer3"}, "--mix snapmix reads its CAMs from a whole member"),
     ],
 )
 def test_mix_list_and_off_epoch_flags_are_checked(overrides, message):
@@ -339,10 +337,10 @@ def test_dml_does_not_ramp_and_pcls_means_keep_their_own_statistics_but_old_runs
     assert "rampup_epochs" not in dml.saved() and _criterion(dml, 10).rampup_steps == 0
     assert _criterion(replace(dml, method="ffl"), 10).rampup_steps == 50
     pcl = replace(RunConfig(), method="pcl")
-    assert pcl.saved()["mean_buffers"] == "own" and "pcl_every_view" not in pcl.saved()
+    assert pcl.saved()["mean_buffers"] == "own" and "pcl_legacy" not in pcl.saved()
     for method, saved, expected in (
         ("dml", {"rampup_epochs": 5}, {"dml_ramp": True}),
-        ("pcl", {}, {"mean_buffers": "copied", "pcl_every_view": True}),
+        ("pcl", {}, {"mean_buffers": "copied", "pcl_legacy": True}),
         ("dml", {}, {"dml_ramp": False}),
     ):
         run_dir = tmp_path / f"{method}-{len(saved)}"

@@ -347,3 +347,35 @@ def test_pcl_mean_model_j_sees_peer_js_view(every_view):
         assert all(torch.allclose(means[j, j], alone[j], atol=1e-5) for j in range(2))
     else:
         assert means.shape == (2, 3, 4) and all(torch.allclose(means[j], alone[j], atol=1e-5) for j in range(2))
+
+
+@pytest.mark.parametrize("method", ["one", "cekd"])
+def test_snapmix_on_a_trunk_reads_its_cams_from_the_trunk_and_branch_0(method, tmp_path, monkeypatch):
+    seen = []
+    real_step = engine.train_step
+
+    def recording_step(*args, **kwargs):
+        out = real_step(*args, **kwargs)
+        seen.append((kwargs["tap"], out.batch))
+        return out
+
+    monkeypatch.setattr(engine, "train_step", recording_step)
+    train(replace(TINY, method=method, mix="snapmix", branches_from="layer3", mix_p=1.0), tmp_path / "run")
+    tap, batch = seen[0]
+    assert type(tap.model).__name__ == "TrunkMember" and batch.source_boxes is not None and batch.applied.any()
+
+
+def test_pcl_on_a_trunk_gives_every_branch_its_own_view(tmp_path, monkeypatch):
+    """--method pcl --branches-from layer3: the trunk runs once per view, branch i (and mean model i) on view i."""
+    seen = []
+    real_step = engine.train_step
+
+    def recording_step(*args, **kwargs):
+        seen.append(kwargs["views"])
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "train_step", recording_step)
+    train(replace(TINY, method="pcl", branches_from="layer3", members=3), tmp_path / "run")
+    assert seen[0] is not None and seen[0].views == 3
+    legacy = replace(TINY, method="pcl", branches_from="layer3", pcl_legacy=True)
+    assert methods.peer_views(legacy, torch.Generator()) is None

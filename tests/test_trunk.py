@@ -11,7 +11,7 @@ import torch
 import torchvision
 from torch import nn
 
-from cekd_losses import CEKDLoss, CollaborativeEnsemble, SharedTrunk
+from cekd_losses import CEKDLoss, CollaborativeEnsemble, FeatureTap, SharedTrunk
 
 FAMILIES = {
     "torchvision resnet18": (lambda: torchvision.models.resnet18(num_classes=5), "layer3"),
@@ -141,3 +141,46 @@ def test_bad_splits_are_named():
         SharedTrunk([torchvision.models.resnet18(), torchvision.models.resnet34()], "layer3")
     with pytest.raises(TypeError, match="`stage` must be a module name"):
         SharedTrunk(resnets(), 3)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("make", "stage"),
+    [
+        (lambda: torchvision.models.resnet18(num_classes=5), "layer3"),
+        (lambda: timm.create_model("test_resnet", num_classes=5), "layer3"),
+        (lambda: timm.create_model("convnext_atto", num_classes=5), "stages.2"),
+    ],
+    ids=["torchvision-resnet18", "timm-test_resnet", "timm-convnext"],
+)
+def test_a_member_is_the_model_it_was_cut_from_and_its_cams_are_that_models(make, stage):
+    """trunk + branch 0 computes what model 0 computed before the split: its logits and, through a FeatureTap,
+    its CAMs (SnapMix on a trunk), with the same modules (nothing copied, nothing saved twice)."""
+    torch.manual_seed(0)
+    models = [make() for _ in range(2)]
+    whole = copy.deepcopy(models[0]).eval()
+    shared = SharedTrunk(models, stage).eval()
+    member = shared.member(0)
+    images, labels = torch.rand(3, 3, 64, 64), torch.tensor([0, 4, 2])
+    assert torch.allclose(member(images), whole(images), atol=1e-5)
+    assert torch.equal(FeatureTap(member).cams(images, labels), FeatureTap(whole).cams(images, labels))
+    assert member.trunk is shared.trunk and member.branch is shared.branches[0]
+    assert set(shared.state_dict()) == {f"trunk.{k}" for k in shared.trunk.state_dict()} | {
+        f"branches.{k}" for k in shared.branches.state_dict()
+    }
+    with pytest.raises(ValueError, match=r"`index` must be a branch in \[0, 2\)"):
+        shared.member(2)
+
+
+def test_views_run_the_trunk_once_each_and_branch_i_on_view_i():
+    """PCL's per-peer views on a trunk: N trunk forwards, branch i on trunk(view i)."""
+    torch.manual_seed(0)
+    shared = SharedTrunk([torchvision.models.resnet18(num_classes=4) for _ in range(3)], "layer3").eval()
+    calls = []
+    shared.trunk.register_forward_hook(lambda module, args, out: calls.append(1))
+    views = [torch.rand(2, 3, 32, 32) for _ in range(3)]
+    out = shared(views)
+    assert len(calls) == 3 and out.member_logits.shape == (3, 2, 4) and out.features.shape[:2] == (3, 2)
+    for i, view in enumerate(views):
+        assert torch.allclose(out.member_logits[i], shared.branches[i](shared.trunk(view)), atol=1e-6)
+    with pytest.raises(ValueError, match=r"one view per branch \(3\), got 2"):
+        shared(views[:2])

@@ -58,7 +58,7 @@ class RunConfig:
     rampup_epochs: int = 5
     mean_buffers: str = "own"  # pcl: its temporal means' BatchNorm statistics (TemporalMean's buffers rule)
     dml_ramp: bool = False  # dml: ramp its distillation as the others (runs saved before DML followed its paper)
-    pcl_every_view: bool = False  # pcl: every mean model on every peer's view (runs saved before mean j on view j)
+    pcl_legacy: bool = False  # pcl as trained up to 94be06b: every mean on every view, a trunk's branches on one
     no_cross: bool = False
     no_ensemble: bool = False
     amp: str = "none"
@@ -87,8 +87,8 @@ class RunConfig:
             return self.method in ONLINE and (self.method != "dml" or self.dml_ramp)
         if name == "dml_ramp":
             return self.method == "dml" and self.dml_ramp
-        if name == "pcl_every_view":
-            return self.method == "pcl" and self.pcl_every_view
+        if name == "pcl_legacy":
+            return self.method == "pcl" and self.pcl_legacy
         if name in ONLINE_OPTIONS:
             return self.method in ONLINE
         if name in MIXING_OPTIONS:
@@ -231,8 +231,6 @@ class RunConfig:
             return
         if self.method not in ONLINE:
             raise ValueError(f"--branches-from applies to --method {', '.join(ONLINE)}, got --method {self.method}")
-        if "snapmix" in self.mixer_methods:
-            raise ValueError("--mix snapmix reads its CAMs from a whole member: drop --branches-from, or mix otherwise")
 
 
 # The quick presets' recipe: the synthetic set from scratch, one-cycle SGD with clipping, half of the samples mixed

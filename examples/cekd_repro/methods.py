@@ -24,6 +24,7 @@ from cekd_losses import (
     PeerViews,
     SharedTrunk,
     TemporalMean,
+    TrunkMember,
 )
 
 from .config import SYNTHETIC, RunConfig
@@ -153,10 +154,11 @@ def cekd_ensemble(models: list[nn.Module], combine: str, stage: str | None) -> n
 
 
 def peer_views(config: RunConfig, generator: torch.Generator) -> PeerViews | None:
-    """PCL's per-peer views on whole members: shifts of up to 4 px on the synthetic set (its own augmentation;
-    no flips, orientation is its class), an eighth of the side and flips on real images (PCL's CIFAR crops);
-    None for the other methods and for a trunk's branches (one input for all)."""
-    if config.method != "pcl" or config.branches_from:
+    """PCL's per-peer views, on whole members or a trunk's branches (the trunk then runs once per view): shifts
+    of up to 4 px on the synthetic set (its own augmentation; no flips, orientation is its class), an eighth of the
+    side and flips on real images (PCL's CIFAR crops); None for the other methods (and a trunk's PCL run saved up
+    to 94be06b, one input for all)."""
+    if config.method != "pcl" or (config.branches_from and config.pcl_legacy):
         return None
     synthetic = config.dataset in SYNTHETIC
     return PeerViews(config.members, 4 if synthetic else config.image_size // 8, not synthetic, generator)
@@ -171,3 +173,12 @@ def evaluated(output: OnlineOutput) -> dict[str, Tensor]:
     if output.mean_logits is not None:
         logits |= {f"mean{i}": z for i, z in enumerate(output.mean_logits)}
     return logits
+
+
+def cam_tap(net: nn.Module, models: list[nn.Module], stage: str | None) -> FeatureTap:
+    """SnapMix's CAMs: from member 0 whole, or on a trunk (``--branches-from``) from the trunk and branch 0."""
+    if stage is None:
+        return FeatureTap(models[0])
+    shared = net.members if isinstance(net, Peers) else None
+    trunk = shared.trunk if isinstance(shared, SharedTrunk) else net[0]  # CEKD's: Sequential(trunk, ensemble)
+    return FeatureTap(TrunkMember(trunk, models[0]))  # a CNN's branch 0 is model 0 from the stage on

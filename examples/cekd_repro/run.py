@@ -19,7 +19,7 @@ from cekd_losses import (
 
 from .config import RunConfig
 from .device import Placement
-from .methods import ONLINE_METHODS, Peers, cekd_ensemble, peer_views
+from .methods import ONLINE_METHODS, Peers, cam_tap, cekd_ensemble, peer_views
 from .models import build_model, head_parameters
 
 MIXER_SEED_STRIDE = 7919  # a prime: rank r of seed s draws its mixing from seed s * stride + r, apart from others
@@ -83,7 +83,7 @@ def build_run(
         torch.amp.GradScaler(device.type, enabled=config.amp == "fp16"),
         place,
         mixer,
-        FeatureTap(models[0]) if "snapmix" in config.mixer_methods else None,
+        cam_tap(net, models, config.branches_from) if "snapmix" in config.mixer_methods else None,
         _criterion(config, steps_per_epoch),
         config.clip_grad,
         net.update if isinstance(net, Peers) and config.method == "pcl" else None,
@@ -104,7 +104,7 @@ def _network(config: RunConfig, models: list[nn.Module], num_classes: int) -> nn
             config.branches_from,
             config.image_size,
             config.mean_buffers,
-            config.pcl_every_view,
+            config.pcl_legacy,
         )
     return models[0]
 

@@ -43,7 +43,7 @@ def resumed_config(run_dir: str | Path, **changes) -> RunConfig:
     run_dir = Path(run_dir)
     saved = _read_config(run_dir)
     if saved.get("method") == "pcl" and "mean_buffers" not in saved:  # saved before PCL followed its code
-        saved.update(mean_buffers="copied", pcl_every_view=True)  # statistics copied, every mean on every view
+        saved.update(mean_buffers="copied", pcl_legacy=True)  # statistics copied, every mean on every view
     if saved.get("method") == "dml" and "rampup_epochs" in saved:
         saved.setdefault("dml_ramp", True)  # DML runs saved before it followed its paper ramped as the others
     return apply_resume_changes(RunConfig(**saved), changes, run_dir / "config.json")

@@ -1,4 +1,5 @@
-"""What each online-distillation method costs: one training step of DML, ONE, FFL, PCL and CEKD against N plain steps.
+"""What each online-distillation method costs: one training step of DML, ONE, FFL, PCL, MCL-OKD and CEKD against N plain
+steps.
 
 Every step is the reproduction example's own (its ``build_run`` and ``run_step``: CutMix, forward, loss, backward,
 SGD), on N members of one architecture, with whole members and with branches of one trunk (``--branches-from``);
@@ -8,7 +9,7 @@ what exceeds it the method's teachers and views, what falls below it the shared 
 kernel-launching ops of one step (the library's launch counter).
 
     python benchmarks/bench_online.py [--arch timm:test_resnet] [--stage layer3] [--members 2] [--batch 16]
-        [--size 64] [--rounds 10] [--device cpu|cuda]
+        [--size 64] [--rounds 10] [--nce-k 1024] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ CLASSES = 12
 def configurations(base: RunConfig, stage: str) -> dict[str, RunConfig]:
     """The plain step, then every method on whole members and on a trunk's branches."""
     configs = {"plain cutmix": replace(base, method="cutmix")}
-    for method in ("dml", "one", "ffl", "pcl", "cekd"):
+    for method in ("dml", "one", "ffl", "pcl", "mcl", "cekd"):
         configs[method] = replace(base, method=method)
         configs[f"{method} (trunk)"] = replace(base, method=method, branches_from=stage)
     return configs
@@ -45,12 +46,14 @@ def configurations(base: RunConfig, stage: str) -> dict[str, RunConfig]:
 
 def step_of(config: RunConfig, images: torch.Tensor, labels: torch.Tensor, place: Placement) -> Callable[[], None]:
     torch.manual_seed(0)
-    run = build_run(config, CLASSES, place, steps_per_epoch=1000)
+    samples = 1000  # MCL-OKD's memory rows: the batch is samples 0..B-1 of a set this large
+    run = build_run(config, CLASSES, place, steps_per_epoch=1000, train_size=samples)
     run.model.train()
     sync = torch.cuda.synchronize if place.device.type == "cuda" else (lambda: None)
+    index = torch.arange(images.shape[0], device=images.device)
 
     def step() -> None:
-        run_step(run, images, labels)
+        run_step(run, images, labels, index)
         sync()
 
     return step
@@ -64,10 +67,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--nce-k", type=int, default=1024, help="MCL-OKD's negatives (its code: 16384)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     device = torch.device(args.device)
-    base = RunConfig(arch=args.arch, members=args.members, image_size=args.size, mix="cutmix", device=args.device)
+    base = RunConfig(
+        arch=args.arch, members=args.members, image_size=args.size, mix="cutmix", device=args.device, nce_k=args.nce_k
+    )
     place = Placement(device, (0.5,) * 3, (0.25,) * 3)
     images = torch.rand(args.batch, 3, args.size, args.size, device=device)
     labels = torch.randint(0, CLASSES, (args.batch,), device=device)

@@ -125,6 +125,7 @@ ONLINE_RUNS = [
     ({"method": "one", "mix": "mixup"}, ["teacher"]),  # the gate on the members' pooled features
     ({"method": "ffl", "mix": "snapmix", "arch": "timm:test_resnet,resnet18"}, ["teacher", "to_teacher"]),
     ({"method": "pcl", "members": 3}, ["teacher", "mean_teachers"]),
+    ({"method": "mcl", "branches_from": "layer3", "nce_k": 32}, ["mean_to_last", "contrast"]),  # MCL-OKD's branches
     ({"method": "cekd", "branches_from": "layer3", "combine": "gate"}, ["cross", "ensemble"]),  # CEKD on a trunk
 ]
 
@@ -221,10 +222,10 @@ def diverging_from_epoch_two(monkeypatch) -> None:
     """From the second epoch on, the training images hold NaN (a bad data file): loss, gradient and weights follow."""
     real_step = engine.run_step
 
-    def run_step(run, images, labels):
+    def run_step(run, images, labels, index=None):
         if run.scheduler.last_epoch >= 3:  # TINY: 24 images, batch 8, 3 steps per epoch
             images = images * float("nan")
-        return real_step(run, images, labels)
+        return real_step(run, images, labels, index)
 
     monkeypatch.setattr(engine, "run_step", run_step)
 
@@ -256,7 +257,7 @@ def test_weights_that_overflow_with_finite_losses_are_caught(tmp_path, monkeypat
     """The last step of epoch 1 overflows a weight (its loss was finite): no checkpoint of that state."""
     real_step = engine.run_step
 
-    def run_step(run, images, labels):
+    def run_step(run, images, labels, index=None):
         parts = real_step(run, images, labels)
         if run.scheduler.last_epoch == 3:  # TINY: 3 steps per epoch
             with torch.no_grad():
@@ -379,3 +380,21 @@ def test_pcl_on_a_trunk_gives_every_branch_its_own_view(tmp_path, monkeypatch):
     assert seen[0] is not None and seen[0].views == 3
     legacy = replace(TINY, method="pcl", branches_from="layer3", pcl_legacy=True)
     assert methods.peer_views(legacy, torch.Generator()) is None
+
+
+def test_mcl_remembers_every_training_image_and_resumes_with_its_memory(tmp_path):
+    """MCL-OKD's memory: a row per training image, each row the trained images' (unit length, moved from its
+    initial draw), kept in the checkpoint; a resumed run ends as an uninterrupted one."""
+    config = replace(TINY, method="mcl", nce_k=16, epochs=2, schedule="multistep", milestones=[9])
+    whole = train(config, tmp_path / "whole")
+    memory = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=False)["model"]["contrast.memory"]
+    assert memory.shape == (2, 24, 128) and torch.allclose(memory.norm(dim=2), torch.ones(2, 24), atol=1e-5)
+    train(replace(config, epochs=1), tmp_path / "split")
+    resumed = train(rundir.resumed_config(tmp_path / "split", epochs=2), tmp_path / "split", resume=True)
+    assert resumed["top1_member0"] == whole["top1_member0"] and resumed["loss_contrast"] == whole["loss_contrast"]
+
+
+def test_mcl_refuses_several_processes(tmp_path, monkeypatch):
+    monkeypatch.setattr(engine, "distributed_ranks", lambda device: (0, 2, 0))
+    with pytest.raises(ValueError, match="--method mcl trains in one process"):
+        train(replace(TINY, method="mcl"), tmp_path / "run")

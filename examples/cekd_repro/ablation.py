@@ -1,6 +1,6 @@
 """The tables over seeds: the paper's ablation (baseline, CutMix, SnapMix, and CEKD over CutMix and over SnapMix,
 each with the module switches: without cross distillation, without the ensemble) and the online-distillation
-comparison (baseline, a mixing alone, and DML, ONE, FFL, PCL and CEKD without mixing and over it)."""
+comparison (baseline, a mixing alone, and DML, ONE, FFL, PCL, MCL-OKD and CEKD without mixing and over it)."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ ABLATION = [
 ALL_ROWS = [*ABLATION[:1], ("mixup", {"method": "mixup"}), *ABLATION[1:]]
 COLUMNS = ("member0", "member1", "ensemble")
 MEAN_COLUMNS = ("mean0", "mean1")  # PCL's temporal mean models, shown where a row has them
-COMPARED = ("dml", "one", "ffl", "pcl", "cekd")
+COMPARED = ("dml", "one", "ffl", "pcl", "mcl", "cekd")
 
 
 def compare_rows(mix: str) -> list[tuple[str, dict]]:

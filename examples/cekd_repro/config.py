@@ -6,8 +6,8 @@ from dataclasses import asdict, dataclass, field, replace
 
 from .device import run_device
 
-METHODS = ("baseline", "mixup", "cutmix", "snapmix", "cekd", "dml", "one", "ffl", "pcl")
-ONLINE = ("cekd", "dml", "one", "ffl", "pcl")  # the methods that train N members together, over --mix
+METHODS = ("baseline", "mixup", "cutmix", "snapmix", "cekd", "dml", "one", "ffl", "pcl", "mcl")
+ONLINE = ("cekd", "dml", "one", "ffl", "pcl", "mcl")  # the methods that train N members together, over --mix
 MIXES = ("cutmix", "snapmix", "mixup", "none")
 # the transfer proxy's source tasks (dataset name -> what its classes share with the target's; cekd_repro.synthetic)
 SOURCE_TASKS = {"synthetic-source": "near", "synthetic-colours": "colours", "synthetic-distant": "distant"}
@@ -58,6 +58,7 @@ class RunConfig:
     rampup_epochs: int = 5
     mean_buffers: str = "own"  # pcl: its temporal means' BatchNorm statistics (TemporalMean's buffers rule)
     dml_ramp: bool = False  # dml: ramp its distillation as the others (runs saved before DML followed its paper)
+    nce_k: int = 16384  # mcl: negatives per sample of its contrastive term (MCL-OKD's)
     pcl_legacy: bool = False  # pcl as trained up to 94be06b: every mean on every view, a trunk's branches on one
     no_cross: bool = False
     no_ensemble: bool = False
@@ -83,8 +84,8 @@ class RunConfig:
             return not synthetic
         if name in CEKD_OPTIONS:
             return self.method == "cekd"
-        if name == "rampup_epochs":  # DML does not ramp (its paper), but for the runs saved when it did
-            return self.method in ONLINE and (self.method != "dml" or self.dml_ramp)
+        if name == "rampup_epochs":  # DML and MCL-OKD do not ramp (their code), but for DML runs saved when it did
+            return self.method in ONLINE and (self.method not in ("dml", "mcl") or self.dml_ramp)
         if name == "dml_ramp":
             return self.method == "dml" and self.dml_ramp
         if name == "pcl_legacy":
@@ -99,6 +100,8 @@ class RunConfig:
             return self.schedule == "multistep"
         if name == "mean_buffers":
             return self.method == "pcl"
+        if name == "nce_k":
+            return self.method == "mcl"
         return True
 
     def saved(self) -> dict:
@@ -162,6 +165,7 @@ class RunConfig:
             ("--train-per-class", self.train_per_class),
             ("--test-per-class", self.test_per_class),
             ("--eval-every", self.eval_every),
+            ("--nce-k", self.nce_k),
         ):
             if value < 1:
                 raise ValueError(f"{flag} must be >= 1, got {value}")
@@ -247,6 +251,7 @@ FROM_SCRATCH = {
     "mix_alpha": 1.0,
     "mix_p": 0.5,
     "rampup_epochs": 4,
+    "nce_k": 1024,  # mcl: MCL-OKD's 16384 negatives cost 5x a step here, against a training set of a few hundred
 }
 PRESETS = {
     # The default run: two of timm's test_resnet, a few minutes on 2 CPU cores; docs/example.rst says why.

@@ -65,6 +65,20 @@ class Augmented(Dataset):
         return image, label
 
 
+class Indexed(Dataset):
+    """A dataset whose items carry their own index: ``(image, label, index)`` (MCL-OKD's memory rows)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: int | tuple[int, int]):
+        index = key[1] if isinstance(key, tuple) else key
+        return (*self.dataset[key], index)
+
+
 class EpochOrder(Sampler):
     """One rank's ``(seed, index)`` items of each epoch: shuffled (or in order) and seeded from
     ``(seed, epoch)`` only, so an epoch is replayed exactly after a resume, with any worker count.

@@ -25,7 +25,7 @@ from cekd_losses import train_step
 
 from .checkpoints import load_checkpoint, save_checkpoint, write_atomic
 from .config import RunConfig
-from .data import load_data, test_loader, train_batches
+from .data import Indexed, load_data, test_loader, train_batches
 from .device import Placement, distributed_ranks, run_device
 from .metrics import Diverged, EpochTotals, describe_run, epoch_line, evaluate, record_epoch
 from .run import Run, build_run
@@ -36,11 +36,14 @@ __all__ = ["Diverged", "Log", "build_run", "epoch_line", "evaluate", "run_step",
 HEARTBEAT_S = 30.0  # without a terminal (a log file), a progress line once an epoch runs this long unreported
 
 
-def run_step(run: Run, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
-    """One optimizer step on a device batch (normalised images (B, C, H, W), labels (B,)): the library's
-    :func:`~cekd_losses.train_step` (CAMs, mixing, forward, loss) under autocast, then backward,
-    clipping, optimizer and schedule. Returns the detached loss terms and the gradient norm before
-    clipping, on the device (no host sync)."""
+def run_step(run: Run, images: Tensor, labels: Tensor, index: Tensor | None = None) -> dict[str, Tensor]:
+    """One optimizer step on a device batch (normalised images (B, C, H, W), labels (B,), for MCL-OKD the
+    samples' dataset indices (B,)): the library's :func:`~cekd_losses.train_step` (CAMs, mixing, forward, loss)
+    under autocast, then backward, clipping, optimizer and schedule. Returns the detached loss terms and the
+    gradient norm before clipping, on the device (no host sync)."""
+    contrasted = getattr(run.net, "method", None) == "mcl"
+    if contrasted:
+        run.net.sample_index = index
     with run.place.autocast():
         out = train_step(
             run.model,
@@ -53,8 +56,13 @@ def run_step(run: Run, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
             views=run.views,
             mix_off_step=run.mix_off_step,
         )
+    loss, terms = out.loss, out.parts
+    if contrasted:  # MCL-OKD's contrast, computed by the members' forward beside the loss's own terms
+        contrast = run.net.contrast_term
+        terms = {**terms, "total": loss + contrast, "contrast": contrast}
+        loss = terms["total"]
     run.optimizer.zero_grad(set_to_none=True)
-    run.scaler.scale(out.loss).backward()
+    run.scaler.scale(loss).backward()
     run.scaler.unscale_(run.optimizer)
     grad_norm = nn.utils.clip_grad_norm_(run.net.parameters(), run.clip_grad or math.inf)
     run.scaler.step(run.optimizer)
@@ -63,7 +71,7 @@ def run_step(run: Run, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
     if run.after_step is not None:
         run.after_step()
     return {
-        **{name: value.detach().float() for name, value in out.parts.items()},
+        **{name: value.detach().float() for name, value in terms.items()},
         "grad_norm": grad_norm.detach().float(),
     }
 
@@ -112,6 +120,10 @@ def train(config: RunConfig, run_dir: str | Path, resume: bool = False) -> dict:
 
     log = Log(rank == 0 and not config.quiet)
     train_set, test_set, num_classes, mean, std = load_data(config, rank, world, log.line)
+    if config.method == "mcl":
+        if world > 1:
+            raise ValueError("--method mcl trains in one process: its memory of embeddings is not shared across ranks")
+        train_set = Indexed(train_set)  # its items carry their index: MCL-OKD's memory rows
     place = Placement(device, mean, std, config.channels_last, config.amp)
     per_rank = -(-len(train_set) // world)
     steps_per_epoch = per_rank // config.batch_size
@@ -120,7 +132,7 @@ def train(config: RunConfig, run_dir: str | Path, resume: bool = False) -> dict:
             f"--batch-size {config.batch_size} is larger than this rank's {per_rank} "
             "training images: no full batch to train on"
         )
-    run = build_run(config, num_classes, place, steps_per_epoch, rank, world)  # a bad --arch fails here, unannounced
+    run = build_run(config, num_classes, place, steps_per_epoch, rank, world, len(train_set))  # a bad --arch fails
     log.line(describe_run(config, run_dir, len(train_set), len(test_set), num_classes))
     checkpoint = run_dir / "checkpoint.pt"
     start_epoch, history = load_checkpoint(run, checkpoint) if resume and checkpoint.exists() else (0, [])
@@ -169,8 +181,9 @@ def train_one_epoch(
     run.model.train()
     started = time.perf_counter()
     totals: EpochTotals | None = None
-    for images, labels in log.bar(batches, desc=f"epoch {epoch + 1}", total=steps):
-        parts = run_step(run, *run.place.batch(images, labels))
+    for images, labels, *index in log.bar(batches, desc=f"epoch {epoch + 1}", total=steps):
+        indices = index[0].to(run.place.device, non_blocking=True) if index else None  # MCL-OKD's memory rows
+        parts = run_step(run, *run.place.batch(images, labels), indices)
         values = torch.stack(list(parts.values()))
         finite = torch.isfinite(values)
         counted = finite.all()

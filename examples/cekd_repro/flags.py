@@ -38,8 +38,8 @@ def _run_flags(add: Callable[..., None]) -> None:
     add(
         "--mix",
         metavar="|".join(MIXES),
-        help="the online methods' (cekd, dml, one, ffl, pcl) mixing augmentation, or a comma-separated list of them "
-        "to choose among per sample (cutmix,mixup)",
+        help="the online methods' (cekd, dml, one, ffl, pcl, mcl) mixing augmentation, or a comma-separated list of "
+        "them to choose among per sample (cutmix,mixup)",
     )
 
 
@@ -76,12 +76,12 @@ def _data_flags(add: Callable[..., None]) -> None:
 def _model_flags(add: Callable[..., None]) -> None:
     """The members and their weights."""
     add("--arch", help="torchvision name or timm:<name>; comma-separated for one per member")
-    add("--members", type=int, help="cekd, dml, one, ffl, pcl: number of members (peers, branches)")
+    add("--members", type=int, help="cekd, dml, one, ffl, pcl, mcl: number of members (peers, branches)")
     add(
         "--branches-from",
         dest="branches_from",
         metavar="STAGE",
-        help="cekd, dml, one, ffl, pcl: the members are branches of one trunk split at this module (layer3 of a "
+        help="cekd, dml, one, ffl, pcl, mcl: the members are branches of one trunk split at this module (layer3 of a "
         "ResNet, stages.2 of a timm ConvNeXt, blocks.6 of a timm ViT), the trunk run once per batch",
     )
     add(
@@ -136,8 +136,9 @@ def _training_flags(add: Callable[..., None]) -> None:
         "--rampup-epochs",
         dest="rampup_epochs",
         type=int,
-        help="cekd, one, ffl, pcl: epochs over which the distillation weights ramp up (dml does not ramp: its paper)",
+        help="cekd, one, ffl, pcl: epochs over which the distillation weights ramp up (not dml, mcl: their code)",
     )
+    add("--nce-k", dest="nce_k", type=int, metavar="K", help="mcl: negatives per sample of its contrastive term")
     add(
         "--mean-buffers",
         dest="mean_buffers",
@@ -192,8 +193,8 @@ def _table_flags(add: Callable[..., None]) -> None:
     add(
         "--compare",
         action="store_true",
-        help="the online-distillation table: baseline, --mix alone, and dml, one, ffl, pcl, cekd without mixing and "
-        "over --mix (results.md, results.csv, curves.png; with --transfer, fine-tuned on the transfer proxy; "
+        help="the online-distillation table: baseline, --mix alone, and dml, one, ffl, pcl, mcl, cekd without mixing "
+        "and over --mix (results.md, results.csv, curves.png; with --transfer, fine-tuned on the transfer proxy; "
         "resume it with --resume DIR --compare)",
     )
     add(

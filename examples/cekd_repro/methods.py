@@ -21,6 +21,7 @@ from cekd_losses import (
     FeatureFusion,
     FeatureTap,
     OnlineOutput,
+    PeerContrast,
     PeerViews,
     SharedTrunk,
     TemporalMean,
@@ -29,8 +30,9 @@ from cekd_losses import (
 
 from .config import SYNTHETIC, RunConfig
 
-ONLINE_METHODS = ("dml", "one", "ffl", "pcl")
+ONLINE_METHODS = ("dml", "one", "ffl", "pcl", "mcl")
 PCL_MAX_DECAY = 0.999  # the temporal mean's largest decay (PCL's)
+MCL_BETA = 0.025  # the weight of MCL-OKD's contrastive term (its code's)
 
 
 def _trunk_channels(trunk: nn.Module, image_size: int) -> int:
@@ -70,6 +72,7 @@ def _gated(gate: nn.Module, out: Any, taps: list[FeatureTap]) -> Tensor:
 
 TEACHERS: dict[str, Teacher | None] = {
     "dml": None,
+    "mcl": None,  # its teacher, the members' mean, is the loss's own (OnlineDistillationLoss("mcl"))
     "one": Teacher("gate", _gate, _gated),
     "ffl": Teacher(
         "fusion",
@@ -107,6 +110,7 @@ class Peers(nn.Module):
         image_size: int,
         mean_buffers: str = "own",
         every_view: bool = False,
+        contrast: tuple[int, int] | None = None,
     ):
         super().__init__()
         self.method, self.teacher, self.count = method, TEACHERS[method], len(models)
@@ -115,8 +119,15 @@ class Peers(nn.Module):
         if method == "pcl":  # copied before any tap hooks the members: the mean models run no tap
             self.means = TemporalMean(self.members, max_decay=PCL_MAX_DECAY, buffers=mean_buffers)
         branches = list(self.members.branches if stage else self.members.members)  # type: ignore[union-attr]
-        tapped = method in ("ffl", "pcl") or (method == "one" and not stage)  # they read pooled features or maps
+        tapped = method in ("ffl", "pcl", "mcl") or (method == "one" and not stage)  # they read pooled features
         self.taps = [FeatureTap(branch) for branch in branches] if tapped else []
+        if method == "mcl":  # MCL-OKD's contrast between the members' embeddings: (training set size, negatives)
+            if contrast is None:
+                raise ValueError("MCL-OKD's Peers need contrast=(training set size, negatives)")
+            widths = [tap.classifier.in_features for tap in self.taps]
+            self.contrast = PeerContrast(widths, num_samples=contrast[0], negatives=contrast[1])
+            self.sample_index: Tensor | None = None  # the batch's dataset indices, set before each training forward
+            self.contrast_term: Tensor | None = None
         if self.teacher is not None:
             widths = [tap.classifier.in_features for tap in self.taps]
             setattr(self, self.teacher.name, self.teacher.build(self, widths, num_classes, image_size))
@@ -127,6 +138,10 @@ class Peers(nn.Module):
         teacher = None
         if self.teacher is not None:
             teacher = self.teacher.read(getattr(self, self.teacher.name), out, self.taps)
+        if self.method == "mcl" and self.training:
+            if self.sample_index is None:
+                raise ValueError("MCL-OKD's training forward needs the batch's dataset indices (peers.sample_index)")
+            self.contrast_term = MCL_BETA * self.contrast([tap.pooled for tap in self.taps], self.sample_index)
         return OnlineOutput(out.member_logits, teacher, self._mean_logits(images))
 
     def _mean_logits(self, images: Tensor | list[Tensor]) -> Tensor | None:

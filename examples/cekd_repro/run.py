@@ -48,11 +48,17 @@ class Run:
 
 
 def build_run(
-    config: RunConfig, num_classes: int, place: Placement, steps_per_epoch: int, rank: int = 0, world: int = 1
+    config: RunConfig,
+    num_classes: int,
+    place: Placement,
+    steps_per_epoch: int,
+    rank: int = 0,
+    world: int = 1,
+    train_size: int = 0,
 ) -> Run:
     """Models on the device, optimizer (10x head lr as the paper), schedule, mixer, CAM tap and loss of a run."""
     models = [build_model(arch, num_classes, config.pretrained, config.image_size) for arch in config.archs()]
-    net = place.module(_network(config, models, num_classes))
+    net = place.module(_network(config, models, num_classes, train_size))
     if config.compile:
         for model in models:
             model.compile()
@@ -92,8 +98,9 @@ def build_run(
     )
 
 
-def _network(config: RunConfig, models: list[nn.Module], num_classes: int) -> nn.Module:
-    """What a step calls: CEKD's ensemble, an online method's Peers, or the single model."""
+def _network(config: RunConfig, models: list[nn.Module], num_classes: int, train_size: int) -> nn.Module:
+    """What a step calls: CEKD's ensemble, an online method's Peers (MCL-OKD's with a memory row per training
+    image), or the single model."""
     if config.method == "cekd":
         return cekd_ensemble(models, config.combine, config.branches_from)
     if config.method in ONLINE_METHODS:
@@ -105,6 +112,7 @@ def _network(config: RunConfig, models: list[nn.Module], num_classes: int) -> nn
             config.image_size,
             config.mean_buffers,
             config.pcl_legacy,
+            (train_size, config.nce_k) if config.method == "mcl" else None,
         )
     return models[0]
 
@@ -142,6 +150,6 @@ def _criterion(config: RunConfig, steps_per_epoch: int) -> Criterion:
             supervise_ensemble=not config.no_ensemble,
         )
     if config.method in ONLINE_METHODS:
-        ramps = config.method != "dml" or config.dml_ramp  # DML's paper: no ramp
+        ramps = config.method not in ("dml", "mcl") or config.dml_ramp  # DML's and MCL-OKD's code: no ramp
         return OnlineDistillationLoss(config.method, rampup_steps=rampup if ramps else 0)  # type: ignore[arg-type]
     return SoftTargetCrossEntropy()

@@ -312,7 +312,7 @@ def choose(
     cut_corners = torch.where(method == METHOD_IDS["cutmix"], params.corners[:, :1], 0.0)
     cut_mask = box_masks(cut_corners, height, width)
     lam_b = cut_mask.mean(dim=(2, 3), dtype=torch.float32)  # (B, 1): CutMix's pasted fraction, 0 elsewhere
-    lam_a, weight, snap_boxes_, applied = 1.0 - lam_b, None, None, None
+    lam_a, weight, snapped, applied = 1.0 - lam_b, None, None, None
     if "mixup" in methods:
         weight = params.lam.to(images.dtype)
         own_weight = weight.float().view(-1, 1)  # 1 outside MixUp's rows, as lam_b is 0 outside CutMix's
@@ -320,13 +320,13 @@ def choose(
     if "snapmix" in methods:
         assert cams is not None
         is_snap = method == METHOD_IDS["snapmix"]
-        snap_boxes_ = snap_boxes(torch.where(is_snap, params.corners, 0.0), partner, height, width)
-        snap_a, snap_b = snapmix_weights(cams, partner, snap_boxes_.masks, normalize)
+        snapped = snap_boxes(torch.where(is_snap, params.corners, 0.0), partner, height, width)
+        snap_a, snap_b = snapmix_weights(cams, partner, snapped.masks, normalize)
         rows = is_snap.view(-1, 1)
         lam_a, lam_b = torch.where(rows, snap_a, lam_a), torch.where(rows, snap_b, lam_b)
         others = (partner != positions(batch, partner.device)) & (lam_b.view(-1) > 0)
-        applied = torch.where(rows.view(-1), snap_boxes_.active, others)
-    snap = None if snap_boxes_ is None else (snap_boxes_.boxes, snap_boxes_.masks[:, :1])
+        applied = torch.where(rows.view(-1), snapped.active, others)
+    snap = None if snapped is None else (snapped.boxes, snapped.masks[:, :1])
     pixels = mixed_pixels(images, partner, weight, cut_mask, snap)
     own = targets.float()
     mixed_targets = torch.addcmul(lam_a * own, lam_b, own.index_select(0, partner))

@@ -179,8 +179,9 @@ def _chosen(spec: DrawSpec, partner: Tensor, lam: Tensor, corners: Tensor, unifo
     device = partner.device
     method = torch.bucketize(uniform, _choice_bounds(spec.methods, spec.method_p, spec.p, device), right=True)
     picked = {name: (method == METHOD_IDS[name]).view(-1, 1, 1, 1) for name in spec.methods}
-    starts = itertools.accumulate((DRAWS_PER_SAMPLE[m][0] for m in spec.methods), initial=0)
-    offsets = dict(zip(spec.methods, starts, strict=False))  # each method's first lambda column
+    offsets, column = {}, 0  # each method's first lambda column
+    for name in spec.methods:
+        offsets[name], column = column, column + DRAWS_PER_SAMPLE[name][0]
     weight = _unit(device)
     if "mixup" in picked:
         weight = torch.where(picked["mixup"], lam.narrow(1, offsets["mixup"], 1), 1.0)

@@ -274,7 +274,7 @@ class Mixup:
         as its set has it."""
         batch, _, height, width = x.shape
         sets = _set_of_sample(self.mode, batch, x.device)
-        lam, _, corners, blend = (t.index_select(0, sets) for t in params[:4])
+        lam, corners, blend = (t.index_select(0, sets) for t in (params.lam, params.corners, params.blend))
         partner = _flipped(batch, x.device)
         source = x.index_select(0, partner)
         blended = torch.lerp(source, x, blend.view(-1, 1, 1, 1).to(x.dtype))

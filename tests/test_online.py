@@ -43,6 +43,8 @@ def objective_by_hand(method, members, target, teacher, means, temperature, ramp
             distill += kl(z.mean(0), teacher[b].double())
         if method == "pcl":
             distill += sum(kl(means[i, j, b].double(), z[i]) for i in range(n) for j in range(n) if j != i) / (n - 1)
+        if method == "mcl":  # MCL-OKD: the members' mean teaches the last member
+            distill += kl(z.mean(0), z[n - 1])
         totals.append(value + ramp * float(weights[b]) * distill)
     return torch.tensor(totals, dtype=torch.float64)
 

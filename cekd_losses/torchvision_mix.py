@@ -143,6 +143,10 @@ class _BatchMix(nn.Module):
         """The random parameters of one call on (B, C, H, W) ``images``, on their device."""
         raise NotImplementedError
 
+    def _draw_device(self, images: Tensor) -> torch.device:
+        """Where the draws are made: the generator's device, or the images' with PyTorch's default generator."""
+        return self.generator.device if self.generator is not None else images.device
+
     def mix(self, images: Tensor, targets: Tensor, params: Tensor) -> MixedBatch:
         """The mix of ``params`` (drawn, or given) on ``images`` (B, C, H, W) and their (B, K) ``targets``."""
         raise NotImplementedError
@@ -168,9 +172,8 @@ class MixUp(_BatchMix):
 
     def draw(self, images: Tensor) -> Tensor:
         """(1, 1, 1, 1) float32 ``lam``, each image's own weight."""
-        generator = self.generator
-        device = generator.device if generator is not None else images.device
-        return sample_beta(self.alpha, (1, 1, 1, 1), generator, device).to(images.device, non_blocking=True)
+        lam = sample_beta(self.alpha, (1, 1, 1, 1), self.generator, self._draw_device(images))
+        return lam.to(images.device, non_blocking=True)
 
     def mix(self, images: Tensor, targets: Tensor, params: Tensor) -> MixedBatch:
         """``lam * images + (1 - lam) * images.roll(1, 0)`` with ``lam`` = ``params`` (1, 1, 1, 1), targets alike."""
@@ -180,14 +183,7 @@ class MixUp(_BatchMix):
 class CutMix(_BatchMix):
     """torchvision's ``transforms.v2.CutMix``: one box per batch pasted from ``x.roll(1, 0)``, of half sides
     ``floor(sqrt(1 - lam) / 2 * size)`` about a uniform centre pixel, clipped; ``lam ~ Beta(alpha, alpha)``, the
-    targets' weight corrected to the pasted area.
-
-    Args:
-        alpha: Beta parameter, > 0.
-        num_classes: K; needed for (B,) class-id labels, checked against (B, K) ones.
-        labels_getter: ``"default"`` (see :func:`default_labels`), a function of the input returning the labels,
-            or None.
-        generator: optional ``torch.Generator`` of the draws, on the images' device (keyword; not torchvision's).
+    targets' weight corrected to the pasted area. Its arguments are :class:`MixUp`'s.
 
     Example:
         >>> cutmix = CutMix(num_classes=10, generator=torch.Generator().manual_seed(0))
@@ -198,8 +194,7 @@ class CutMix(_BatchMix):
 
     def draw(self, images: Tensor) -> Tensor:
         """(1, 1, 2, 2) float32 corners ``[[x1, y1], [x2, y2]]`` of the box (:func:`cutmix_corners`)."""
-        generator = self.generator
-        device = generator.device if generator is not None else images.device
+        generator, device = self.generator, self._draw_device(images)
         height, width = images.shape[-2:]
         lam = sample_beta(self.alpha, (1,), generator, device)
         x, y = (torch.randint(0, size, (1,), generator=generator, device=device) for size in (width, height))

@@ -13,6 +13,7 @@ Public API:
 - :class:`FeatureFusion`, FFL's fusion module on the members' feature maps (``cekd_losses.fusion``);
 - :class:`BranchGate`, ONE's gate over branches (``cekd_losses.gate``);
 - :class:`CEKDLoss` and :func:`rampup` (``cekd_losses.objective``);
+- :class:`KDLoss` and :class:`CCDLoss`, offline distillation from a fixed teacher (``cekd_losses.offline``);
 - :class:`OnlineDistillationLoss`, the objectives of DML, ONE, FFL, PCL and CEKD, its presets
   :data:`METHODS` and :class:`OnlineOutput` (``cekd_losses.online``);
 - :func:`train_step` and :class:`StepOutput` (``cekd_losses.step``);
@@ -40,6 +41,7 @@ from .mean_teacher import TemporalMean
 from .mixed_batch import MixedBatch
 from .mixing import MixingAugmenter, MixMethod
 from .objective import CEKDLoss, rampup
+from .offline import CCDLoss, KDLoss
 from .online import METHODS, MethodTerms, OnlineDistillationLoss, OnlineMethod, OnlineOutput
 from .step import StepOutput, train_step
 from .timm_mix import Mixup
@@ -52,6 +54,7 @@ __version__ = "0.1.0"
 __all__ = [
     "METHODS",
     "BranchGate",
+    "CCDLoss",
     "CEKDLoss",
     "CollaborativeEnsemble",
     "Combine",
@@ -60,6 +63,7 @@ __all__ = [
     "EnsembleOutput",
     "FeatureFusion",
     "FeatureTap",
+    "KDLoss",
     "MixMethod",
     "MixUp",
     "MixedBatch",

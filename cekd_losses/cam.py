@@ -314,13 +314,34 @@ class FeatureTap:
             >>> tap.cams(images, labels, size=64).sum(dim=(1, 2)).round(decimals=4)
             tensor([1., 1., 1., 1.])
         """
+        return self.logits_and_cams(images, labels, size=size, eval_mode=eval_mode, normalized=normalized)[1]
+
+    def logits_and_cams(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        *,
+        size: int | tuple[int, int] | None = None,
+        eval_mode: bool = False,
+        normalized: bool = True,
+    ) -> tuple[Any, Tensor]:
+        """:meth:`cams`, and the output of the forward that made them (the tapped model's logits), no grad: one
+        forward where both are needed, such as a fixed teacher's clean logits and its CAMs for SnapMix.
+
+        Example:
+            >>> import torchvision
+            >>> model = torchvision.models.resnet18(num_classes=10).eval()
+            >>> logits, cams = FeatureTap(model).logits_and_cams(torch.rand(2, 3, 64, 64), torch.tensor([0, 1]))
+            >>> logits.shape, cams.shape
+            (torch.Size([2, 10]), torch.Size([2, 2, 2]))
+        """
         images = _checks.check_images("images", images)
         if not normalized and size is not None:
             raise ValueError(f"`size` is for normalised CAMs only, got size={size!r} with normalized=False")
         with torch.no_grad(), _eval_mode(self.model) if eval_mode else contextlib.nullcontext():
-            self.model(images)
+            output = self.model(images)
         maps = self._raw_cams(labels)
-        return normalize_cams(maps, size) if normalized else maps
+        return output, normalize_cams(maps, size) if normalized else maps
 
     def _raw_cams(self, labels: Tensor) -> Tensor:
         """(B, h, w) float32 raw CAMs of the last forward for ``labels``."""

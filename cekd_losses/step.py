@@ -7,14 +7,18 @@ caller's, as in timm's task modules. The reproduction engine and the quickstarts
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import _checks
 from .cam import FeatureTap
 from .ensemble import EnsembleOutput
 from .mixing import MixedBatch, MixingAugmenter, replay
 from .objective import CEKDLoss
+from .offline import CCDLoss, KDLoss
 from .online import OnlineDistillationLoss, OnlineOutput
 from .views import PeerViews
 
@@ -30,8 +34,10 @@ class StepOutput(NamedTuple):
         loss: scalar loss to call ``backward()`` on.
         parts: named loss terms, not detached (``{"total", "supervised", "cross", "ensemble"}`` for
             :class:`~cekd_losses.CEKDLoss`, the method's terms for :class:`~cekd_losses.OnlineDistillationLoss`,
-            ``{"total"}`` otherwise).
-        output: the model's output: an :class:`~cekd_losses.EnsembleOutput` or (B, K) logits.
+            ``{"total", "supervised", "distillation"}`` for :class:`~cekd_losses.KDLoss` and
+            :class:`~cekd_losses.CCDLoss`, ``{"total"}`` otherwise).
+        output: the model's output: an :class:`~cekd_losses.EnsembleOutput` or (B, K) logits; with
+            :class:`~cekd_losses.CCDLoss`, (2B, K): the clean images' logits, then their mixes'.
         batch: the :class:`~cekd_losses.MixedBatch` the model saw (the first view's with ``views``), or None
             without a mixer.
     """
@@ -54,6 +60,7 @@ def train_step(
     eval_mode_cams: bool = False,
     views: PeerViews | None = None,
     mix_off_step: int | None = None,
+    teacher: nn.Module | None = None,
 ) -> StepOutput:
     """Mix a batch, run the model on it and compute the loss.
 
@@ -80,6 +87,12 @@ def train_step(
         mix_off_step: stop mixing from this optimizer step on (needs ``step``): the mixer's ``enabled`` is set
             to ``step < mix_off_step``, so the last steps train on clean images with the mixer's (smoothed)
             targets and no CAM forward. timm's ``--mixup-off-epoch E`` is ``E * steps_per_epoch``.
+        teacher: a fixed teacher for offline distillation (``criterion`` a :class:`~cekd_losses.KDLoss` or
+            :class:`~cekd_losses.CCDLoss`), any module returning (B, K) logits or an
+            :class:`~cekd_losses.EnsembleOutput` (its ensemble's logits teach). It is put in eval mode and run
+            without gradient on the images the student sees: the mixed batch (KD), or the clean batch and its
+            mixes (CCD, whose student sees both, 2B images). With SnapMix and a ``tap`` on the teacher, its CAM
+            forward on the clean images gives CCD's clean teacher logits too (one forward for both).
 
     Returns:
         :class:`StepOutput` (loss, named parts, model output, mixed batch).
@@ -94,6 +107,32 @@ def train_step(
         >>> sorted(out.parts), out.batch.targets.shape
         (['cross', 'ensemble', 'supervised', 'total'], torch.Size([4, 5]))
     """
+    _check_mixing(mixer, tap, step, mix_off_step)
+    if teacher is not None:
+        if views is not None:
+            raise ValueError("`views` are for online peers; a `teacher` distils into one student: drop `views`")
+        return _distilled(model, criterion, teacher, images, labels, mixer, tap, eval_mode_cams)
+    batch = None
+    peers = list(views(images).unbind(0)) if views is not None else [images]
+    inputs, targets = peers, labels
+    if mixer is not None:
+        cams = tap.cams(peers[0], labels, eval_mode=eval_mode_cams) if tap is not None and mixer.enabled else None
+        batch = mixer(peers[0], labels, cams)
+        inputs, targets = [batch.images, *(replay(batch, view) for view in peers[1:])], batch.targets
+    output = model(inputs if views is not None else inputs[0])
+    if isinstance(criterion, (KDLoss, CCDLoss)):
+        raise ValueError(f"{type(criterion).__name__} distils a fixed teacher: pass `teacher=`")
+    if isinstance(criterion, (CEKDLoss, OnlineDistillationLoss)):
+        parts = criterion.components(output, targets, step=step)
+    else:
+        parts = {"total": criterion(output, targets)}
+    return StepOutput(parts["total"], parts, output, batch)
+
+
+def _check_mixing(
+    mixer: MixingAugmenter | None, tap: FeatureTap | None, step: int | None, mix_off_step: int | None
+) -> None:
+    """A tap exactly for SnapMix; ``mix_off_step`` sets the mixer's ``enabled`` to ``step < mix_off_step``."""
     snapmix = mixer is not None and "snapmix" in mixer.methods
     if mix_off_step is not None:
         if mixer is None or step is None:
@@ -103,16 +142,52 @@ def train_step(
         raise ValueError("`tap` is required with a snapmix mixer: pass tap=FeatureTap(<a member or the model>)")
     if tap is not None and not snapmix:
         raise ValueError("`tap` is used by a snapmix mixer only; drop it or use MixingAugmenter('snapmix', ...)")
-    batch = None
-    peers = list(views(images).unbind(0)) if views is not None else [images]
-    inputs, targets = peers, labels
+
+
+def _teacher_logits(output: Any, classes: int) -> Tensor:
+    """A teacher's (B, K) logits from its output (an ensemble's combined logits), of the student's classes."""
+    logits = _checks.check_logits(
+        "teacher(images)", output.ensemble_logits if isinstance(output, EnsembleOutput) else output
+    )
+    if logits.shape[1] != classes:
+        raise ValueError(
+            f"`teacher` must score the student's {classes} classes, got logits of {logits.shape[1]} classes"
+        )
+    return logits
+
+
+def _distilled(
+    model: nn.Module,
+    criterion: object,
+    teacher: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    mixer: MixingAugmenter | None,
+    tap: FeatureTap | None,
+    eval_mode_cams: bool,
+) -> StepOutput:
+    """Offline distillation's step: KD on the mixed batch, CCD on the clean batch and its mixes."""
+    if not isinstance(criterion, KDLoss):
+        raise TypeError(f"a `teacher` needs criterion=KDLoss() or CCDLoss(), got {type(criterion).__name__}")
+    paired = isinstance(criterion, CCDLoss)
+    if paired and mixer is None:
+        raise ValueError("CCDLoss pairs each image with its mix: pass a `mixer`")
+    teacher.eval()
+    clean_teacher, cams, batch = None, None, None
     if mixer is not None:
-        cams = tap.cams(peers[0], labels, eval_mode=eval_mode_cams) if tap is not None and mixer.enabled else None
-        batch = mixer(peers[0], labels, cams)
-        inputs, targets = [batch.images, *(replay(batch, view) for view in peers[1:])], batch.targets
-    output = model(inputs if views is not None else inputs[0])
-    if isinstance(criterion, (CEKDLoss, OnlineDistillationLoss)):
-        parts = criterion.components(output, targets, step=step)
-    else:
-        parts = {"total": criterion(output, targets)}
+        if tap is not None and mixer.enabled:  # SnapMix: with a tap on the teacher, its clean logits come along
+            clean_teacher, cams = tap.logits_and_cams(images, labels, eval_mode=eval_mode_cams)
+            clean_teacher = clean_teacher if tap.model is teacher and paired else None
+        batch = mixer(images, labels, cams)
+    mixed, targets = (batch.images, batch.targets) if batch is not None else (images, labels)
+    inputs = torch.cat([images, mixed]) if paired else mixed
+    if paired:
+        clean_targets = labels if labels.ndim == 2 else F.one_hot(labels.long(), targets.shape[1])
+        targets = torch.cat([clean_targets.to(targets.dtype), targets])
+    output = _checks.check_logits("model(images)", model(inputs))
+    with torch.no_grad():
+        taught = _teacher_logits(teacher(mixed if clean_teacher is not None else inputs), output.shape[1])
+        if clean_teacher is not None:
+            taught = torch.cat([_teacher_logits(clean_teacher, output.shape[1]), taught])
+    parts = criterion.components(output, taught, targets)
     return StepOutput(parts["total"], parts, output, batch)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from cekd_repro.ablation import compare_rows, run_ablation
 from cekd_repro.config import (
+    OFFLINE,
     RunConfig,
     preset_config,
 )
@@ -107,7 +108,7 @@ def comparison(config: RunConfig) -> list[tuple[str, dict]]:
         )
     if "," in config.mix:
         raise ValueError(f"--compare sets --mix alone beside the online methods: give one mixing, not {config.mix}")
-    rows = compare_rows(config.mix)
+    rows = compare_rows(config.mix, offline=config.teacher is not None)
     for _, overrides in rows:
         replace(config, **overrides).validate()
     return rows
@@ -129,6 +130,10 @@ def main(argv: list[str] | None = None) -> int:
             changes = given_values(args)
         else:
             config = build_config(args)
+            if config.teacher and config.method not in OFFLINE and not args.compare:
+                raise ValueError(
+                    f"--teacher applies to --method {', '.join(OFFLINE)} (and --compare), not {config.method}"
+                )
             if args.preset == "paper" and config.pretrained is None:
                 print(PAPER_FROM_SCRATCH, file=sys.stderr)
         if args.sweep and (not args.transfer or args.resume):

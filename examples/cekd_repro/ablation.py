@@ -32,17 +32,26 @@ MEAN_COLUMNS = ("mean0", "mean1")  # PCL's temporal mean models, shown where a r
 COMPARED = ("dml", "one", "ffl", "pcl", "mcl", "cekd")
 
 
-def compare_rows(mix: str) -> list[tuple[str, dict]]:
+def compare_rows(mix: str, offline: bool = False) -> list[tuple[str, dict]]:
     """The online-distillation table over ``mix``: the baseline, the mixing alone, then every online method
-    without mixing and over ``mix``; the trunk (``--branches-from``) goes to every online method."""
+    without mixing and over ``mix``; the trunk (``--branches-from``) goes to every online method. ``offline`` (a
+    --teacher given) adds KD without mixing and over ``mix``, and CCD over ``mix``, each a student alone."""
     whole = {"branches_from": None}
     rows = [("baseline", {"method": "baseline", **whole}), (mix, {"method": mix, **whole})]
     for method in COMPARED:
         rows += [(method, {"method": method, "mix": "none"}), (f"{method}+{mix}", {"method": method, "mix": mix})]
+    if offline:
+        rows += [
+            ("kd", {"method": "kd", "mix": "none", **whole}),
+            (f"kd+{mix}", {"method": "kd", "mix": mix, **whole}),
+            (f"ccd+{mix}", {"method": "ccd", "mix": mix, **whole}),
+        ]
     return rows
 
 
-KNOWN_ROWS = dict(ALL_ROWS) | {name: row for mix in ("mixup", "cutmix", "snapmix") for name, row in compare_rows(mix)}
+KNOWN_ROWS = dict(ALL_ROWS) | {
+    name: row for mix in ("mixup", "cutmix", "snapmix") for name, row in compare_rows(mix, offline=True)
+}
 
 
 def _epochs_done(metrics: Path) -> int:

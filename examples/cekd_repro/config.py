@@ -6,8 +6,10 @@ from dataclasses import asdict, dataclass, field, replace
 
 from .device import run_device
 
-METHODS = ("baseline", "mixup", "cutmix", "snapmix", "cekd", "dml", "one", "ffl", "pcl", "mcl")
+METHODS = ("baseline", "mixup", "cutmix", "snapmix", "cekd", "dml", "one", "ffl", "pcl", "mcl", "kd", "ccd")
 ONLINE = ("cekd", "dml", "one", "ffl", "pcl", "mcl")  # the methods that train N members together, over --mix
+OFFLINE = ("kd", "ccd")  # one student distilled from a finished run (--teacher), over --mix
+TEACHERS = ("baseline", "mixup", "cutmix", "snapmix", "cekd")  # the runs a --teacher may be: one model or CEKD's
 MIXES = ("cutmix", "snapmix", "mixup", "none")
 # the transfer proxy's source tasks (dataset name -> what its classes share with the target's; cekd_repro.synthetic)
 SOURCE_TASKS = {"synthetic-source": "near", "synthetic-colours": "colours", "synthetic-distant": "distant"}
@@ -24,7 +26,8 @@ class RunConfig:
     """Everything that defines a run; saved as config.json in the run dir."""
 
     method: str = "cekd"
-    mix: str = "cutmix"  # the online methods' mixing: cutmix | snapmix | mixup | none, or a list: cutmix,mixup
+    mix: str = "cutmix"  # the online and offline methods' mixing: cutmix | snapmix | mixup | none, or a list
+    teacher: str | None = None  # kd, ccd: the run dir of the finished run that teaches (its weights only)
     dataset: str = "synthetic"
     data_root: str | None = None
     classes: int = 12  # synthetic only
@@ -90,6 +93,10 @@ class RunConfig:
             return self.method == "dml" and self.dml_ramp
         if name == "pcl_legacy":
             return self.method == "pcl" and self.pcl_legacy
+        if name == "mix":
+            return self.method in ONLINE or self.method in OFFLINE
+        if name == "teacher":
+            return self.method in OFFLINE
         if name in ONLINE_OPTIONS:
             return self.method in ONLINE
         if name in MIXING_OPTIONS:
@@ -122,7 +129,7 @@ class RunConfig:
     def mixer_methods(self) -> tuple[str, ...]:
         """The MixingAugmenter methods this run chooses among: the method's own (mixup, cutmix, snapmix), an online
         method's ``mix`` (the --mix flag, a comma-separated list), or none for the baseline and ``--mix none``."""
-        if self.method in ONLINE:
+        if self.method in ONLINE or self.method in OFFLINE:
             return () if self.mix == "none" else tuple(self.mix.split(","))
         return () if self.method == "baseline" else (self.method,)
 
@@ -201,6 +208,7 @@ class RunConfig:
                 "from the resized image)"
             )
         self._validate_online()
+        self._validate_offline()
         self.archs()
         run_device(self.device)
         if self.amp == "fp16" and not self.device.startswith("cuda"):
@@ -235,6 +243,13 @@ class RunConfig:
             return
         if self.method not in ONLINE:
             raise ValueError(f"--branches-from applies to --method {', '.join(ONLINE)}, got --method {self.method}")
+
+    def _validate_offline(self) -> None:
+        """kd and ccd: a teacher run dir; CCD pairs each image with its mix."""
+        if self.method in OFFLINE and not self.teacher:
+            raise ValueError(f"--method {self.method} distils a finished run: give --teacher RUN_DIR")
+        if self.method == "ccd" and self.mix == "none":
+            raise ValueError("--method ccd pairs each image with its mix: give --mix cutmix, snapmix or mixup")
 
 
 # The quick presets' recipe: the synthetic set from scratch, one-cycle SGD with clipping, half of the samples mixed

@@ -55,6 +55,7 @@ def run_step(run: Run, images: Tensor, labels: Tensor, index: Tensor | None = No
             step=run.scheduler.last_epoch,
             views=run.views,
             mix_off_step=run.mix_off_step,
+            teacher=run.teacher,
         )
     loss, terms = out.loss, out.parts
     if contrasted:  # MCL-OKD's contrast, computed by the members' forward beside the loss's own terms
@@ -140,6 +141,9 @@ def train(config: RunConfig, run_dir: str | Path, resume: bool = False) -> dict:
         write_run_files(run_dir, config, history)
     batches = train_batches(train_set, config, device, start_epoch, rank, world)  # every epoch, one stream
     tests = test_loader(test_set, config, device, rank, world)
+    if run.teacher is not None:  # its own test top-1, once
+        top1 = evaluate(run.teacher, tests, place, world)
+        log.line(f"teacher {config.teacher}: test top-1 {top1.get('ensemble', top1.get('model', 0.0)):.2f}%")
 
     for epoch in log.bar(range(start_epoch, config.epochs), desc="epochs", initial=start_epoch, total=config.epochs):
         totals = train_one_epoch(

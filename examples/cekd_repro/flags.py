@@ -38,8 +38,14 @@ def _run_flags(add: Callable[..., None]) -> None:
     add(
         "--mix",
         metavar="|".join(MIXES),
-        help="the online methods' (cekd, dml, one, ffl, pcl, mcl) mixing augmentation, or a comma-separated list of "
-        "them to choose among per sample (cutmix,mixup)",
+        help="the online (cekd, dml, one, ffl, pcl, mcl) and offline (kd, ccd) methods' mixing augmentation, or a "
+        "comma-separated list of them to choose among per sample (cutmix,mixup)",
+    )
+    add(
+        "--teacher",
+        metavar="RUN_DIR",
+        help="kd, ccd (and --compare's offline rows): a finished run of this example (--method baseline, a mixing, "
+        "or cekd) that teaches, loaded with its weights only",
     )
 
 

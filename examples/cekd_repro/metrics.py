@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from cekd_losses import EnsembleOutput, OnlineOutput
 
-from .config import ONLINE, RunConfig
+from .config import OFFLINE, ONLINE, RunConfig
 from .device import Placement
 from .methods import evaluated
 from .run import Run
@@ -165,6 +165,8 @@ def describe_run(config: RunConfig, run_dir: Path, train_size: int, test_size: i
         what += f" over {config.mix}" if config.mix != "none" else " without mixing"
         what += f" (switch {config.switch_prob:g})" if config.switch_prob is not None else ""
         what += f", branches from {config.branches_from} of one trunk" if config.branches_from else ""
+    if config.method in OFFLINE:
+        what += f" from the teacher {config.teacher}" + (f" over {config.mix}" if config.mix != "none" else "")
     if config.mix_off_epoch is not None:
         what += f", mixing off after epoch {config.mix_off_epoch}"
     data = config.dataset if config.data_root is None else f"{config.dataset} ({config.data_root})"

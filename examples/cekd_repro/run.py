@@ -9,22 +9,25 @@ import torch
 from torch import nn
 
 from cekd_losses import (
+    CCDLoss,
     CEKDLoss,
     FeatureTap,
+    KDLoss,
     MixingAugmenter,
     OnlineDistillationLoss,
     PeerViews,
     SoftTargetCrossEntropy,
 )
 
-from .config import RunConfig
+from .config import OFFLINE, RunConfig
 from .device import Placement
 from .methods import ONLINE_METHODS, Peers, cam_tap, cekd_ensemble, peer_views
 from .models import build_model, head_parameters
+from .teacher import load_teacher
 
 MIXER_SEED_STRIDE = 7919  # a prime: rank r of seed s draws its mixing from seed s * stride + r, apart from others
 VIEW_SEED_OFFSET = 3571  # PCL's per-peer views draw from seed s * stride + offset + r, apart from the mixing
-Criterion = CEKDLoss | OnlineDistillationLoss | SoftTargetCrossEntropy
+Criterion = CEKDLoss | OnlineDistillationLoss | KDLoss | SoftTargetCrossEntropy
 
 
 @dataclass
@@ -45,6 +48,7 @@ class Run:
     after_step: Callable[[], None] | None = None  # after each optimizer step (PCL's temporal means)
     views: PeerViews | None = None  # PCL on whole members: one view of the batch per peer
     mix_off_step: int | None = None  # --mix-off-epoch in optimizer steps: clean batches from this step on
+    teacher: nn.Module | None = None  # kd, ccd: the --teacher run's network, frozen
 
 
 def build_run(
@@ -95,6 +99,7 @@ def build_run(
         net.update if isinstance(net, Peers) and config.method == "pcl" else None,
         peer_views(config, place.generator(config.seed * MIXER_SEED_STRIDE + VIEW_SEED_OFFSET + rank)),
         None if config.mix_off_epoch is None else config.mix_off_epoch * steps_per_epoch,
+        load_teacher(config.teacher, config, num_classes, place) if config.method in OFFLINE else None,  # type: ignore[arg-type]
     )
 
 
@@ -139,7 +144,8 @@ def _scheduler(
 
 
 def _criterion(config: RunConfig, steps_per_epoch: int) -> Criterion:
-    """CEKD's objective with its switches, an online method's (the paper's temperature), or soft-target CE."""
+    """CEKD's objective with its switches, an online method's (the paper's temperature), KD's or CCD's, or
+    soft-target CE."""
     rampup = config.rampup_epochs * steps_per_epoch
     if config.method == "cekd":
         return CEKDLoss(
@@ -152,4 +158,6 @@ def _criterion(config: RunConfig, steps_per_epoch: int) -> Criterion:
     if config.method in ONLINE_METHODS:
         ramps = config.method not in ("dml", "mcl") or config.dml_ramp  # DML's and MCL-OKD's code: no ramp
         return OnlineDistillationLoss(config.method, rampup_steps=rampup if ramps else 0)  # type: ignore[arg-type]
+    if config.method in OFFLINE:  # the reference code's T = 4, alpha = beta = 0.5
+        return CCDLoss() if config.method == "ccd" else KDLoss()
     return SoftTargetCrossEntropy()

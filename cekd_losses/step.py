@@ -50,7 +50,7 @@ class StepOutput(NamedTuple):
 
 def train_step(
     model: nn.Module,
-    criterion: CEKDLoss | OnlineDistillationLoss | Callable[[Tensor, Tensor], Tensor],
+    criterion: CEKDLoss | OnlineDistillationLoss | KDLoss | Callable[[Tensor, Tensor], Tensor],
     images: Tensor,
     labels: Tensor,
     *,
@@ -62,7 +62,7 @@ def train_step(
     mix_off_step: int | None = None,
     teacher: nn.Module | None = None,
 ) -> StepOutput:
-    """Mix a batch, run the model on it and compute the loss.
+    """Mix a batch, run the model on it (and a fixed ``teacher`` beside it) and compute the loss.
 
     SnapMix needs the clean images' CAMs: pass the ``tap`` of one member (or of the single model);
     they come from one no-grad forward, in the model's current mode unless ``eval_mode_cams`` (see
@@ -73,8 +73,8 @@ def train_step(
             :class:`~cekd_losses.OnlineOutput`, or a classifier.
         criterion: :class:`~cekd_losses.CEKDLoss` or :class:`~cekd_losses.OnlineDistillationLoss` (given
             ``step`` for the ramp-up; the model then returns an :class:`~cekd_losses.EnsembleOutput` or an
-            :class:`~cekd_losses.OnlineOutput`), or any ``loss(output, target)`` such as
-            :class:`~cekd_losses.SoftTargetCrossEntropy`.
+            :class:`~cekd_losses.OnlineOutput`), :class:`~cekd_losses.KDLoss` or :class:`~cekd_losses.CCDLoss`
+            (with a ``teacher``), or any ``loss(output, target)`` such as :class:`~cekd_losses.SoftTargetCrossEntropy`.
         images: (B, C, H, W) floating images on the model's device.
         labels: (B,) class ids or (B, K) soft targets.
         mixer: optional :class:`~cekd_losses.MixingAugmenter`; without it the clean batch is used.

@@ -238,3 +238,27 @@ def test_ccd_weights_multiply_the_confidence():
     halved = criterion.components(student, teacher, target, weights=torch.full((4,), 0.5))
     assert torch.allclose(halved["distillation"], plain["distillation"] / 2)
     assert torch.equal(halved["supervised"], plain["supervised"])
+
+
+def test_ccd_step_under_torch_compile_matches_eager():
+    """The offline step's forward, mixer and teacher included, traced whole by dynamo (fullgraph) and AOT
+    autograd, gives eager's loss and gradients (backend aot_eager, as the CEKD step's test in
+    test_training_step.py)."""
+    student, teacher = tiny(seed=0), tiny(seed=1)
+    images, labels = batch_of()
+
+    def forward(mixer: MixingAugmenter) -> torch.Tensor:
+        return train_step(student, CCDLoss(), images, labels, mixer=mixer, teacher=teacher).loss
+
+    def step(forward, mixer: MixingAugmenter) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        student.zero_grad()
+        loss = forward(mixer)
+        loss.backward()
+        return loss, [p.grad.clone() for p in student.parameters()]
+
+    compiled = torch.compile(forward, backend="aot_eager", fullgraph=True)
+    for method in ("mixup", "cutmix"):
+        eager_loss, eager_grads = step(forward, MixingAugmenter(method, 5, generator=torch.Generator().manual_seed(1)))
+        loss, grads = step(compiled, MixingAugmenter(method, 5, generator=torch.Generator().manual_seed(1)))
+        assert torch.allclose(loss, eager_loss, atol=1e-5)
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads, eager_grads, strict=True))

@@ -51,6 +51,9 @@ from cekd_repro.config import RunConfig
         (["--compare", "--mix", "none"], "--compare sets each method without mixing beside it over --mix"),
         (["--compare", "--ablation"], "--compare is a table of its own"),
         (["--transfer", "--compare", "--sweep", "30"], "--compare is a table of its own"),
+        (["--method", "kd"], "--method kd distils a finished run: give --teacher RUN_DIR"),
+        (["--method", "cutmix", "--teacher", "."], "--teacher applies to --method kd, ccd (and --compare), not cutmix"),
+        (["--method", "ccd", "--teacher", "nowhere"], "error: --teacher nowhere: no run there (no config.json)"),
     ],
 )
 def test_cli_errors(args, message, tmp_path, monkeypatch):

@@ -30,7 +30,14 @@ from cekd_repro.engine import Diverged, train
 from cekd_repro.flags import add_flags, preset_defaults
 from cekd_repro.rundir import RunDirExists, resumed_config
 from cekd_repro.sweep import parse_lengths
-from cekd_repro.transfer import DEFAULT_SOURCE, SOURCE_EPOCHS, SOURCE_PER_CLASS, TINY_SOURCE, run_transfer
+from cekd_repro.transfer import (
+    COLOURS_PRESETS,
+    DEFAULT_SOURCE,
+    SOURCE_EPOCHS,
+    SOURCE_PER_CLASS,
+    TINY_SOURCE,
+    run_transfer,
+)
 
 PAPER_FROM_SCRATCH = (
     "warning: --preset paper is the fine-tuning recipe of the paper (ImageNet-pretrained members, lr 0.001/0.01, "
@@ -92,7 +99,7 @@ def run_table(args: argparse.Namespace, config: RunConfig | None, changes: dict 
     if not args.transfer:
         return run_ablation(config, seeds, out, **({"variants": rows} if rows else {})), out
     source = (args.source_per_class or SOURCE_PER_CLASS, args.source_epochs or SOURCE_EPOCHS)
-    dataset = args.source_dataset or (TINY_SOURCE if args.preset == "transfer-tiny" else DEFAULT_SOURCE)
+    dataset = args.source_dataset or (TINY_SOURCE if args.preset in COLOURS_PRESETS else DEFAULT_SOURCE)
     sweep = parse_lengths(args.sweep) if args.sweep else None
     table = run_transfer(
         config, seeds, out, *source, source_dataset=dataset, sweep=sweep, **({"rows": rows} if rows else {})

@@ -52,6 +52,8 @@ from cekd_repro.config import RunConfig
         (["--compare", "--ablation"], "--compare is a table of its own"),
         (["--transfer", "--compare", "--sweep", "30"], "--compare is a table of its own"),
         (["--method", "kd"], "--method kd distils a finished run: give --teacher RUN_DIR"),
+        (["--max-shift", "-1"], "--max-shift must be in [0, --image-size 32), got -1"),
+        (["--max-shift", "32"], "--max-shift must be in [0, --image-size 32), got 32"),
         (["--method", "cutmix", "--teacher", "."], "--teacher applies to --method kd, ccd (and --compare), not cutmix"),
         (["--method", "ccd", "--teacher", "nowhere"], "error: --teacher nowhere: no run there (no config.json)"),
     ],
@@ -197,14 +199,20 @@ def test_cli_help_shows_each_presets_defaults(capsys, monkeypatch):
     with pytest.raises(SystemExit):
         cli_module.parse(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "[quick: 0.1; quick-resnet18: 0.1; paper: 0.001; transfer: 0.001; transfer-tiny: 0.001]" in text  # --lr
-    assert "[quick: 5; quick-resnet18: 5; paper: -; transfer: -; transfer-tiny: -]" in text  # --clip-grad
+    lr = "[quick: 0.1; quick-resnet18: 0.1; paper: 0.001; transfer: 0.001; transfer-tiny: 0.001; transfer-room: 0.001]"
+    assert lr in text
+    assert (
+        "[quick: 5; quick-resnet18: 5; paper: -; transfer: -; transfer-tiny: -; transfer-room: -]" in text
+    )  # --clip-grad
     archs = "quick: timm:test_resnet; quick-resnet18: resnet18; paper: resnet50; transfer: resnet18; transfer-tiny"
-    assert f"[{archs}: timm:test_resnet]" in text
+    assert f"[{archs}: timm:test_resnet; transfer-room: resnet18]" in text
     assert "[default: 3]" in text
     mix_alpha = "5 snapmix, 3 cutmix, 1 mixup"
-    assert f"paper: {mix_alpha}; transfer: {mix_alpha}; transfer-tiny: {mix_alpha}" in text
-    milestones = "[quick: -; quick-resnet18: -; paper: 80 150 180; transfer: 12 22 27; transfer-tiny: 12 22 27]"
+    assert f"paper: {mix_alpha}; transfer: {mix_alpha}; transfer-tiny: {mix_alpha}; transfer-room: {mix_alpha}" in text
+    milestones = (
+        "[quick: -; quick-resnet18: -; paper: 80 150 180; transfer: 12 22 27; transfer-tiny: 12 22 27; "
+        "transfer-room: 36 68 81]"
+    )
     assert milestones in text
 
 

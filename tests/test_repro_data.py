@@ -58,6 +58,29 @@ def test_shift_crop_is_a_reflect_padded_random_crop():
     assert len(seen) > 20  # the shift is random
 
 
+def test_max_shift_sets_the_training_shift_and_leaves_the_test_set_alone():
+    """--max-shift N: a training image moves by up to N pixels (0: not at all); the test images never move."""
+    moved = {}
+    for shift in (0, 4, 8):
+        train_set, test_set, *_ = data.load_data(replace(TINY, max_shift=shift), say=lambda line: None)
+        raw = train_set.dataset.images[0]
+        offsets = set()
+        for seed in range(60):
+            image, _ = train_set[(seed, 0)]
+            padded = (
+                torch.nn.functional.pad(raw[None].float(), (shift,) * 4, mode="reflect")[0] if shift else raw.float()
+            )
+            offsets |= {
+                (top - shift, left - shift)
+                for top in range(2 * shift + 1)
+                for left in range(2 * shift + 1)
+                if torch.equal(padded[:, top : top + raw.shape[1], left : left + raw.shape[2]], image.float())
+            }
+        moved[shift] = max(max(abs(a), abs(b)) for a, b in offsets)
+        assert torch.equal(test_set[(7, 0)][0], test_set.dataset.images[0])
+    assert moved == {0: 0, 4: 4, 8: 8}
+
+
 def test_augmentation_depends_only_on_the_item_seed_and_leaves_the_global_rng_alone():
     base = synthetic_splits(SyntheticSpec(num_classes=4, train_per_class=2, test_per_class=1, size=16))[0]
     augmented = Augmented(base, shift_crop)

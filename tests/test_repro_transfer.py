@@ -144,3 +144,14 @@ def test_the_transfer_command_runs_every_row_and_probes_the_source(tmp_path, mon
     assert cli_module.main([*args, *compare]) == 0
     names = json.loads((tmp_path / "cmp" / "finetune" / "ablation.json").read_text())["rows"]
     assert names == ["baseline", "cutmix", "dml", "dml+cutmix", "pcl", "pcl+cutmix"]
+
+
+def test_the_room_preset_is_the_measured_target():
+    """--preset transfer-room is the target docs/measurements.rst measured with room to regularise: resnet18 on 10
+    images per class for 90 epochs with the transfer recipe (milestones at 40, 75 and 90%), from the colours
+    source; its shift is the default's (4 px, the plain baseline of that table)."""
+    config = preset_config("transfer-room", {})
+    assert (config.arch, config.train_per_class, config.epochs, config.milestones) == ("resnet18", 10, 90, [36, 68, 81])
+    assert (config.lr, config.head_lr, config.batch_size, config.max_shift) == (0.001, 0.01, 16, 4)
+    assert config.mix_alpha is None  # each mixing its own Beta parameter, as the other fine-tuning presets
+    assert "transfer-room" in transfer.COLOURS_PRESETS and transfer.TINY_SOURCE == "synthetic-colours"

@@ -7,6 +7,7 @@ every epoch's order and augmentation are a function of the seed and the epoch on
 from __future__ import annotations
 
 import collections
+import functools
 import queue
 import threading
 from collections.abc import Callable
@@ -121,7 +122,8 @@ def load_data(config: RunConfig, rank: int = 0, world: int = 1, say: Callable[[s
             train, test, classes = synthetic_splits(spec)
         else:
             train, test, classes = source_splits(spec, SOURCE_TASKS[config.dataset])
-        return Augmented(train, shift_crop), Augmented(test), classes, (0.5,) * 3, (0.25,) * 3
+        shift = functools.partial(shift_crop, pad=config.max_shift)
+        return Augmented(train, shift), Augmented(test), classes, (0.5,) * 3, (0.25,) * 3
     import torchvision.transforms as T
 
     train, test, classes = file_splits(config.dataset, config.data_root)

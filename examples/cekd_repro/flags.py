@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from .config import FINE_TUNING_PRESETS, METHODS, MIXES, PAPER_MIX_ALPHA, PRESETS, SYNTHETIC, RunConfig
 from .sweep import SWEEP_ROWS
-from .transfer import DEFAULT_SOURCE, SOURCES, TINY_SOURCE
+from .transfer import COLOURS_PRESETS, DEFAULT_SOURCE, SOURCES, TINY_SOURCE
 
 
 def add_flags(add: Callable[..., None]) -> None:
@@ -63,6 +63,14 @@ def _data_flags(add: Callable[..., None]) -> None:
         help="synthetic: draw the images from this seed, whatever --seed (a table's seeds then share their images)",
     )
     add("--image-size", dest="image_size", type=int, help="synthetic: drawn size; real data: crop size")
+    add(
+        "--max-shift",
+        dest="max_shift",
+        type=int,
+        metavar="PX",
+        help="synthetic: the training images' augmentation, a random translation of up to PX pixels (reflected at "
+        "the border; 0: none)",
+    )
     add("--resize", type=int, help="real data: warp to resize x resize before cropping")
     add(
         "--cache-dir",
@@ -215,8 +223,8 @@ def _table_flags(add: Callable[..., None]) -> None:
         "--source-dataset",
         dest="source_dataset",
         choices=list(SOURCES),
-        help="--transfer: the source task: the target's unused classes, those of its colours on other "
-        f"orientations, or those sharing no part with it [{DEFAULT_SOURCE}; transfer-tiny: {TINY_SOURCE}]",
+        help="--transfer: the source task: the target's unused classes, those of its colours on other orientations, "
+        f"or those sharing no part with it [{DEFAULT_SOURCE}; {', '.join(COLOURS_PRESETS)}: {TINY_SOURCE}]",
     )
     add(
         "--sweep",

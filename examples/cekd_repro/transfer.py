@@ -38,6 +38,7 @@ SOURCE_EPOCHS = 15
 SOURCES = {name: "source" if kind == "near" else kind for name, kind in SOURCE_TASKS.items()}
 DEFAULT_SOURCE = "synthetic-source"
 TINY_SOURCE = "synthetic-colours"  # the transfer-tiny preset's: the paper's gap between probe and fine-tuning
+COLOURS_PRESETS = ("transfer-tiny", "transfer-room")  # the presets whose --transfer source is TINY_SOURCE
 
 
 def source_config(base: RunConfig, per_class: int, epochs: int, source: str = DEFAULT_SOURCE) -> RunConfig:

@@ -314,19 +314,15 @@ class FeatureTap:
             >>> tap.cams(images, labels, size=64).sum(dim=(1, 2)).round(decimals=4)
             tensor([1., 1., 1., 1.])
         """
-        return self.logits_and_cams(images, labels, size=size, eval_mode=eval_mode, normalized=normalized)[1]
+        if not normalized and size is not None:
+            raise ValueError(f"`size` is for normalised CAMs only, got size={size!r} with normalized=False")
+        maps = self._forward_maps(images, labels, eval_mode)[1]
+        return normalize_cams(maps, size) if normalized else maps
 
-    def logits_and_cams(
-        self,
-        images: Tensor,
-        labels: Tensor,
-        *,
-        size: int | tuple[int, int] | None = None,
-        eval_mode: bool = False,
-        normalized: bool = True,
-    ) -> tuple[Any, Tensor]:
-        """:meth:`cams`, and the output of the forward that made them (the tapped model's logits), no grad: one
-        forward where both are needed, such as a fixed teacher's clean logits and its CAMs for SnapMix.
+    def logits_and_cams(self, images: Tensor, labels: Tensor, *, eval_mode: bool = False) -> tuple[Any, Tensor]:
+        """:meth:`cams` at the feature map's size, and the output of the forward that made them (the tapped
+        model's logits), no grad: one forward where both are needed, such as a fixed teacher's clean logits and
+        its CAMs for SnapMix.
 
         Example:
             >>> import torchvision
@@ -335,13 +331,15 @@ class FeatureTap:
             >>> logits.shape, cams.shape
             (torch.Size([2, 10]), torch.Size([2, 2, 2]))
         """
+        output, maps = self._forward_maps(images, labels, eval_mode)
+        return output, normalize_cams(maps)
+
+    def _forward_maps(self, images: Tensor, labels: Tensor, eval_mode: bool) -> tuple[Any, Tensor]:
+        """One no-grad forward of the model on ``images``: its output and the raw CAMs of ``labels``."""
         images = _checks.check_images("images", images)
-        if not normalized and size is not None:
-            raise ValueError(f"`size` is for normalised CAMs only, got size={size!r} with normalized=False")
         with torch.no_grad(), _eval_mode(self.model) if eval_mode else contextlib.nullcontext():
             output = self.model(images)
-        maps = self._raw_cams(labels)
-        return output, normalize_cams(maps, size) if normalized else maps
+        return output, self._raw_cams(labels)
 
     def _raw_cams(self, labels: Tensor) -> Tensor:
         """(B, h, w) float32 raw CAMs of the last forward for ``labels``."""

@@ -10,7 +10,6 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _checks
@@ -91,8 +90,9 @@ def train_step(
             :class:`~cekd_losses.CCDLoss`), any module returning (B, K) logits or an
             :class:`~cekd_losses.EnsembleOutput` (its ensemble's logits teach). It is put in eval mode and run
             without gradient on the images the student sees: the mixed batch (KD), or the clean batch and its
-            mixes (CCD, whose student sees both, 2B images). With SnapMix and a ``tap`` on the teacher, its CAM
-            forward on the clean images gives CCD's clean teacher logits too (one forward for both).
+            mixes (CCD, whose student sees both, 2B images; the clean half's targets are the mixer's). With
+            SnapMix and a ``tap`` on the teacher, its CAM forward on the clean images gives CCD's clean teacher
+            logits too (one forward for both).
 
     Returns:
         :class:`StepOutput` (loss, named parts, model output, mixed batch).
@@ -181,9 +181,9 @@ def _distilled(
         batch = mixer(images, labels, cams)
     mixed, targets = (batch.images, batch.targets) if batch is not None else (images, labels)
     inputs = torch.cat([images, mixed]) if paired else mixed
-    if paired:
-        clean_targets = labels if labels.ndim == 2 else F.one_hot(labels.long(), targets.shape[1])
-        targets = torch.cat([clean_targets.to(targets.dtype), targets])
+    if paired:  # the clean half's targets as the mixer makes them (its label smoothing too)
+        assert mixer is not None  # checked above: CCD pairs each image with its mix
+        targets = torch.cat([mixer.soft_targets(labels, images.shape[0]), targets])
     output = _checks.check_logits("model(images)", model(inputs))
     with torch.no_grad():
         taught = _teacher_logits(teacher(mixed if clean_teacher is not None else inputs), output.shape[1])

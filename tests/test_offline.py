@@ -180,6 +180,18 @@ def tap_on(model: nn.Module, net: nn.Module) -> FeatureTap:
     return FeatureTap(model, feature_module=net[2], classifier=net[5])
 
 
+def test_ccd_clean_half_takes_the_mixers_targets_label_smoothing_included():
+    student, teacher = tiny(seed=0).eval(), tiny(seed=1)
+    images, labels = batch_of()
+    mixer = MixingAugmenter("cutmix", 5, p=1.0, label_smoothing=0.2, generator=torch.Generator().manual_seed(0))
+    out = train_step(student, CCDLoss(), images, labels, mixer=mixer, teacher=teacher)
+    paired = torch.cat([images, out.batch.images])
+    smoothed = F.one_hot(labels, 5).float() * 0.8 + 0.2 / 5
+    with torch.no_grad():
+        want = CCDLoss()(student(paired), teacher(paired), torch.cat([smoothed, out.batch.targets]))
+    assert torch.allclose(out.loss, want, atol=1e-6)
+
+
 def test_ccd_snapmix_reuses_the_teachers_cam_forward():
     """A tap on the teacher: its CAM forward on the clean images gives the clean logits too, so the teacher runs
     on B clean and then B mixed images (not B + 2B), and the loss is CCD's on both halves."""

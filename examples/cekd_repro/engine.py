@@ -143,7 +143,7 @@ def train(config: RunConfig, run_dir: str | Path, resume: bool = False) -> dict:
     tests = test_loader(test_set, config, device, rank, world)
     if run.teacher is not None:  # its own test top-1, once
         top1 = evaluate(run.teacher, tests, place, world)
-        log.line(f"teacher {config.teacher}: test top-1 {top1.get('ensemble', top1.get('model', 0.0)):.2f}%")
+        log.line(f"teacher {config.teacher}: test top-1 {top1['ensemble' if 'ensemble' in top1 else 'model']:.2f}%")
 
     for epoch in log.bar(range(start_epoch, config.epochs), desc="epochs", initial=start_epoch, total=config.epochs):
         totals = train_one_epoch(

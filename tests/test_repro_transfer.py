@@ -155,3 +155,40 @@ def test_the_room_preset_is_the_measured_target():
     assert (config.lr, config.head_lr, config.batch_size, config.max_shift) == (0.001, 0.01, 16, 4)
     assert config.mix_alpha is None  # each mixing its own Beta parameter, as the other fine-tuning presets
     assert "transfer-room" in transfer.COLOURS_PRESETS and transfer.TINY_SOURCE == "synthetic-colours"
+
+
+def _top1_on_training_images(config, run_dir) -> float:
+    """Test-style top-1 (%) of the run's saved weights on its own training images, unshifted."""
+    from cekd_repro.data import load_data
+    from cekd_repro.models import build_model
+
+    train_set, _, classes, mean, std = load_data(config)
+    model = build_model(config.archs()[0], classes, None, config.image_size)
+    model.load_state_dict(torch.load(run_dir / "weights.pt", weights_only=True))
+    shift, scale = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
+    with torch.no_grad():
+        predictions = model.eval()((train_set.dataset.images.float() / 255 - shift) / scale).argmax(dim=1)
+    return 100.0 * (predictions == train_set.dataset.labels).double().mean().item()
+
+
+@pytest.mark.slow
+def test_the_room_target_fits_its_training_images_and_not_its_test_set(tmp_path):
+    """The room of --preset transfer-room at a stand-in's scale (its own marks need resnet18 at 64 px for 90
+    epochs, minutes a run: docs/measurements.rst keeps them by their commands): the same generator and the same
+    colours source, 10 training images per class and the preset's multistep recipe, on timm's test_resnet at
+    32 px (4 classes, the source 100 images per class for 12 epochs, fine-tuning 40 epochs at ten times the
+    preset's learning rates, batch 8). Measured 2026-12-03 on this project's CPU machine: the source 88.3% on its
+    24 classes; fine-tuned, train top-1 100 and test top-1 75.0 / 70.0 (seeds 0, 1; 80 test images, 1.25 points
+    each): the member fits its 40 images and leaves a quarter of the test set to a regulariser."""
+    target = {"method": "baseline", "classes": 4, "image_size": 32, "test_per_class": 20, "max_shift": 2}
+    recipe = {"arch": "timm:test_resnet", "epochs": 40, "milestones": [16, 30, 36], "lr": 0.01, "head_lr": 0.1}
+    base = preset_config("transfer-room", {**target, **recipe, "batch_size": 8, "keep": "weights", "quiet": True})
+    assert base.train_per_class == 10
+    weights = transfer.pretrained_weights(base, tmp_path, per_class=100, epochs=12, source_dataset=transfer.TINY_SOURCE)
+    source = [json.loads(line) for line in (weights.parent / "metrics.jsonl").read_text().splitlines()]
+    assert source[-1]["top1_model"] >= 80, source[-1]
+    for seed in (0, 1):
+        config = replace(base, pretrained=str(weights), seed=seed)
+        record = train(config, tmp_path / f"fine-tuned-{seed}")
+        fitted = _top1_on_training_images(config, tmp_path / f"fine-tuned-{seed}")
+        assert fitted >= 99 and 50 <= record["top1_model"] <= 85, (seed, fitted, record["top1_model"])

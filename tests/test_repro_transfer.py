@@ -176,17 +176,19 @@ def test_the_room_target_fits_its_training_images_and_not_its_test_set(tmp_path)
     """The room of --preset transfer-room at a stand-in's scale (its own marks need resnet18 at 64 px for 90
     epochs, minutes a run: docs/measurements.rst keeps them by their commands): the same generator and the same
     colours source, 10 training images per class and the preset's multistep recipe, on timm's test_resnet at
-    32 px (4 classes, the source 100 images per class for 12 epochs, fine-tuning 40 epochs at ten times the
-    preset's learning rates, batch 8). Measured 2026-12-03 on this project's CPU machine: the source 88.3% on its
-    24 classes; fine-tuned, train top-1 100 and test top-1 75.0 / 70.0 (seeds 0, 1; 80 test images, 1.25 points
-    each): the member fits its 40 images and leaves a quarter of the test set to a regulariser."""
+    32 px (4 classes, the source 50 images per class for 10 epochs, fine-tuning 40 epochs at ten times the
+    preset's learning rates, batch 8). Measured 2026-12-04 on this project's CPU machine, on the suite's 2 threads:
+    the source 74.8% on its 24 classes (chance 4.2); fine-tuned, train top-1 100 and test top-1 75.0 / 65.0
+    (seeds 0, 1; 80 test images, 1.25 points each; on one thread 73.8%, then 62.5 / 63.75): the member fits its
+    40 images and leaves a quarter to a third of the test set to a regulariser. A source of 100 images per class
+    for 12 epochs (88.3%, 2.4 times the time) left 75.0 / 70.0."""
     target = {"method": "baseline", "classes": 4, "image_size": 32, "test_per_class": 20, "max_shift": 2}
     recipe = {"arch": "timm:test_resnet", "epochs": 40, "milestones": [16, 30, 36], "lr": 0.01, "head_lr": 0.1}
     base = preset_config("transfer-room", {**target, **recipe, "batch_size": 8, "keep": "weights", "quiet": True})
     assert base.train_per_class == 10
-    weights = transfer.pretrained_weights(base, tmp_path, per_class=100, epochs=12, source_dataset=transfer.TINY_SOURCE)
+    weights = transfer.pretrained_weights(base, tmp_path, per_class=50, epochs=10, source_dataset=transfer.TINY_SOURCE)
     source = [json.loads(line) for line in (weights.parent / "metrics.jsonl").read_text().splitlines()]
-    assert source[-1]["top1_model"] >= 80, source[-1]
+    assert source[-1]["top1_model"] >= 65, source[-1]
     for seed in (0, 1):
         config = replace(base, pretrained=str(weights), seed=seed)
         record = train(config, tmp_path / f"fine-tuned-{seed}")

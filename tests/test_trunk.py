@@ -74,7 +74,9 @@ def test_the_trunk_runs_once_and_gathers_every_branch(family):
     per_branch = [torch.autograd.grad(loss, params, retain_graph=True) for loss in losses]
     together = torch.autograd.grad(losses.sum(), params, retain_graph=True)
     assert all(any(g.abs().sum() > 0 for g in grads) for grads in per_branch)  # every branch reaches the trunk
-    assert all(torch.allclose(a, sum(parts), atol=1e-6) for a, *parts in zip(together, *per_branch, strict=True))
+    for a, *parts in zip(together, *per_branch, strict=True):
+        # a conv weight gradient sums ~10^3 products in an order the backend picks: float32 agrees to ~1e-5 of its scale
+        torch.testing.assert_close(a, sum(parts), rtol=0, atol=1e-5 * a.abs().max().item())
     loss = out.member_logits.sum()
     loss.backward()
     unused = [name for name, p in model.named_parameters() if p.grad is None]
